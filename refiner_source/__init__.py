@@ -1,0 +1,30 @@
+"""refiner-source: Refiner survey responses into Segment, self-hosted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from .config import Settings, settings_from
+from .logs import configure_logging
+from .outbox import Outbox
+from .webhook import MAX_BODY_BYTES, AppState, bp
+
+__version__ = "0.1.0"
+
+
+def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
+    """The app factory: settings from the environment, or from `config` (tests).
+
+    Touches no database: under gunicorn this runs in each worker after the fork.
+    """
+    settings = settings_from(config)
+    configure_logging(settings.log_level)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    app.extensions["refiner_source"] = AppState(settings=settings, outbox=Outbox(settings.database_url))
+    app.register_blueprint(bp)
+    return app

@@ -1,0 +1,3 @@
+from refiner_source.cli import main
+
+main()

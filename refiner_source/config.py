@@ -1,0 +1,199 @@
+"""Settings from the environment, validated once, with one clear line per mistake."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+SEGMENT_REGION_HOSTS = {
+    "us": "https://api.segment.io",
+    "eu": "https://events.eu1.segmentapis.com",
+}
+DEFAULT_DATABASE_URL = "sqlite:///refiner-source.db"
+DEFAULT_EVENTS = {
+    "Completed Survey": "Survey Completed",
+    "Saw Survey": "Survey Viewed",
+    "Dismissed Survey": "Survey Dismissed",
+}
+# Track properties the mapping always sets; a mapping file may not name a trait after one.
+RESERVED_PROPERTIES = frozenset({"survey_id", "survey_name", "response_id", "completed_at", "tags"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; str() is the one line to show the user."""
+
+
+@dataclass(frozen=True)
+class MappingRules:
+    """What the mapping needs to know: trait prefix and the mapping file's overrides."""
+
+    prefix: str = "refiner_"
+    traits: Mapping[str, str] = field(default_factory=dict)
+    account_questions: frozenset[str] = frozenset()
+    events: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_EVENTS))
+
+
+@dataclass(frozen=True)
+class Settings:
+    segment_write_key: str | None = None
+    segment_host: str = SEGMENT_REGION_HOSTS["us"]
+    webhook_secrets: tuple[str, ...] = ()
+    database_url: str = "sqlite:///refiner-source.db"
+    port: int = 8000
+    web_concurrency: int = 2
+    rules: MappingRules = field(default_factory=MappingRules)
+    refiner_api_key: str | None = None
+    refiner_api_url: str = "https://api.refiner.io/v1"
+    log_level: str = "INFO"
+    retention_days: int = 7
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = ()) -> Settings:
+    """Read every setting from `environ` (default: os.environ); raise ConfigError on the first bad one.
+
+    `require` names the variables the caller cannot run without (the web app needs the
+    webhook secret, the delivery worker the write key; `status` needs neither).
+    """
+    env = os.environ if environ is None else environ
+
+    def get(name: str) -> str | None:
+        value = env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    for name in require:
+        if get(name) is None:
+            raise ConfigError(f"{name} is not set: {_REQUIRED_HINTS.get(name, 'it is required')}")
+
+    region = (get("SEGMENT_REGION") or "us").lower()
+    if region not in SEGMENT_REGION_HOSTS:
+        raise ConfigError(f"SEGMENT_REGION must be one of {', '.join(SEGMENT_REGION_HOSTS)}, got {region!r}")
+    segment_host = get("SEGMENT_HOST") or SEGMENT_REGION_HOSTS[region]
+    _check_http_url("SEGMENT_HOST", segment_host)
+
+    secret = get("REFINER_WEBHOOK_SECRET")
+    secrets = tuple(s.strip() for s in secret.split(",") if s.strip()) if secret else ()
+
+    refiner_api_url = (get("REFINER_API_URL") or "https://api.refiner.io/v1").rstrip("/")
+    _check_http_url("REFINER_API_URL", refiner_api_url)
+
+    log_level = (get("LOG_LEVEL") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+
+    prefix = env.get("REFINER_TRAIT_PREFIX", "refiner_")
+    mapping_file = get("REFINER_MAPPING_FILE")
+    rules = load_mapping_file(mapping_file, prefix) if mapping_file else MappingRules(prefix=prefix)
+
+    return Settings(
+        segment_write_key=get("SEGMENT_WRITE_KEY"),
+        segment_host=segment_host.rstrip("/"),
+        webhook_secrets=secrets,
+        database_url=normalize_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL),
+        port=_int(get, "PORT", 8000, 1, 65535),
+        web_concurrency=_int(get, "WEB_CONCURRENCY", 2, 1, 64),
+        rules=rules,
+        refiner_api_key=get("REFINER_API_KEY"),
+        refiner_api_url=refiner_api_url,
+        log_level=log_level,
+        retention_days=_int(get, "REFINER_RETENTION_DAYS", 7, 1, 3650),
+    )
+
+
+_REQUIRED_HINTS = {
+    "SEGMENT_WRITE_KEY": "set it to the write key of your Segment source (Connections > Sources > Settings > API Keys)",
+    "REFINER_WEBHOOK_SECRET": "set it to a long random token and put the same token in Refiner's webhook URL as ?token=...",
+}
+
+
+def _int(get, name: str, default: int, low: int, high: int) -> int:
+    raw = get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _check_http_url(name: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL such as https://api.segment.io, got {value!r}")
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept what Heroku and users write and return a SQLAlchemy URL for the drivers we ship."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"DATABASE_URL must look like sqlite:///path.db or postgres://user@host/db, got {url!r}")
+    scheme = scheme.lower()
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
+        return "postgresql+psycopg://" + rest
+    if scheme == "sqlite":
+        return "sqlite://" + rest
+    raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgres:// (or postgresql://), got {scheme}://")
+
+
+def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
+    """Parse the TOML mapping file of SPEC section 3 into MappingRules."""
+    name = "REFINER_MAPPING_FILE"
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no file at {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: {path} is not valid TOML: {exc}") from None
+
+    unknown = set(data) - {"account_questions", "traits", "events"}
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(sorted(unknown))}; expected account_questions, [traits], [events]")
+
+    questions = data.get("account_questions", [])
+    if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+        raise ConfigError(f"{name}: account_questions must be a list of question identifiers (strings)")
+
+    traits = data.get("traits", {})
+    if not isinstance(traits, dict):
+        raise ConfigError(f"{name}: [traits] must be a table of question identifier = \"trait name\"")
+    for key, value in traits.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name}: [traits] {key!r} must be a non-empty trait name (string)")
+        if value in RESERVED_PROPERTIES:
+            raise ConfigError(f"{name}: [traits] {key!r} = {value!r} clashes with a property the track call always sets")
+
+    events: dict[str, str | None] = dict(DEFAULT_EVENTS)
+    overrides = data.get("events", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{name}: [events] must be a table of triggered_event = \"Event Name\" or false")
+    for key, value in overrides.items():
+        if key not in DEFAULT_EVENTS:
+            raise ConfigError(f"{name}: [events] {key!r} is not a Refiner event; expected one of {', '.join(DEFAULT_EVENTS)}")
+        if value is False:
+            events[key] = None
+        elif isinstance(value, str) and value.strip():
+            events[key] = value
+        else:
+            raise ConfigError(f"{name}: [events] {key!r} must be an event name (string) or false")
+
+    return MappingRules(prefix=prefix, traits=dict(traits), account_questions=frozenset(questions), events=events)
+
+
+def settings_from(overrides: Mapping[str, Any] | Settings | None) -> Settings:
+    """The settings create_app() runs with: the environment, or a test's Settings or overrides."""
+    if isinstance(overrides, Settings):
+        return overrides
+    settings = load_settings(require=("REFINER_WEBHOOK_SECRET",)) if overrides is None else Settings()
+    if overrides:
+        settings = Settings(**{**settings.__dict__, **overrides})
+    return settings

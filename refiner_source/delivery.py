@@ -1,0 +1,168 @@
+"""The delivery worker: claim pending messages, post them to Segment in batches, retry, dead-letter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import requests
+from segment.analytics.consumer import BATCH_SIZE_LIMIT
+from segment.analytics.request import APIError, parse_retry_after, post
+
+from .outbox import Claimed, Outbox, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Rejections that are about our credentials or host, not about a message: bisecting would
+# wrongly dead-letter everything, so they wait and retry while the operator fixes the setting.
+CONFIGURATION_STATUSES = frozenset({401, 403, 404})
+BATCH_OVERHEAD = 200  # bytes of the {"batch": [...], "sentAt": ..., "writeKey": ...} envelope
+
+
+def is_retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500 or status in CONFIGURATION_STATUSES
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    base: float = 0.5
+    cap: float = 60.0
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        ceiling = min(self.cap, self.base * (2 ** min(attempt, 30)))
+        return ceiling / 2 + rng() * ceiling / 2
+
+
+class RetryLater(Exception):
+    """Segment or the network said "not now"; `delay` is how long to wait (Retry-After if given)."""
+
+    def __init__(self, reason: str, delay: float | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+def pack(items: Sequence[Claimed], limit: int = BATCH_SIZE_LIMIT - BATCH_OVERHEAD) -> list[list[Claimed]]:
+    """Split claimed messages into request bodies under Segment's 500 KB batch limit, in order."""
+    chunks: list[list[Claimed]] = []
+    size = 0
+    for item in items:
+        item_size = len(json.dumps(item.message)) + 1
+        if not chunks or size + item_size > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += item_size
+    return chunks
+
+
+class Worker:
+    """Sends what the outbox holds. `run()` loops until `stop()` (or SIGTERM through `install_signal_handlers`)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        write_key: str,
+        host: str,
+        *,
+        batch_size: int = 250,
+        lease_seconds: float = 120.0,
+        idle_poll: float = 0.2,
+        backoff: Backoff = Backoff(),
+        timeout: float = 15.0,
+    ) -> None:
+        self.outbox = outbox
+        self.write_key = write_key
+        self.host = host
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        self.idle_poll = idle_poll
+        self.backoff = backoff
+        self.timeout = timeout
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
+        self._stop = threading.Event()
+        self._failures = 0  # consecutive retryable failures, for the backoff exponent
+
+    def stop(self, *_args: object) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        log.info("delivery worker started", extra={"worker": self.name, "segment_host": self.host})
+        while not self._stop.is_set():
+            try:
+                wait = self.run_once()
+            except StoreUnavailable as exc:
+                log.error("store unavailable; retrying", extra={"error": str(exc)})
+                wait = self.backoff.delay(self._bump())
+            if wait:
+                self._stop.wait(wait)
+        log.info("delivery worker stopped", extra={"worker": self.name})
+
+    def run_once(self) -> float:
+        """Claim and send one batch; return how long to sleep before the next (0: go on at once)."""
+        claimed = self.outbox.claim(self.batch_size, self.lease_seconds, self.name)
+        if not claimed:
+            due = self.outbox.next_due_in()
+            return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
+        chunks = pack(claimed)
+        for i, chunk in enumerate(chunks):
+            if i and self._stop.is_set():  # SIGTERM: finish the request in flight, hand back the rest
+                self.outbox.release([item.id for later in chunks[i:] for item in later], 0.0, "worker stopped")
+                return 0.0
+            try:
+                self._send(chunk)
+            except RetryLater as exc:
+                delay = exc.delay if exc.delay is not None else self.backoff.delay(self._bump())
+                rest = [item.id for later in chunks[i:] for item in later]
+                self.outbox.release(rest, delay, exc.reason)
+                log.warning(
+                    "Segment not reachable now; will retry",
+                    extra={"reason": exc.reason, "messages": len(rest), "retry_in": round(delay, 2)},
+                )
+                return delay
+        self._failures = 0
+        return 0.0 if len(claimed) >= self.batch_size else self.idle_poll
+
+    def _bump(self) -> int:
+        self._failures += 1
+        return self._failures - 1
+
+    def _send(self, chunk: list[Claimed]) -> None:
+        """Deliver `chunk`, bisecting on a message-level rejection so only the culprit is dead-lettered."""
+        try:
+            post(self.write_key, self.host, gzip=True, timeout=self.timeout, batch=[c.message for c in chunk])
+        except APIError as exc:
+            if is_retryable(exc.status):
+                if exc.status in CONFIGURATION_STATUSES:
+                    log.error("Segment rejected the request: check SEGMENT_WRITE_KEY and SEGMENT_HOST", extra={"status": exc.status})
+                delay = parse_retry_after(exc.response) if exc.response is not None else None
+                raise RetryLater(f"HTTP {exc.status}: {exc.code}", delay) from exc
+            if len(chunk) > 1:
+                middle = len(chunk) // 2
+                self._send(chunk[:middle])
+                self._send(chunk[middle:])
+                return
+            self.outbox.mark_dead([chunk[0].id], f"HTTP {exc.status} {exc.code}: {exc.message}")
+            log.error(
+                "Segment rejected a message; kept as a dead letter",
+                extra={"response_id": chunk[0].response_id, "status": exc.status, "code": exc.code},
+            )
+            return
+        except requests.RequestException as exc:
+            raise RetryLater(f"network: {type(exc).__name__}", None) from exc
+        self.outbox.mark_delivered([c.id for c in chunk])
+        for response_id in dict.fromkeys(c.response_id for c in chunk):
+            log.info("delivered", extra={"response_id": response_id})

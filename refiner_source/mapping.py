@@ -1,0 +1,220 @@
+"""Pure mapping: one SurveyEvent in, the list of finished Segment messages out (SPEC section 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from segment.analytics.client import Client
+from segment.analytics.consumer import MAX_MSG_SIZE
+from slugify import slugify
+
+from .config import RESERVED_PROPERTIES, MappingRules
+from .schemas import SurveyEvent
+
+log = logging.getLogger(__name__)
+
+INTEGRATIONS = {"Refiner": False}
+MAX_MESSAGE_ID = 100
+ELLIPSIS = "…"
+
+
+class MessageTooLarge(ValueError):
+    """Even with every text value shortened, a message does not fit Segment's 32 KB."""
+
+
+def event_name(triggered_event: str, rules: MappingRules) -> str | None:
+    """The Segment event a Refiner event becomes, or None when it is not forwarded."""
+    return rules.events.get(triggered_event)
+
+
+def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str] = ()) -> dict[str, str]:
+    """Name every key: the mapping file's name verbatim, else prefix + slug.
+
+    Names never depend on the order keys arrive in. When several keys want one name, the
+    mapping file's choice wins, then a key that already is its own slug ("job_role"), then
+    the alphabetically first; each other key gets a suffix from a hash of the key itself,
+    so it keeps the same name in every response. A key whose slug is empty is named from
+    that hash too.
+    """
+    taken = set(reserved)
+    wanted: dict[str, list[tuple[tuple[int, str], str]]] = {}
+    for key in set(keys):
+        if key in rules.traits:
+            name, rank = rules.traits[key], 0
+        else:
+            slug = slugify(key, separator="_")
+            name = rules.prefix + (slug or "answer_" + _short_hash(key))
+            rank = 1 if slug == key else 2
+        wanted.setdefault(name, []).append(((rank, key), key))
+
+    names: dict[str, str] = {}
+    for name in sorted(wanted):
+        claimants = [key for _, key in sorted(wanted[name])]
+        for i, key in enumerate(claimants):
+            final = name if i == 0 and name not in taken else f"{name}_{_short_hash(key)}"
+            while final in taken or (final != name and final in wanted):
+                final = f"{final}_{_short_hash(final)}"
+            names[key] = final
+            taken.add(final)
+    return names
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def message_id(response_uuid: str, triggered_event: str, call: str) -> str:
+    """Deterministic: the same response, event and call give the same id on every resend and backfill."""
+    event = slugify(triggered_event) or _short_hash(triggered_event)
+    candidate = f"refiner-{response_uuid}-{event}-{call}"
+    if len(candidate) <= MAX_MESSAGE_ID:
+        return candidate
+    digest = hashlib.sha256(f"{response_uuid}\x00{triggered_event}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"refiner-{digest}-{call}"
+
+
+def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user answers, account answers); null answers are left out."""
+    account_attrs = event.account.attributes if event.account else {}
+    user: dict[str, Any] = {}
+    account: dict[str, Any] = {}
+    for key, value in event.data.items():
+        if value is None:
+            continue
+        on_account = key in rules.account_questions or (
+            account_attrs.get(key) is not None and key not in event.contact_attributes
+        )
+        (account if on_account else user)[key] = value
+    return user, account
+
+
+def map_event(event: SurveyEvent, rules: MappingRules, now: datetime) -> list[dict[str, Any]]:
+    """The Segment messages for one event, in the order they must be sent; [] when not forwarded."""
+    name = event_name(event.triggered_event, rules)
+    if name is None:
+        return []
+
+    account_attrs = {k: v for k, v in (event.account.attributes if event.account else {}).items() if v is not None}
+    names = trait_names([*event.data, *account_attrs], rules, reserved=RESERVED_PROPERTIES | {rules.prefix + "email"})
+    user_answers, account_answers = split_answers(event, rules)
+
+    def named(values: Mapping[str, Any]) -> dict[str, Any]:
+        return {names[k]: v for k, v in values.items()}
+
+    common = {
+        "user_id": event.remote_id,
+        "anonymous_id": None if event.remote_id else event.contact_uuid,
+        "timestamp": event.completed_at or event.dismissed_at or event.received_at or now,
+        "integrations": dict(INTEGRATIONS),
+    }
+    ids = {call: message_id(event.response_uuid, event.triggered_event, call) for call in ("identify", "group", "track")}
+    survey = {"survey_id": event.form_uuid, "survey_name": event.form_name, "response_id": event.response_uuid}
+
+    if event.triggered_event != "Completed Survey":
+        return [_build("track", event, common, ids["track"], event=name, properties=survey)]
+
+    traits = named(user_answers)
+    if event.email:
+        traits[rules.prefix + "email"] = event.email
+    messages = [_build("identify", event, common, ids["identify"], traits=traits)]
+    if event.account and event.account.remote_id:
+        group_traits = {**named(account_attrs), **named(account_answers)}
+        messages.append(_build("group", event, common, ids["group"], group_id=event.account.remote_id, traits=group_traits))
+    properties = {
+        **survey,
+        "completed_at": event.completed_at.isoformat() if event.completed_at else None,
+        "tags": event.tags,
+        **named({**user_answers, **account_answers}),
+    }
+    messages.append(_build("track", event, common, ids["track"], event=name, properties=properties))
+    return messages
+
+
+@cache
+def _builder() -> Client:
+    # send=False: the library validates and sizes the message and hands it back unsent.
+    return Client(write_key="refiner-source (mapping only)", send=False, max_queue_size=1)
+
+
+def _build(call: str, source: SurveyEvent, common: dict[str, Any], msg_id: str, **fields: Any) -> dict[str, Any]:
+    """Build with segment-analytics-python; shorten the longest texts until it fits 32 KB."""
+    body_key = "traits" if "traits" in fields else "properties"
+    method = getattr(_builder(), call)
+    shortened: set[str] = set()
+    margin = 1024  # what the library adds (context.library, type, ...) on top of our fields
+    while True:
+        try:
+            _, message = method(message_id=msg_id, **common, **fields)
+            break
+        except RuntimeError as exc:  # the library's "Message exceeds 32kb limit"
+            if "exceeds" not in str(exc):
+                raise
+            excess = _json_size({**common, **fields}) + margin - MAX_MSG_SIZE
+            fields[body_key], cut = _shorten_longest(fields[body_key], max(excess, 64))
+            if not cut:
+                raise MessageTooLarge(f"{call} for response {source.response_uuid} is over 32 KB with no text left to shorten") from None
+            shortened |= cut
+            margin *= 2
+    if shortened:
+        log.warning(
+            "shortened text values to fit Segment's 32 KB message limit",
+            extra={"response_id": source.response_uuid, "call": call, "fields": sorted(shortened)},
+        )
+    return message
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, default=str).encode())
+
+
+def _shorten_longest(values: dict[str, Any], excess: int) -> tuple[dict[str, Any], set[str]]:
+    """Cut the longest strings (at any depth) down to one common length that saves `excess` JSON bytes.
+
+    Returns the shortened copy and the top-level keys that were cut.
+    """
+    copy = json.loads(json.dumps(values))
+    found: list[tuple[int, Any, Any, str]] = []  # (json size, container, key in it, top-level key)
+
+    def walk(container: Any, key: Any, top: str) -> None:
+        value = container[key]
+        if isinstance(value, str):
+            found.append((_json_size(value), container, key, top))
+        elif isinstance(value, (dict, list)):
+            for k in value if isinstance(value, dict) else range(len(value)):
+                walk(value, k, top)
+
+    for top in copy:
+        walk(copy, top, top)
+    found.sort(key=lambda item: item[0], reverse=True)
+    level, total = MIN_TEXT_BYTES, 0
+    for k, (size, *_rest) in enumerate(found, start=1):
+        total += size
+        nxt = found[k][0] if k < len(found) else 0
+        candidate = (total - excess) // k
+        if candidate >= nxt:
+            level = max(candidate, MIN_TEXT_BYTES)
+            break
+    cut = set()
+    for size, container, key, top in found:
+        if size > level:
+            container[key] = _truncate(container[key], level)
+            cut.add(top)
+    return copy, cut
+
+
+MIN_TEXT_BYTES = 16
+
+
+def _truncate(text: str, max_json_bytes: int) -> str:
+    """The longest prefix of `text` whose JSON form, with an ellipsis, fits `max_json_bytes`."""
+    budget = max_json_bytes - _json_size(ELLIPSIS)
+    keep = len(text)
+    while keep > 0 and _json_size(text[:keep]) > budget:
+        keep = max(0, min(keep - 1, int(keep * budget / _json_size(text[:keep]))))
+    return text[:keep] + ELLIPSIS

@@ -1,0 +1,273 @@
+"""The outbox: SQLAlchemy Core tables and the only SQL in the project (store, claim, mark, stats)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.pool import NullPool
+
+SCHEMA_VERSION = 1
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+
+metadata = MetaData()
+
+# One row per (response, Refiner event) ever accepted: what makes a resent webhook a duplicate.
+receipts = Table(
+    "refiner_receipts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("receipt_key", String(600), nullable=False, unique=True),
+    Column("response_id", String(255), nullable=False),
+    Column("triggered_event", String(255), nullable=False),
+    Column("messages", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# One row per Segment message; `available_at` is both the retry time and the claim lease.
+messages = Table(
+    "refiner_messages",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("message_id", String(100), nullable=False),
+    Column("response_id", String(255), nullable=False),
+    Column("call", String(16), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False, default=PENDING),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("available_at", Float, nullable=False),
+    Column("claimed_by", String(64)),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Index("ix_refiner_messages_status_available", "status", "available_at"),
+    Index("ix_refiner_messages_response", "response_id"),
+)
+
+schema_info = Table(
+    "refiner_schema",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer (down, locked too long, connection cut): callers answer 503."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    message: dict[str, Any]
+    attempts: int
+    response_id: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    pending: int
+    delivered: int
+    dead: int
+    oldest_pending_age: float | None
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and write-locking transactions."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection, _record):
+            # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (SQLAlchemy's
+            # documented recipe), so that every one can BEGIN IMMEDIATE: writers queue on the
+            # lock at the start instead of failing to upgrade a read lock half-way.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, pool_timeout=5, connect_args={"connect_timeout": 5})
+
+
+class Outbox:
+    """Durable queue of Segment messages. Every method is one short transaction."""
+
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or make_engine(url)
+
+    def init_schema(self) -> None:
+        """Create or upgrade the tables; safe to run any number of times, also concurrently."""
+        with self._guard():
+            metadata.create_all(self.engine, checkfirst=True)
+            with self.engine.begin() as conn:
+                if conn.execute(select(schema_info.c.version)).scalar() is None:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+                    except IntegrityError:
+                        pass
+
+    def ping(self) -> None:
+        with self._guard(), self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    def store(self, receipt_key: str, response_id: str, triggered_event: str, batch: Sequence[dict[str, Any]]) -> bool:
+        """Commit one event's messages with its receipt; False (nothing written) when seen before."""
+        now = time.time()
+        rows = [
+            {
+                "message_id": m["messageId"],
+                "response_id": response_id,
+                "call": m["type"],
+                "payload": json.dumps(m, separators=(",", ":")),
+                "status": PENDING,
+                "attempts": 0,
+                "available_at": now,
+                "created_at": now,
+            }
+            for m in batch
+        ]
+        with self._guard():
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        insert(receipts).values(
+                            receipt_key=receipt_key,
+                            response_id=response_id,
+                            triggered_event=triggered_event,
+                            messages=len(rows),
+                            created_at=now,
+                        )
+                    )
+                    if rows:
+                        conn.execute(insert(messages), rows)
+            except IntegrityError:
+                return False
+        return True
+
+    def claim(self, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
+        """Take up to `limit` due messages for `lease_seconds`; no other worker gets them meanwhile.
+
+        PostgreSQL: the row locks of FOR UPDATE SKIP LOCKED make concurrent claims disjoint.
+        SQLite: BEGIN IMMEDIATE serialises writers. A worker that dies lets its lease run out.
+        """
+        now = time.time()
+        due = (
+            select(messages.c.id)
+            .where(messages.c.status == PENDING, messages.c.available_at <= now)
+            .order_by(messages.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            update(messages)
+            .where(messages.c.id.in_(due.scalar_subquery()), messages.c.status == PENDING, messages.c.available_at <= now)
+            .values(available_at=now + lease_seconds, claimed_by=worker)
+            .returning(messages.c.id, messages.c.payload, messages.c.attempts, messages.c.response_id)
+        )
+        with self._guard(), self.engine.begin() as conn:
+            rows = conn.execute(stmt).all()
+        rows.sort(key=lambda r: r.id)
+        return [Claimed(r.id, json.loads(r.payload), r.attempts, r.response_id) for r in rows]
+
+    def mark_delivered(self, ids: Sequence[int]) -> None:
+        self._set(ids, status=DELIVERED, delivered_at=time.time(), claimed_by=None, last_error=None)
+
+    def release(self, ids: Sequence[int], delay: float, error: str) -> None:
+        """Give messages back for a later attempt (retryable failure)."""
+        self._set(ids, available_at=time.time() + delay, claimed_by=None, attempts=messages.c.attempts + 1, last_error=error[:2000])
+
+    def mark_dead(self, ids: Sequence[int], error: str) -> None:
+        self._set(ids, status=DEAD, claimed_by=None, attempts=messages.c.attempts + 1, last_error=error[:2000])
+
+    def _set(self, ids: Sequence[int], **values: Any) -> None:
+        if not ids:
+            return
+        with self._guard(), self.engine.begin() as conn:
+            conn.execute(update(messages).where(messages.c.id.in_(list(ids))).values(**values))
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next pending message is due (0 if one is due now), None if none is pending."""
+        with self._guard(), self.engine.connect() as conn:
+            first = conn.execute(select(func.min(messages.c.available_at)).where(messages.c.status == PENDING)).scalar()
+        return None if first is None else max(0.0, first - time.time())
+
+    def stats(self) -> Stats:
+        with self._guard(), self.engine.connect() as conn:
+            counts = dict(conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status)).all())
+            oldest = conn.execute(select(func.min(messages.c.created_at)).where(messages.c.status == PENDING)).scalar()
+        return Stats(
+            pending=counts.get(PENDING, 0),
+            delivered=counts.get(DELIVERED, 0),
+            dead=counts.get(DEAD, 0),
+            oldest_pending_age=None if oldest is None else max(0.0, time.time() - oldest),
+        )
+
+    def dead_letters(self, limit: int = 20) -> list[tuple[str, str, str | None]]:
+        """(response id, message id, error) of the newest dead letters."""
+        stmt = (
+            select(messages.c.response_id, messages.c.message_id, messages.c.last_error)
+            .where(messages.c.status == DEAD)
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        with self._guard(), self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(stmt).all()]
+
+    def replay_dead(self) -> int:
+        """Put every dead letter back in line; returns how many."""
+        stmt = (
+            update(messages)
+            .where(messages.c.status == DEAD)
+            .values(status=PENDING, available_at=time.time(), attempts=0, claimed_by=None)
+        )
+        with self._guard(), self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def _guard(self):
+        return _translate_errors()
+
+
+class _translate_errors:
+    """Turn driver errors that mean "the store is not answering" into StoreUnavailable."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
+            raise StoreUnavailable(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from exc
+        return False

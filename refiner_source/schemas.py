@@ -1,0 +1,166 @@
+"""marshmallow schemas of what Refiner sends, loaded into plain `SurveyEvent` data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+
+MAX_ID_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Account:
+    uuid: str | None = None
+    remote_id: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SurveyEvent:
+    """One Refiner response event, whichever way it arrived (webhook or REST API)."""
+
+    triggered_event: str
+    response_uuid: str
+    contact_uuid: str | None
+    remote_id: str | None
+    email: str | None
+    contact_attributes: dict[str, Any]
+    account: Account | None
+    form_uuid: str | None
+    form_name: str | None
+    completed_at: datetime | None
+    dismissed_at: datetime | None
+    received_at: datetime | None
+    data: dict[str, Any]
+    tags: list[Any]
+
+
+class RefinerDateTime(fields.Field):
+    """Refiner writes ISO 8601 with a Z in webhooks and `YYYY-MM-DD HH:MM:SS` (UTC) in its API."""
+
+    default_error_messages = {"invalid": "Not a valid date and time."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise self.make_error("invalid")
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise self.make_error("invalid") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+class Identifier(fields.Field):
+    """An id that may arrive as a string or a number; numbers become strings, "" means unset."""
+
+    default_error_messages = {"invalid": "Not a valid identifier (string or number).", "too_long": "Longer than {max} characters."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.make_error("invalid")
+        if isinstance(value, float):
+            value = int(value) if value.is_integer() else value
+        text = str(value).strip()
+        if len(text) > MAX_ID_LENGTH:
+            raise self.make_error("too_long", max=MAX_ID_LENGTH)
+        return text or None
+
+
+def _optional(field_cls, **kwargs):
+    return field_cls(load_default=None, allow_none=True, **kwargs)
+
+
+class _Lenient(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class AccountSchema(_Lenient):
+    uuid = _optional(Identifier)
+    remote_id = _optional(Identifier)
+    attributes = _optional(fields.Dict, keys=fields.String())
+
+    @post_load
+    def make(self, data, **kwargs):
+        return Account(uuid=data["uuid"], remote_id=data["remote_id"], attributes=data["attributes"] or {})
+
+
+class FormSchema(_Lenient):
+    uuid = _optional(Identifier)
+    name = _optional(fields.String)
+
+
+class ResponseSchema(_Lenient):
+    uuid = Identifier(required=True, allow_none=False)
+    completed_at = _optional(RefinerDateTime)
+    dismissed_at = _optional(RefinerDateTime)
+    received_at = _optional(RefinerDateTime)
+    data = _optional(fields.Dict, keys=fields.String())
+    tags = _optional(fields.List, cls_or_instance=fields.Raw())
+
+
+class EnvelopeSchema(_Lenient):
+    """Just enough to decide whether a body is an event we forward at all."""
+
+    triggered_event = fields.String(required=True, validate=validate.Length(min=1, max=MAX_ID_LENGTH))
+
+
+class WebhookSchema(EnvelopeSchema):
+    """The body Refiner's webhook POSTs: the contact at the top level, then account, form, response."""
+
+    uuid = _optional(Identifier)
+    remote_id = _optional(Identifier)
+    email = _optional(fields.String)
+    attributes = _optional(fields.Dict, keys=fields.String())
+    account = _optional(fields.Nested, nested=AccountSchema)
+    form = _optional(fields.Nested, nested=FormSchema)
+    response = fields.Nested(ResponseSchema, required=True)
+
+    @post_load
+    def make(self, data, **kwargs):
+        if not data["uuid"] and not data["remote_id"]:
+            raise ValidationError("The contact needs a uuid or a remote_id.", field_name="uuid")
+        return _survey_event(data, contact=data)
+
+
+def _survey_event(data: dict[str, Any], contact: dict[str, Any]) -> SurveyEvent:
+    response, form = data["response"], data.get("form") or {}
+    return SurveyEvent(
+        triggered_event=data["triggered_event"],
+        response_uuid=response["uuid"],
+        contact_uuid=contact["uuid"],
+        remote_id=contact["remote_id"],
+        email=contact["email"] or None,
+        contact_attributes=contact.get("attributes") or {},
+        account=contact.get("account"),
+        form_uuid=form.get("uuid"),
+        form_name=form.get("name"),
+        completed_at=response["completed_at"],
+        dismissed_at=response["dismissed_at"],
+        received_at=response["received_at"],
+        data=response["data"] or {},
+        tags=response["tags"] or [],
+    )
+
+
+def error_fields(error: ValidationError) -> dict[str, list[str]]:
+    """Flatten marshmallow's nested messages into {"response.uuid": ["..."]} for a 422 body."""
+    out: dict[str, list[str]] = {}
+
+    def walk(messages: Any, path: str) -> None:
+        if isinstance(messages, dict):
+            for key, value in messages.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+            out.setdefault(path or "_schema", []).extend(messages)
+        elif isinstance(messages, list):
+            for i, value in enumerate(messages):
+                walk(value, f"{path}.{i}")
+        else:
+            out.setdefault(path or "_schema", []).append(str(messages))
+
+    walk(error.messages, "")
+    return out

@@ -1,0 +1,159 @@
+"""The HTTP face: POST /webhooks/refiner (auth and size first, then parse), /healthz, /readyz."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from .config import Settings
+from .mapping import MessageTooLarge, event_name, map_event
+from .outbox import Outbox, StoreUnavailable
+from .schemas import EnvelopeSchema, WebhookSchema, error_fields
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+bp = Blueprint("refiner_source", __name__)
+_envelope = EnvelopeSchema()
+_webhook = WebhookSchema()
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    outbox: Outbox
+
+
+def state() -> AppState:
+    return current_app.extensions["refiner_source"]
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": code, "message": message, **extra}), status
+
+
+def _presented_token() -> str | None:
+    token = request.args.get("token")
+    if token:
+        return token
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _token_ok(presented: str, secrets: tuple[str, ...]) -> bool:
+    # Compare against every secret, without stopping at the first match, in constant time each.
+    given = presented.encode("utf-8", "surrogateescape")
+    matched = False
+    for secret in secrets:
+        matched |= hmac.compare_digest(given, secret.encode("utf-8"))
+    return matched
+
+
+@bp.post("/webhooks/refiner")
+def receive_webhook():
+    app_state = state()
+    presented = _presented_token()
+    if presented is None:
+        return error(401, "missing_token", "Add ?token=<REFINER_WEBHOOK_SECRET> to the webhook URL, or send Authorization: Bearer <token>.")
+    if not _token_ok(presented, app_state.settings.webhook_secrets):
+        return error(401, "invalid_token", "The token does not match REFINER_WEBHOOK_SECRET.")
+
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return _too_large()
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        return _too_large()
+    if not raw.strip():
+        return error(400, "empty_body", "The body is empty; expected a JSON object.")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return error(400, "invalid_encoding", "The body is not UTF-8.")
+    except RecursionError:
+        return error(400, "too_deep", "The JSON is nested too deeply.")
+    except ValueError as exc:
+        return error(400, "invalid_json", f"The body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        return error(422, "invalid_shape", "Expected a JSON object.", fields={"_schema": ["Expected a JSON object."]})
+
+    try:
+        envelope = _envelope.load(body)
+    except ValidationError as exc:
+        return _unprocessable(exc)
+    rules = app_state.settings.rules
+    triggered_event = envelope["triggered_event"]
+    if event_name(triggered_event, rules) is None:
+        reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"
+        log.info("ignored", extra={"triggered_event": triggered_event[:100], "outcome": "ignored"})
+        return jsonify({"status": "ignored", "reason": f"triggered_event {triggered_event!r}: {reason}"}), 200
+
+    try:
+        event = _webhook.load(body)
+    except ValidationError as exc:
+        return _unprocessable(exc)
+    try:
+        messages = map_event(event, rules, now=datetime.now(timezone.utc))
+    except MessageTooLarge as exc:
+        return error(422, "too_large_for_segment", str(exc), fields={"response.data": [str(exc)]})
+
+    try:
+        stored = app_state.outbox.store(receipt_key(event.response_uuid, triggered_event), event.response_uuid, triggered_event, messages)
+    except StoreUnavailable as exc:
+        log.error("store unavailable", extra={"response_id": event.response_uuid, "error": str(exc), "outcome": "unavailable"})
+        return error(503, "store_unavailable", "The store is not answering; please retry.")
+    if not stored:
+        log.info("duplicate", extra={"response_id": event.response_uuid, "outcome": "duplicate"})
+        return jsonify({"status": "duplicate", "response_id": event.response_uuid, "messages": 0}), 200
+    log.info("accepted", extra={"response_id": event.response_uuid, "messages": len(messages), "outcome": "accepted"})
+    return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": len(messages)}), 202
+
+
+def receipt_key(response_uuid: str, triggered_event: str) -> str:
+    """What makes two deliveries of a webhook "the same": the response and the Refiner event."""
+    return f"{response_uuid}\n{triggered_event}"
+
+
+def _too_large():
+    return error(413, "body_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
+
+
+def _unprocessable(exc: ValidationError):
+    fields = error_fields(exc)
+    log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields)})
+    return error(422, "invalid_payload", "The body does not have the shape of a Refiner webhook.", fields=fields)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    try:
+        state().outbox.ping()
+    except StoreUnavailable:
+        return error(503, "store_unavailable", "The store is not answering.")
+    return jsonify({"status": "ready"})
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(exc: HTTPException):
+    if isinstance(exc, RequestEntityTooLarge):
+        return _too_large()
+    return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+
+
+@bp.app_errorhandler(Exception)
+def unexpected_error(exc: Exception):
+    log.exception("unexpected error", extra={"path": request.path})
+    return error(500, "internal_error", "Unexpected error; it has been logged.")

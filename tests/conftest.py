@@ -1,0 +1,100 @@
+"""Fixtures: a store on SQLite and on PostgreSQL (TEST_DATABASE_URL), an app per test, the real service."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from refiner_source import create_app
+from refiner_source.config import Settings, normalize_database_url
+from refiner_source.outbox import Outbox
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SECRET = "test-secret-0123456789"
+
+
+def load_fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture
+def webhook_body() -> dict:
+    return copy.deepcopy(load_fixture("webhook_completed_survey.json"))
+
+
+def _postgres_base() -> str | None:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url and os.environ.get("CI"):
+        pytest.fail("CI must set TEST_DATABASE_URL: the PostgreSQL half of the suite may not be skipped there")
+    return url
+
+
+def postgres_schema_url(base: str, schema: str) -> str:
+    """A URL whose connections use `schema` only, so tests never see each other's tables."""
+    url = make_url(normalize_database_url(base))
+    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'refiner-source.db'}"
+        return
+    base = _postgres_base()
+    if not base:
+        pytest.skip("PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(normalize_database_url(base))
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # set but not answering: a failure, never a skip
+        pytest.fail(f"TEST_DATABASE_URL is set but PostgreSQL does not answer: {exc}")
+    try:
+        yield postgres_schema_url(base, schema)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def outbox(store_url):
+    box = Outbox(normalize_database_url(store_url))
+    box.init_schema()
+    yield box
+    box.dispose()
+
+
+@pytest.fixture
+def settings(store_url) -> Settings:
+    return Settings(segment_write_key="test-write-key", webhook_secrets=(SECRET,), database_url=normalize_database_url(store_url))
+
+
+@pytest.fixture
+def app(settings, outbox):
+    app = create_app(settings)
+    yield app
+    app.extensions["refiner_source"].outbox.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def post_webhook(client):
+    def post(body, token: str | None = SECRET, **kwargs):
+        url = "/webhooks/refiner" + (f"?token={token}" if token is not None else "")
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return client.post(url, data=data, content_type="application/json", **kwargs)
+
+    return post

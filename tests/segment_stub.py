@@ -1,0 +1,85 @@
+"""A real local HTTP server standing in for Segment's /v1/batch, scriptable for faults."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class SegmentStub:
+    """Records every message it accepts; `script` holds (status, headers, body) answers to give first."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.messages: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []  # {"at", "status", "count", "headers"}
+        self.script: deque[tuple[int, dict[str, str], dict[str, Any] | None]] = deque()
+        self.reject: dict[str, tuple[int, dict[str, Any]]] = {}  # messageId -> answer that fails its batch
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                body = json.loads(raw)
+                batch = body.get("batch", [])
+                status, headers, answer = stub._answer(batch)
+                with stub.lock:
+                    stub.requests.append({"at": time.monotonic(), "status": status, "count": len(batch), "headers": dict(self.headers), "body": body})
+                    if status == 200:
+                        stub.messages.extend(batch)
+                payload = json.dumps(answer if answer is not None else {"success": status == 200}).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _answer(self, batch: list[dict[str, Any]]) -> tuple[int, dict[str, str], dict[str, Any] | None]:
+        with self.lock:
+            for message in batch:
+                if message.get("messageId") in self.reject:
+                    status, answer = self.reject[message["messageId"]]
+                    return status, {}, answer
+            if self.script:
+                return self.script.popleft()
+        return 200, {}, None
+
+    def __enter__(self) -> SegmentStub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def received(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.messages)
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            received = self.received()
+            if predicate(received):
+                return received
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout}s; received {len(self.received())} messages")

@@ -1,0 +1,373 @@
+"""SPEC section 3, rule by rule: the pure mapping from a Refiner event to Segment messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refiner_source.config import MappingRules
+from refiner_source.mapping import map_event, message_id, trait_names
+from refiner_source.schemas import WebhookSchema
+
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+RULES = MappingRules()
+
+
+def mapped(body: dict, rules: MappingRules = RULES) -> list[dict]:
+    return map_event(WebhookSchema().load(body), rules, NOW)
+
+
+def by_type(messages: list[dict]) -> dict[str, dict]:
+    return {m["type"]: m for m in messages}
+
+
+def minimal(**overrides) -> dict:
+    body = {
+        "uuid": "contact-1",
+        "remote_id": "user-1",
+        "triggered_event": "Completed Survey",
+        "form": {"uuid": "form-1", "name": "NPS"},
+        "response": {"uuid": "resp-1", "completed_at": "2026-11-18T16:42:57.000000Z", "data": {}},
+    }
+    body.update(overrides)
+    return body
+
+
+# --- the fixture, as a whole -------------------------------------------------------------
+
+
+def test_fixture_maps_to_identify_group_track_exactly(webhook_body):
+    identify, group, track = mapped(webhook_body)
+    assert identify["type"] == "identify" and group["type"] == "group" and track["type"] == "track"
+    assert identify["userId"] == "user-8812"
+    assert identify["traits"] == {
+        "refiner_what_is_your_job_role": "Product Manager",
+        "refiner_how_likely_are_you_to_recommend_us": "8",
+        "refiner_email": "ada@initech.example",
+    }
+    assert group["groupId"] == "acct-initech"
+    assert group["traits"] == {"refiner_name": "Initech", "refiner_plan": "enterprise", "refiner_employee_count": "250-1000"}
+    assert track["event"] == "Survey Completed"
+    assert track["properties"] == {
+        "survey_id": "0d94c790-401c-11ef-bb27-e31f68320006",
+        "survey_name": "Onboarding check-in",
+        "response_id": "a3e1c2f0-a5d1-11ef-b050-03a44b320007",
+        "completed_at": "2026-11-18T16:42:57+00:00",
+        "tags": [],
+        "refiner_what_is_your_job_role": "Product Manager",
+        "refiner_employee_count": "250-1000",
+        "refiner_how_likely_are_you_to_recommend_us": "8",
+    }
+
+
+# --- identity ------------------------------------------------------------------------------
+
+
+def test_identity_user_id_is_remote_id(webhook_body):
+    assert {m["userId"] for m in mapped(webhook_body)} == {"user-8812"}
+
+
+def test_identity_numeric_remote_id_becomes_string():
+    (identify, track) = mapped(minimal(remote_id=8812))
+    assert identify["userId"] == "8812" and track["userId"] == "8812"
+
+
+def test_identity_without_remote_id_uses_anonymous_id_contact_uuid():
+    messages = mapped(minimal(remote_id=None, uuid="c-uuid-9"))
+    assert all(m["anonymousId"] == "c-uuid-9" and m.get("userId") is None for m in messages)
+
+
+# --- trait names ---------------------------------------------------------------------------
+
+
+def test_trait_name_is_prefix_plus_slug():
+    assert trait_names(["What is your job role?"], RULES) == {"What is your job role?": "refiner_what_is_your_job_role"}
+
+
+def test_trait_name_uses_refiner_trait_prefix():
+    assert trait_names(["Plan"], MappingRules(prefix="survey__")) == {"Plan": "survey__plan"}
+
+
+def test_trait_name_from_mapping_file_is_verbatim():
+    rules = MappingRules(traits={"What is your job role?": "Job Role"})
+    (identify, track) = mapped(minimal(response={"uuid": "r", "data": {"What is your job role?": "PM"}}), rules)
+    assert identify["traits"] == {"Job Role": "PM"} and track["properties"]["Job Role"] == "PM"
+
+
+def test_trait_names_are_deterministic_whatever_the_key_order():
+    keys = ["Job role", "job_role", "JOB ROLE", "Team size", "😀"]
+    assert trait_names(keys, RULES) == trait_names(list(reversed(keys)), RULES)
+
+
+def test_trait_names_colliding_keys_both_keep_their_answers_under_distinct_names():
+    data = {"Job role": "PM", "job_role": "Engineer", "JOB ROLE?": "CEO"}
+    (identify, _track) = mapped(minimal(response={"uuid": "r", "data": data}))
+    traits = identify["traits"]
+    assert sorted(traits.values()) == ["CEO", "Engineer", "PM"]
+    assert len(set(traits)) == 3
+    assert traits["refiner_job_role"] == "Engineer"  # the key that already is its own slug keeps the plain name
+
+
+def test_trait_names_colliding_key_keeps_its_name_in_other_responses():
+    alone = trait_names(["Job role"], RULES)["Job role"]
+    together = trait_names(["Job role", "job_role"], RULES)
+    assert together["job_role"] == "refiner_job_role"
+    assert together["Job role"] == trait_names(["Job role", "job_role", "other"], RULES)["Job role"]
+    assert alone == "refiner_job_role"
+
+
+def test_trait_name_of_key_with_empty_slug_is_stable_and_not_empty():
+    first = trait_names(["😀", "???"], RULES)
+    again = trait_names(["???", "😀", "x"], RULES)
+    assert first["😀"] == again["😀"] and first["???"] == again["???"]
+    assert first["😀"] != first["???"]
+    assert all(name.startswith("refiner_") and len(name) > len("refiner_") for name in first.values())
+
+
+def test_trait_name_of_unicode_question_text_is_transliterated():
+    names = trait_names(["Ça va?", "日本語の質問"], RULES)
+    assert names == {"Ça va?": "refiner_ca_va", "日本語の質問": "refiner_ri_ben_yu_nozhi_wen"}
+
+
+def test_trait_name_never_collides_with_email_trait():
+    (identify, _track) = mapped(minimal(email="a@b.example", response={"uuid": "r", "data": {"email": "answer"}}))
+    assert identify["traits"]["refiner_email"] == "a@b.example"
+    assert "answer" in identify["traits"].values()
+
+
+# --- values --------------------------------------------------------------------------------
+
+
+def test_null_answers_are_left_out():
+    (identify, track) = mapped(minimal(response={"uuid": "r", "data": {"a": None, "b": "x"}}))
+    assert identify["traits"] == {"refiner_b": "x"}
+    assert "refiner_a" not in track["properties"]
+
+
+def test_answers_pass_through_unchanged():
+    data = {"text": "8", "number": 8, "float": 2.5, "list": ["a", "b"], "object": {"x": [1, {"y": None}]}, "flag": True}
+    (identify, _track) = mapped(minimal(response={"uuid": "r", "data": data}))
+    assert identify["traits"] == {f"refiner_{k}": v for k, v in data.items()}
+
+
+# --- user or account -----------------------------------------------------------------------
+
+
+def _with_account(data, contact_attrs=None, account_attrs=None, remote_id="acct-1"):
+    return minimal(
+        attributes=contact_attrs or {},
+        account={"uuid": "a-uuid", "remote_id": remote_id, "attributes": account_attrs or {}},
+        response={"uuid": "r", "data": data},
+    )
+
+
+def test_account_answer_when_listed_in_account_questions():
+    rules = MappingRules(account_questions=frozenset({"seats"}))
+    messages = by_type(mapped(_with_account({"seats": "12", "role": "PM"}), rules))
+    assert messages["group"]["traits"] == {"refiner_seats": "12"}
+    assert messages["identify"]["traits"] == {"refiner_role": "PM"}
+
+
+def test_account_answer_when_set_in_account_attributes_and_not_in_contact_attributes():
+    body = _with_account({"size": "50", "role": "PM"}, contact_attrs={"role": "PM"}, account_attrs={"size": "50"})
+    messages = by_type(mapped(body))
+    assert messages["group"]["traits"] == {"refiner_size": "50"}
+    assert messages["identify"]["traits"] == {"refiner_role": "PM"}
+
+
+def test_answer_set_in_both_attributes_belongs_to_the_user():
+    body = _with_account({"role": "PM"}, contact_attrs={"role": "PM"}, account_attrs={"role": "PM"})
+    messages = by_type(mapped(body))
+    assert messages["identify"]["traits"] == {"refiner_role": "PM"}
+
+
+def test_every_other_answer_belongs_to_the_user():
+    messages = by_type(mapped(_with_account({"free": "text"})))
+    assert messages["identify"]["traits"] == {"refiner_free": "text"}
+    assert messages["group"]["traits"] == {}
+
+
+# --- Completed Survey ----------------------------------------------------------------------
+
+
+def test_completed_survey_sends_identify_then_group_then_track(webhook_body):
+    assert [m["type"] for m in mapped(webhook_body)] == ["identify", "group", "track"]
+
+
+def test_identify_traits_are_user_answers_plus_prefixed_email(webhook_body):
+    traits = by_type(mapped(webhook_body))["identify"]["traits"]
+    assert traits["refiner_email"] == "ada@initech.example"
+    assert "refiner_employee_count" not in traits
+
+
+def test_identify_has_no_email_trait_without_email():
+    (identify, _track) = mapped(minimal(email=None, response={"uuid": "r", "data": {"a": 1}}))
+    assert identify["traits"] == {"refiner_a": 1}
+
+
+def test_group_only_when_account_remote_id_is_set():
+    assert [m["type"] for m in mapped(_with_account({"a": 1}, remote_id=None))] == ["identify", "track"]
+    assert [m["type"] for m in mapped(minimal())] == ["identify", "track"]
+
+
+def test_group_traits_are_non_null_account_attributes_and_account_answers(webhook_body):
+    group = by_type(mapped(webhook_body))["group"]
+    assert group["groupId"] == "acct-initech"
+    assert "refiner_revenue" not in group["traits"]  # null attribute
+    assert group["traits"]["refiner_plan"] == "enterprise"
+    assert group["traits"]["refiner_employee_count"] == "250-1000"
+
+
+def test_group_numeric_account_remote_id_becomes_string():
+    group = by_type(mapped(_with_account({}, remote_id=42)))["group"]
+    assert group["groupId"] == "42"
+
+
+def test_track_survey_completed_has_survey_properties_and_every_answer(webhook_body):
+    webhook_body["response"]["tags"] = ["beta", {"name": "vip"}]
+    track = by_type(mapped(webhook_body))["track"]
+    props = track["properties"]
+    assert track["event"] == "Survey Completed"
+    assert props["survey_id"] == webhook_body["form"]["uuid"]
+    assert props["survey_name"] == "Onboarding check-in"
+    assert props["response_id"] == webhook_body["response"]["uuid"]
+    assert props["completed_at"] == "2026-11-18T16:42:57+00:00"
+    assert props["tags"] == ["beta", {"name": "vip"}]
+    assert {"refiner_what_is_your_job_role", "refiner_employee_count", "refiner_how_likely_are_you_to_recommend_us"} <= set(props)
+
+
+# --- other events --------------------------------------------------------------------------
+
+
+def test_saw_survey_is_a_lone_track_survey_viewed(webhook_body):
+    webhook_body["triggered_event"] = "Saw Survey"
+    (track,) = mapped(webhook_body)
+    assert track["type"] == "track" and track["event"] == "Survey Viewed"
+    assert track["properties"] == {"survey_id": webhook_body["form"]["uuid"], "survey_name": "Onboarding check-in", "response_id": webhook_body["response"]["uuid"]}
+
+
+def test_dismissed_survey_is_a_lone_track_survey_dismissed(webhook_body):
+    webhook_body["triggered_event"] = "Dismissed Survey"
+    webhook_body["response"]["completed_at"] = None
+    webhook_body["response"]["dismissed_at"] = "2026-11-18T16:50:00Z"
+    (track,) = mapped(webhook_body)
+    assert track["event"] == "Survey Dismissed" and track["timestamp"].startswith("2026-11-18T16:50:00")
+    assert set(track["properties"]) == {"survey_id", "survey_name", "response_id"}
+
+
+@pytest.mark.parametrize("event", ["Created Contact", "Completed Survey ", "survey completed", "Updated Attributes"])
+def test_any_other_event_is_not_forwarded(webhook_body, event):
+    webhook_body["triggered_event"] = event
+    assert mapped(webhook_body) == []
+
+
+def test_mapping_file_renames_an_event(webhook_body):
+    rules = MappingRules(events={"Completed Survey": "NPS Answered", "Saw Survey": "Survey Viewed", "Dismissed Survey": "Survey Dismissed"})
+    assert by_type(mapped(webhook_body, rules))["track"]["event"] == "NPS Answered"
+
+
+def test_mapping_file_turns_an_event_off(webhook_body):
+    rules = MappingRules(events={"Completed Survey": None, "Saw Survey": "Survey Viewed", "Dismissed Survey": "Survey Dismissed"})
+    assert mapped(webhook_body, rules) == []
+
+
+# --- every message -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "times, expected",
+    [
+        ({"completed_at": "2026-01-01T00:00:01Z", "dismissed_at": "2026-01-01T00:00:02Z", "received_at": "2026-01-01T00:00:03Z"}, "2026-01-01T00:00:01"),
+        ({"completed_at": None, "dismissed_at": "2026-01-01T00:00:02Z", "received_at": "2026-01-01T00:00:03Z"}, "2026-01-01T00:00:02"),
+        ({"completed_at": None, "dismissed_at": None, "received_at": "2026-01-01T00:00:03Z"}, "2026-01-01T00:00:03"),
+        ({"completed_at": None, "dismissed_at": None, "received_at": None}, "2030-01-02T03:04:05"),
+    ],
+)
+def test_timestamp_is_completed_at_then_dismissed_at_then_received_at_then_now(times, expected):
+    messages = mapped(minimal(response={"uuid": "r", "data": {"a": 1}, **times}))
+    assert {m["timestamp"][:19] for m in messages} == {expected}
+
+
+def test_api_style_timestamps_are_utc():
+    (identify, _track) = mapped(minimal(response={"uuid": "r", "completed_at": "2026-11-18 16:42:57", "data": {}}))
+    assert identify["timestamp"] == "2026-11-18T16:42:57.000+00:00"
+
+
+def test_message_id_is_identical_on_every_resend(webhook_body):
+    first = [m["messageId"] for m in mapped(webhook_body)]
+    again = [m["messageId"] for m in map_event(WebhookSchema().load(webhook_body), RULES, datetime(2040, 1, 1, tzinfo=timezone.utc))]
+    assert first == again and len(set(first)) == 3
+
+
+def test_message_id_differs_per_call_and_per_event(webhook_body):
+    completed = {m["messageId"] for m in mapped(webhook_body)}
+    webhook_body["triggered_event"] = "Saw Survey"
+    viewed = {m["messageId"] for m in mapped(webhook_body)}
+    assert not completed & viewed
+
+
+def test_message_id_is_at_most_100_characters():
+    long_uuid = "u" * 255
+    ids = [message_id(long_uuid, "Completed Survey", call) for call in ("identify", "group", "track")]
+    assert all(len(i) <= 100 for i in ids) and len(set(ids)) == 3
+    assert ids == [message_id(long_uuid, "Completed Survey", call) for call in ("identify", "group", "track")]
+
+
+def test_every_message_has_integrations_refiner_false(webhook_body):
+    assert all(m["integrations"] == {"Refiner": False} for m in mapped(webhook_body))
+
+
+def test_messages_are_built_by_segment_analytics_python(webhook_body):
+    for message in mapped(webhook_body):
+        assert message["context"]["library"]["name"] == "analytics-python"
+        assert message["timestamp"].endswith("+00:00")
+
+
+def test_message_over_32kb_is_shortened_not_dropped(caplog):
+    data = {"essay": "x" * 40_000, "short": "kept", "other": "é" * 9_000}
+    with caplog.at_level(logging.WARNING):
+        messages = mapped(minimal(response={"uuid": "r", "data": data}))
+    assert [m["type"] for m in messages] == ["identify", "track"]
+    for message in messages:
+        body = message.get("traits") or message["properties"]
+        assert len(json.dumps(message).encode()) <= 32 * 1024
+        assert body["refiner_short"] == "kept"
+        assert body["refiner_essay"].endswith("…") and body["refiner_essay"].startswith("xxxx")
+        assert len(body["refiner_essay"]) > 1000  # shortened, not emptied
+    assert "shortened" in caplog.text
+    assert "xxxxxxxx" not in caplog.text  # the answer itself is not logged
+
+
+def test_mapping_is_pure(webhook_body):
+    event = WebhookSchema().load(webhook_body)
+    assert map_event(event, RULES, NOW) == map_event(event, RULES, NOW)
+    assert WebhookSchema().load(webhook_body) == event  # the input is not modified
+
+
+# --- properties ----------------------------------------------------------------------------
+
+answers = st.dictionaries(
+    st.text(max_size=40),
+    st.one_of(st.none(), st.text(max_size=3000), st.integers(), st.lists(st.text(max_size=50), max_size=5)),
+    max_size=30,
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(data=answers, account_attrs=st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5), prefix=st.sampled_from(["refiner_", "r.", ""]))
+def test_property_trait_names_are_nonempty_prefixed_unique_and_messages_fit(data, account_attrs, prefix):
+    body = minimal(account={"remote_id": "a", "attributes": account_attrs}, response={"uuid": "r", "completed_at": None, "data": data})
+    rules = MappingRules(prefix=prefix)
+    messages = mapped(body, rules)
+    names = trait_names([*data, *account_attrs], rules)
+    assert len(set(names.values())) == len(names)
+    assert all(name.startswith(prefix) and name != prefix for name in names.values())
+    assert all(len(json.dumps(m).encode()) <= 32 * 1024 for m in messages)
+    non_null = {k for k, v in data.items() if v is not None}
+    track = by_type(messages)["track"]
+    assert len(track["properties"]) == 5 + len(non_null)  # survey_id, survey_name, response_id, completed_at, tags
