@@ -50,7 +50,6 @@ class Settings:
     refiner_api_key: str | None = None
     refiner_api_url: str = "https://api.refiner.io/v1"
     log_level: str = "INFO"
-    retention_days: int = 7
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = ()) -> Settings:
@@ -100,7 +99,6 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         refiner_api_key=get("REFINER_API_KEY"),
         refiner_api_url=refiner_api_url,
         log_level=log_level,
-        retention_days=_int(get, "REFINER_RETENTION_DAYS", 7, 1, 3650),
     )
 
 
@@ -165,7 +163,7 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
 
     traits = data.get("traits", {})
     if not isinstance(traits, dict):
-        raise ConfigError(f"{name}: [traits] must be a table of question identifier = \"trait name\"")
+        raise ConfigError(f'{name}: [traits] must be a table of question identifier = "trait name"')
     for key, value in traits.items():
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{name}: [traits] {key!r} must be a non-empty trait name (string)")
@@ -175,7 +173,7 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
     events: dict[str, str | None] = dict(DEFAULT_EVENTS)
     overrides = data.get("events", {})
     if not isinstance(overrides, dict):
-        raise ConfigError(f"{name}: [events] must be a table of triggered_event = \"Event Name\" or false")
+        raise ConfigError(f'{name}: [events] must be a table of triggered_event = "Event Name" or false')
     for key, value in overrides.items():
         if key not in DEFAULT_EVENTS:
             raise ConfigError(f"{name}: [events] {key!r} is not a Refiner event; expected one of {', '.join(DEFAULT_EVENTS)}")

@@ -9,6 +9,7 @@ import random
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ class Worker:
         host: str,
         *,
         batch_size: int = 250,
-        lease_seconds: float = 120.0,
+        lease_seconds: float = 60.0,
         idle_poll: float = 0.2,
         backoff: Backoff = Backoff(),
         timeout: float = 15.0,
@@ -114,23 +115,26 @@ class Worker:
     def run_once(self) -> float:
         """Claim and send one batch; return how long to sleep before the next (0: go on at once)."""
         claimed = self.outbox.claim(self.batch_size, self.lease_seconds, self.name)
+        send_until = time.monotonic() + self.lease_seconds / 2
         if not claimed:
             due = self.outbox.next_due_in()
             return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
         chunks = pack(claimed)
         for i, chunk in enumerate(chunks):
-            if i and self._stop.is_set():  # SIGTERM: finish the request in flight, hand back the rest
-                self.outbox.release([item.id for later in chunks[i:] for item in later], 0.0, "worker stopped")
+            unsent = [item.id for later in chunks[i:] for item in later]
+            # SIGTERM, or a slow Segment eating into the lease: the request in flight is finished,
+            # the rest handed back before another worker could claim it too.
+            if i and (self._stop.is_set() or time.monotonic() > send_until):
+                self.outbox.release(unsent, 0.0, "handed back unsent")
                 return 0.0
             try:
                 self._send(chunk)
             except RetryLater as exc:
                 delay = exc.delay if exc.delay is not None else self.backoff.delay(self._bump())
-                rest = [item.id for later in chunks[i:] for item in later]
-                self.outbox.release(rest, delay, exc.reason)
+                self.outbox.release(unsent, delay, exc.reason)
                 log.warning(
                     "Segment not reachable now; will retry",
-                    extra={"reason": exc.reason, "messages": len(rest), "retry_in": round(delay, 2)},
+                    extra={"reason": exc.reason, "messages": len(unsent), "retry_in": round(delay, 2)},
                 )
                 return delay
         self._failures = 0

@@ -87,9 +87,7 @@ def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, An
     for key, value in event.data.items():
         if value is None:
             continue
-        on_account = key in rules.account_questions or (
-            account_attrs.get(key) is not None and key not in event.contact_attributes
-        )
+        on_account = key in rules.account_questions or (account_attrs.get(key) is not None and key not in event.contact_attributes)
         (account if on_account else user)[key] = value
     return user, account
 

@@ -247,9 +247,7 @@ class Outbox:
     def replay_dead(self) -> int:
         """Put every dead letter back in line; returns how many."""
         stmt = (
-            update(messages)
-            .where(messages.c.status == DEAD)
-            .values(status=PENDING, available_at=time.time(), attempts=0, claimed_by=None)
+            update(messages).where(messages.c.status == DEAD).values(status=PENDING, available_at=time.time(), attempts=0, claimed_by=None)
         )
         with self._guard(), self.engine.begin() as conn:
             return conn.execute(stmt).rowcount

@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -101,7 +101,7 @@ def receive_webhook():
     except ValidationError as exc:
         return _unprocessable(exc)
     try:
-        messages = map_event(event, rules, now=datetime.now(timezone.utc))
+        messages = map_event(event, rules, now=datetime.now(UTC))
     except MessageTooLarge as exc:
         return error(422, "too_large_for_segment", str(exc), fields={"response.data": [str(exc)]})
 

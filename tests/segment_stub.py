@@ -20,6 +20,7 @@ class SegmentStub:
         self.requests: list[dict[str, Any]] = []  # {"at", "status", "count", "headers"}
         self.script: deque[tuple[int, dict[str, str], dict[str, Any] | None]] = deque()
         self.reject: dict[str, tuple[int, dict[str, Any]]] = {}  # messageId -> answer that fails its batch
+        self.down = False  # while True every request gets 503, as during an outage
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,7 +34,9 @@ class SegmentStub:
                 batch = body.get("batch", [])
                 status, headers, answer = stub._answer(batch)
                 with stub.lock:
-                    stub.requests.append({"at": time.monotonic(), "status": status, "count": len(batch), "headers": dict(self.headers), "body": body})
+                    stub.requests.append(
+                        {"at": time.monotonic(), "status": status, "count": len(batch), "headers": dict(self.headers), "body": body}
+                    )
                     if status == 200:
                         stub.messages.extend(batch)
                 payload = json.dumps(answer if answer is not None else {"success": status == 200}).encode()
@@ -59,6 +62,8 @@ class SegmentStub:
                 if message.get("messageId") in self.reject:
                     status, answer = self.reject[message["messageId"]]
                     return status, {}, answer
+            if self.down:
+                return 503, {}, {"code": "unavailable", "message": "outage"}
             if self.script:
                 return self.script.popleft()
         return 200, {}, None

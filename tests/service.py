@@ -40,7 +40,9 @@ class Service:
 
     def start(self, wait_ready: bool = True) -> Service:
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([*command(), *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [*command(), *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         if wait_ready and "serve" in self.args:
             self.wait_ready()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +14,7 @@ from refiner_source.config import MappingRules
 from refiner_source.mapping import map_event, message_id, trait_names
 from refiner_source.schemas import WebhookSchema
 
-NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 RULES = MappingRules()
 
 
@@ -248,7 +248,11 @@ def test_saw_survey_is_a_lone_track_survey_viewed(webhook_body):
     webhook_body["triggered_event"] = "Saw Survey"
     (track,) = mapped(webhook_body)
     assert track["type"] == "track" and track["event"] == "Survey Viewed"
-    assert track["properties"] == {"survey_id": webhook_body["form"]["uuid"], "survey_name": "Onboarding check-in", "response_id": webhook_body["response"]["uuid"]}
+    assert track["properties"] == {
+        "survey_id": webhook_body["form"]["uuid"],
+        "survey_name": "Onboarding check-in",
+        "response_id": webhook_body["response"]["uuid"],
+    }
 
 
 def test_dismissed_survey_is_a_lone_track_survey_dismissed(webhook_body):
@@ -282,7 +286,10 @@ def test_mapping_file_turns_an_event_off(webhook_body):
 @pytest.mark.parametrize(
     "times, expected",
     [
-        ({"completed_at": "2026-01-01T00:00:01Z", "dismissed_at": "2026-01-01T00:00:02Z", "received_at": "2026-01-01T00:00:03Z"}, "2026-01-01T00:00:01"),
+        (
+            {"completed_at": "2026-01-01T00:00:01Z", "dismissed_at": "2026-01-01T00:00:02Z", "received_at": "2026-01-01T00:00:03Z"},
+            "2026-01-01T00:00:01",
+        ),
         ({"completed_at": None, "dismissed_at": "2026-01-01T00:00:02Z", "received_at": "2026-01-01T00:00:03Z"}, "2026-01-01T00:00:02"),
         ({"completed_at": None, "dismissed_at": None, "received_at": "2026-01-01T00:00:03Z"}, "2026-01-01T00:00:03"),
         ({"completed_at": None, "dismissed_at": None, "received_at": None}, "2030-01-02T03:04:05"),
@@ -300,7 +307,7 @@ def test_api_style_timestamps_are_utc():
 
 def test_message_id_is_identical_on_every_resend(webhook_body):
     first = [m["messageId"] for m in mapped(webhook_body)]
-    again = [m["messageId"] for m in map_event(WebhookSchema().load(webhook_body), RULES, datetime(2040, 1, 1, tzinfo=timezone.utc))]
+    again = [m["messageId"] for m in map_event(WebhookSchema().load(webhook_body), RULES, datetime(2040, 1, 1, tzinfo=UTC))]
     assert first == again and len(set(first)) == 3
 
 
@@ -359,7 +366,11 @@ answers = st.dictionaries(
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(data=answers, account_attrs=st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5), prefix=st.sampled_from(["refiner_", "r.", ""]))
+@given(
+    data=answers,
+    account_attrs=st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=5),
+    prefix=st.sampled_from(["refiner_", "r.", ""]),
+)
 def test_property_trait_names_are_nonempty_prefixed_unique_and_messages_fit(data, account_attrs, prefix):
     body = minimal(account={"remote_id": "a", "attributes": account_attrs}, response={"uuid": "r", "completed_at": None, "data": data})
     rules = MappingRules(prefix=prefix)

@@ -1,0 +1,146 @@
+"""The delivery worker's handling of Segment's answers (responses mocks the HTTP), SPEC section 4."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import pytest
+import requests
+import responses
+
+from refiner_source.delivery import Backoff, Worker, pack
+from refiner_source.outbox import Claimed
+
+HOST = "https://segment.test"
+URL = HOST + "/v1/batch"
+
+
+def message(i: int, size: int = 10) -> dict:
+    return {"messageId": f"m-{i}", "type": "track", "event": "E", "userId": "u", "properties": {"x": "y" * size}}
+
+
+@pytest.fixture
+def worker(outbox):
+    return Worker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
+
+
+def fill(outbox, n: int, size: int = 10) -> None:
+    outbox.store("r\nE", "r", "E", [message(i, size) for i in range(n)])
+
+
+def sent_batches() -> list[list[dict]]:
+    return [json.loads(gzip.decompress(call.request.body))["batch"] for call in responses.calls]
+
+
+@responses.activate
+def test_batch_is_posted_gzipped_with_the_write_key_and_marked_delivered(worker, outbox):
+    responses.post(URL, json={"success": True})
+    fill(outbox, 3)
+    worker.run_once()
+    (call,) = responses.calls
+    assert call.request.headers["Content-Encoding"] == "gzip"
+    assert call.request.headers["Authorization"].startswith("Basic ")
+    body = json.loads(gzip.decompress(call.request.body))
+    assert body["writeKey"] == "wk" and [m["messageId"] for m in body["batch"]] == ["m-0", "m-1", "m-2"]
+    assert outbox.stats().delivered == 3
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
+def test_retryable_status_is_retried_with_backoff(worker, outbox, status):
+    responses.post(URL, status=status, json={"code": "x", "message": "later"})
+    responses.post(URL, json={"success": True})
+    worker.backoff = Backoff(base=0.2, cap=0.2)
+    fill(outbox, 2)
+    wait = worker.run_once()
+    assert 0.1 <= wait <= 0.2
+    assert outbox.stats().pending == 2 and outbox.stats().dead == 0
+    worker.run_once()  # not due yet: nothing is sent before the delay is over
+    assert len(responses.calls) == 1
+    time.sleep(wait + 0.01)
+    worker.run_once()
+    assert outbox.stats().delivered == 2
+
+
+@responses.activate
+def test_retry_after_is_honoured(worker, outbox):
+    responses.post(URL, status=429, headers={"Retry-After": "7"}, json={"code": "rate_limited", "message": "slow down"})
+    fill(outbox, 1)
+    assert worker.run_once() == 7
+    assert 6.5 < outbox.next_due_in() <= 7
+
+
+@responses.activate
+def test_network_error_is_retried(worker, outbox):
+    responses.post(URL, body=requests.ConnectionError("refused"))
+    fill(outbox, 1)
+    assert worker.run_once() > 0
+    assert outbox.stats().pending == 1
+
+
+def test_backoff_is_capped_exponential_with_jitter():
+    backoff = Backoff(base=0.5, cap=60)
+    assert [backoff.delay(a, rng=lambda: 1.0) for a in range(9)] == [0.5, 1, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff.delay(3, rng=lambda: 0.0) == 2  # jitter spans half the ceiling up to the ceiling
+    assert backoff.delay(1000, rng=lambda: 1.0) == 60
+
+
+@responses.activate
+def test_4xx_splits_the_batch_and_dead_letters_only_the_bad_message(worker, outbox):
+    def answer(request):
+        batch = json.loads(gzip.decompress(request.body))["batch"]
+        if any(m["messageId"] == "m-5" for m in batch):
+            return 400, {}, json.dumps({"code": "invalid_request", "message": "bad message"})
+        return 200, {}, json.dumps({"success": True})
+
+    responses.add_callback(responses.POST, URL, callback=answer)
+    fill(outbox, 8)
+    worker.run_once()
+    stats = outbox.stats()
+    assert (stats.delivered, stats.dead) == (7, 1)
+    assert outbox.dead_letters() == [("r", "m-5", "HTTP 400 invalid_request: bad message")]
+    delivered = [m["messageId"] for batch in sent_batches() for m in batch if "m-5" not in [x["messageId"] for x in batch]]
+    assert sorted(set(delivered)) == sorted(f"m-{i}" for i in range(8) if i != 5)
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_write_key_is_retried_not_dead_lettered(worker, outbox, status):
+    responses.post(URL, status=status, json={"code": "unauthorized", "message": "bad write key"})
+    fill(outbox, 4)
+    worker.run_once()
+    assert outbox.stats().dead == 0 and outbox.stats().pending == 4
+
+
+def test_pack_keeps_every_request_under_500_kb_and_in_order():
+    items = [Claimed(i, message(i, size=30_000), 0, "r") for i in range(40)]
+    chunks = pack(items)
+    assert [c.id for chunk in chunks for c in chunk] == list(range(40))
+    assert all(
+        len(json.dumps({"batch": [c.message for c in chunk], "sentAt": "x" * 32, "writeKey": "k" * 64})) < 500_000 for chunk in chunks
+    )
+    assert len(chunks) == 3
+
+
+@responses.activate
+def test_large_claim_is_sent_in_several_requests(worker, outbox):
+    responses.post(URL, json={"success": True})
+    fill(outbox, 40, size=30_000)
+    worker.run_once()
+    assert len(responses.calls) == 3 and outbox.stats().delivered == 40
+
+
+@responses.activate
+def test_stop_finishes_the_request_in_flight_and_hands_back_the_rest(worker, outbox):
+    def answer(request):
+        worker.stop()  # SIGTERM arrives while the first request is in flight
+        return 200, {}, json.dumps({"success": True})
+
+    responses.add_callback(responses.POST, URL, callback=answer)
+    fill(outbox, 40, size=30_000)
+    worker.run_once()
+    stats = outbox.stats()
+    assert len(responses.calls) == 1 and stats.delivered > 0 and stats.pending == 40 - stats.delivered
+    assert outbox.next_due_in() == 0  # given back at once for the next worker

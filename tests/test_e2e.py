@@ -1,0 +1,187 @@
+"""End to end: `refiner-source serve` as the README starts it, a local HTTP server standing in for Segment."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import SECRET, load_fixture
+from tests.segment_stub import SegmentStub
+from tests.service import Service, free_port
+
+WRITE_KEY = "e2e-write-key"
+
+
+@pytest.fixture
+def segment():
+    with SegmentStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+def make_service(tmp_path, store_url, segment):
+    started: list[Service] = []
+
+    def make(**env: str) -> Service:
+        service = Service(
+            ["serve"],
+            {
+                "PORT": str(free_port()),
+                "WEB_CONCURRENCY": "2",
+                "DATABASE_URL": store_url,
+                "SEGMENT_HOST": segment.url,
+                "SEGMENT_WRITE_KEY": WRITE_KEY,
+                "REFINER_WEBHOOK_SECRET": SECRET,
+                **env,
+            },
+            tmp_path / f"service-{len(started)}.log",
+        )
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+def post(service: Service, body: dict, timeout: float = 10) -> requests.Response:
+    return requests.post(f"{service.url}/webhooks/refiner?token={SECRET}", json=body, timeout=timeout)
+
+
+def unique_body(i: int) -> dict:
+    body = copy.deepcopy(load_fixture("webhook_completed_survey.json"))
+    body["response"]["uuid"] = f"resp-{i}-{uuid.uuid4().hex[:8]}"
+    body["remote_id"] = f"user-{i}"
+    return body
+
+
+def tracks(received: list[dict]) -> set[str]:
+    return {m["properties"]["response_id"] for m in received if m["type"] == "track"}
+
+
+def test_e2e_fixture_arrives_as_identify_group_track_field_by_field(make_service, segment):
+    service = make_service().start()
+    body = load_fixture("webhook_completed_survey.json")
+    answer = post(service, body)
+    assert answer.status_code == 202 and answer.json()["messages"] == 3
+
+    identify, group, track = segment.wait_for(lambda r: len(r) >= 3, timeout=20)
+    for message in (identify, group, track):
+        assert message["userId"] == "user-8812"
+        assert message["timestamp"] == "2026-11-18T16:42:57.000+00:00"
+        assert message["integrations"] == {"Refiner": False}
+        assert message["context"]["library"]["name"] == "analytics-python"
+        assert message["messageId"].startswith("refiner-a3e1c2f0-a5d1-11ef-b050-03a44b320007-completed-survey-")
+    assert identify["type"] == "identify"
+    assert identify["traits"] == {
+        "refiner_what_is_your_job_role": "Product Manager",
+        "refiner_how_likely_are_you_to_recommend_us": "8",
+        "refiner_email": "ada@initech.example",
+    }
+    assert group["type"] == "group" and group["groupId"] == "acct-initech"
+    assert group["traits"] == {"refiner_name": "Initech", "refiner_plan": "enterprise", "refiner_employee_count": "250-1000"}
+    assert track["type"] == "track" and track["event"] == "Survey Completed"
+    assert track["properties"] == {
+        "survey_id": "0d94c790-401c-11ef-bb27-e31f68320006",
+        "survey_name": "Onboarding check-in",
+        "response_id": "a3e1c2f0-a5d1-11ef-b050-03a44b320007",
+        "completed_at": "2026-11-18T16:42:57+00:00",
+        "tags": [],
+        "refiner_what_is_your_job_role": "Product Manager",
+        "refiner_employee_count": "250-1000",
+        "refiner_how_likely_are_you_to_recommend_us": "8",
+    }
+    (request,) = segment.requests
+    assert request["headers"]["Content-Encoding"] == "gzip"
+    assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    assert request["body"]["writeKey"] == WRITE_KEY
+    assert "Product Manager" not in service.logs() and "ada@initech.example" not in service.logs()
+    assert SECRET not in service.logs()
+
+
+def test_e2e_same_webhook_twice_gives_one_set_of_messages(make_service, segment):
+    service = make_service().start()
+    body = load_fixture("webhook_completed_survey.json")
+    assert post(service, body).status_code == 202
+    second = post(service, body)
+    assert second.status_code == 200 and second.json()["status"] == "duplicate"
+    segment.wait_for(lambda r: len(r) >= 3)
+    time.sleep(1.0)
+    assert len(segment.received()) == 3
+
+
+def test_e2e_segment_503_then_429_with_retry_after_delivers_everything_after_the_wait(make_service, segment):
+    segment.script.extend(
+        [
+            (503, {}, {"code": "unavailable", "message": "down"}),
+            (503, {}, {"code": "unavailable", "message": "down"}),
+            (429, {"Retry-After": "2"}, {"code": "rate_limited", "message": "slow down"}),
+            (429, {"Retry-After": "1"}, {"code": "rate_limited", "message": "slow down"}),
+        ]
+    )
+    service = make_service().start()
+    ids = []
+    for i in range(20):
+        answer = post(service, unique_body(i))
+        assert answer.status_code == 202
+        ids.append(answer.json()["response_id"])
+    received = segment.wait_for(lambda r: tracks(r) >= set(ids), timeout=60)
+    assert len(received) == 60 and len({m["messageId"] for m in received}) == 60
+
+    log = segment.requests
+    statuses = [r["status"] for r in log]
+    assert statuses[:4] == [503, 503, 429, 429] and set(statuses[4:]) == {200}
+    assert log[3]["at"] - log[2]["at"] >= 1.9, "Retry-After: 2 was not honoured"
+    assert log[4]["at"] - log[3]["at"] >= 0.9, "Retry-After: 1 was not honoured"
+
+
+def _burst(service: Service, count: int, acknowledged: list[str], stop: threading.Event) -> None:
+    def one(i: int) -> None:
+        if stop.is_set():
+            return
+        try:
+            answer = post(service, unique_body(i), timeout=5)
+        except requests.RequestException:
+            return
+        if answer.status_code == 202:
+            acknowledged.append(answer.json()["response_id"])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_e2e_service_killed_mid_burst_delivers_every_acknowledged_response_after_restart(make_service, segment, sig):
+    segment.down = True  # nothing can be delivered before the kill: only the store has the responses
+    first = make_service().start()
+    port = first.port
+    acknowledged: list[str] = []
+    stop = threading.Event()
+    burst = threading.Thread(target=_burst, args=(first, 400, acknowledged, stop))
+    burst.start()
+    while len(acknowledged) < 100 and burst.is_alive():
+        time.sleep(0.01)
+    started = time.monotonic()
+    first.kill(sig)
+    code = first.process.wait(30)
+    stop.set()
+    burst.join()
+    if sig == signal.SIGTERM:
+        assert time.monotonic() - started < 25, "SIGTERM must finish within Heroku's 30 s"
+        assert code == 0, first.logs()[-2000:]
+    assert len(acknowledged) >= 100
+    assert segment.received() == []
+
+    segment.down = False
+    second = make_service(PORT=str(port)).start()
+    received = segment.wait_for(lambda r: tracks(r) >= set(acknowledged), timeout=90)
+    assert tracks(received) >= set(acknowledged)
+    assert second.process.poll() is None

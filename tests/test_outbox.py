@@ -1,0 +1,87 @@
+"""The outbox on SQLite and PostgreSQL: store, duplicates, exclusive claims, leases, dead letters."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from refiner_source.outbox import Outbox
+
+
+def msgs(response: str, n: int = 3) -> list[dict]:
+    return [{"messageId": f"{response}-{i}", "type": "track", "event": "E", "userId": "u"} for i in range(n)]
+
+
+def test_store_commits_messages_with_receipt(outbox):
+    assert outbox.store("r1\nCompleted Survey", "r1", "Completed Survey", msgs("r1")) is True
+    stats = outbox.stats()
+    assert (stats.pending, stats.delivered, stats.dead) == (3, 0, 0)
+    assert stats.oldest_pending_age is not None and stats.oldest_pending_age < 60
+
+
+def test_store_of_a_receipt_seen_before_writes_nothing(outbox):
+    outbox.store("r1\nE", "r1", "E", msgs("r1"))
+    assert outbox.store("r1\nE", "r1", "E", msgs("r1")) is False
+    assert outbox.stats().pending == 3
+
+
+def test_claim_is_exclusive_until_the_lease_runs_out(outbox):
+    outbox.store("r1\nE", "r1", "E", msgs("r1"))
+    first = outbox.claim(10, lease_seconds=0.5, worker="a")
+    assert [c.message["messageId"] for c in first] == ["r1-0", "r1-1", "r1-2"]
+    assert outbox.claim(10, 0.5, "b") == []
+    time.sleep(0.6)  # worker "a" died: its lease expires and the batch comes back
+    assert len(outbox.claim(10, 60, "b")) == 3
+
+
+def test_concurrent_claims_never_share_a_message(outbox, settings):
+    for r in range(60):
+        outbox.store(f"r{r}\nE", f"r{r}", "E", msgs(f"r{r}", 5))
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def claimer(name: str) -> None:
+        box = Outbox(settings.database_url)
+        while batch := box.claim(7, 60, name):
+            with lock:
+                seen.extend(c.id for c in batch)
+            box.mark_delivered([c.id for c in batch])
+        box.dispose()
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 300 and len(set(seen)) == 300
+    assert outbox.stats().delivered == 300
+
+
+def test_release_makes_messages_due_again_after_the_delay(outbox):
+    outbox.store("r1\nE", "r1", "E", msgs("r1", 1))
+    (claimed,) = outbox.claim(10, 60, "a")
+    outbox.release([claimed.id], delay=0.3, error="HTTP 503")
+    assert outbox.claim(10, 60, "a") == []
+    assert 0 < outbox.next_due_in() <= 0.3
+    time.sleep(0.35)
+    (again,) = outbox.claim(10, 60, "a")
+    assert again.attempts == 1
+
+
+def test_dead_letters_are_kept_and_replay_puts_them_back(outbox):
+    outbox.store("r1\nE", "r1", "E", msgs("r1", 2))
+    a, b = outbox.claim(10, 60, "w")
+    outbox.mark_dead([a.id], "HTTP 400 invalid: bad message")
+    outbox.mark_delivered([b.id])
+    stats = outbox.stats()
+    assert (stats.pending, stats.delivered, stats.dead) == (0, 1, 1)
+    assert outbox.dead_letters() == [("r1", "r1-0", "HTTP 400 invalid: bad message")]
+    assert outbox.replay_dead() == 1
+    (again,) = outbox.claim(10, 60, "w")
+    assert again.message["messageId"] == "r1-0"
+
+
+def test_init_schema_is_safe_to_run_twice(outbox):
+    outbox.init_schema()
+    outbox.init_schema()
+    assert outbox.stats().pending == 0

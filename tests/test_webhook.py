@@ -1,0 +1,184 @@
+"""SPEC section 2, status by status, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refiner_source import create_app
+from refiner_source.outbox import Outbox
+from tests.conftest import SECRET
+
+
+def test_stored_will_be_delivered_answers_202_with_message_count(post_webhook, webhook_body, outbox):
+    response = post_webhook(webhook_body)
+    assert response.status_code == 202
+    assert response.json == {"status": "accepted", "response_id": webhook_body["response"]["uuid"], "messages": 3}
+    assert outbox.stats().pending == 3
+
+
+def test_accepted_messages_are_committed_before_the_answer(post_webhook, webhook_body, store_url, settings):
+    post_webhook(webhook_body)
+    fresh = Outbox(settings.database_url)  # another connection sees them: committed, not just written
+    claimed = fresh.claim(10, 60, "other")
+    fresh.dispose()
+    assert [c.message["type"] for c in claimed] == ["identify", "group", "track"]
+
+
+def test_same_response_seen_before_answers_200_duplicate_without_new_rows(post_webhook, webhook_body, outbox):
+    assert post_webhook(webhook_body).status_code == 202
+    again = post_webhook(webhook_body)
+    assert again.status_code == 200
+    assert again.json["status"] == "duplicate" and again.json["response_id"] == webhook_body["response"]["uuid"]
+    assert outbox.stats().pending == 3
+
+
+def test_same_response_with_another_event_is_not_a_duplicate(post_webhook, webhook_body, outbox):
+    webhook_body["triggered_event"] = "Saw Survey"
+    assert post_webhook(webhook_body).json["messages"] == 1
+    webhook_body["triggered_event"] = "Completed Survey"
+    assert post_webhook(webhook_body).status_code == 202
+    assert outbox.stats().pending == 4
+
+
+def test_event_that_is_not_forwarded_answers_200_ignored(post_webhook, webhook_body, outbox):
+    webhook_body["triggered_event"] = "Created Contact"
+    response = post_webhook(webhook_body)
+    assert response.status_code == 200
+    assert response.json["status"] == "ignored" and "Created Contact" in response.json["reason"]
+    assert outbox.stats().pending == 0
+
+
+def test_event_turned_off_in_mapping_file_answers_200_ignored(settings, outbox, webhook_body):
+    from dataclasses import replace
+
+    rules = replace(settings.rules, events={**settings.rules.events, "Completed Survey": None})
+    client = create_app(replace(settings, rules=rules)).test_client()
+    response = client.post(f"/webhooks/refiner?token={SECRET}", json=webhook_body)
+    assert response.status_code == 200 and response.json["status"] == "ignored"
+    assert "mapping file" in response.json["reason"]
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"", "empty_body"),
+        (b"   ", "empty_body"),
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe{}", "invalid_encoding"),
+        (b"[" * 100_000 + b"]" * 100_000, "too_deep"),
+    ],
+)
+def test_body_not_json_or_not_utf8_or_empty_answers_400(post_webhook, body, code):
+    response = post_webhook(body)
+    assert response.status_code == 400
+    assert response.json["error"] == code and response.json["message"]
+
+
+def test_token_missing_answers_401(post_webhook, webhook_body, outbox):
+    response = post_webhook(webhook_body, token=None)
+    assert response.status_code == 401 and response.json["error"] == "missing_token"
+    assert outbox.stats().pending == 0
+
+
+def test_token_wrong_answers_401(post_webhook, webhook_body):
+    response = post_webhook(webhook_body, token="x" * len(SECRET))
+    assert response.status_code == 401 and response.json["error"] == "invalid_token"
+    assert SECRET not in response.get_data(as_text=True)
+
+
+def test_token_as_authorization_bearer_header(client, webhook_body):
+    response = client.post("/webhooks/refiner", json=webhook_body, headers={"Authorization": f"Bearer {SECRET}"})
+    assert response.status_code == 202
+    wrong = client.post("/webhooks/refiner", json=webhook_body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+
+
+def test_token_is_checked_before_the_body_is_read(post_webhook):
+    assert post_webhook(b"{not json", token="wrong").status_code == 401
+
+
+def test_body_over_1_mib_answers_413(post_webhook, webhook_body, outbox):
+    webhook_body["response"]["data"]["essay"] = "x" * (1 << 20)
+    response = post_webhook(webhook_body)
+    assert response.status_code == 413 and response.json["error"] == "body_too_large"
+    assert outbox.stats().pending == 0
+
+
+@pytest.mark.parametrize(
+    "mutate, path",
+    [
+        (lambda b: b["response"].pop("uuid"), "response.uuid"),
+        (lambda b: b.pop("response"), "response"),
+        (lambda b: b["response"].update(data=["not", "a", "map"]), "response.data"),
+        (lambda b: b["response"].update(completed_at="yesterday"), "response.completed_at"),
+        (lambda b: b.update(account="acct"), "account._schema"),
+        (lambda b: b.update(remote_id={"id": 1}), "remote_id"),
+        (lambda b: b.update(triggered_event=7), "triggered_event"),
+        (lambda b: (b.pop("uuid"), b.pop("remote_id")), "uuid"),
+    ],
+)
+def test_json_of_the_wrong_shape_answers_422_with_field_paths(post_webhook, webhook_body, outbox, mutate, path):
+    mutate(webhook_body)
+    response = post_webhook(webhook_body)
+    assert response.status_code == 422, response.json
+    assert response.json["error"] == "invalid_payload"
+    assert path in response.json["fields"] and all(response.json["fields"][path])
+    assert outbox.stats().pending == 0
+
+
+@pytest.mark.parametrize("body", [[], "string", 3, None])
+def test_json_that_is_not_an_object_answers_422(post_webhook, body):
+    response = post_webhook(json.dumps(body))
+    assert response.status_code == 422 and "_schema" in response.json["fields"]
+
+
+def test_unknown_extra_fields_are_accepted_and_ignored(post_webhook, webhook_body):
+    webhook_body["brand_new_field"] = {"x": 1}
+    webhook_body["response"]["another"] = [1, 2]
+    assert post_webhook(webhook_body).status_code == 202
+
+
+def test_store_unreachable_answers_503(webhook_body, tmp_path):
+    from refiner_source.config import Settings
+
+    app = create_app(Settings(webhook_secrets=(SECRET,), database_url=f"sqlite:///{tmp_path}/missing-dir/x.db"))
+    response = app.test_client().post(f"/webhooks/refiner?token={SECRET}", json=webhook_body)
+    assert response.status_code == 503 and response.json["error"] == "store_unavailable"
+    assert app.test_client().get("/readyz").status_code == 503
+
+
+def test_store_unreachable_postgres_answers_503(webhook_body):
+    from refiner_source.config import Settings
+
+    app = create_app(Settings(webhook_secrets=(SECRET,), database_url="postgresql+psycopg://postgres@127.0.0.1:1/none"))
+    response = app.test_client().post(f"/webhooks/refiner?token={SECRET}", json=webhook_body)
+    assert response.status_code == 503 and "traceback" not in response.get_data(as_text=True).lower()
+
+
+def test_healthz_answers_200_while_the_process_lives(client):
+    assert client.get("/healthz").status_code == 200
+
+
+def test_readyz_answers_200_when_the_store_answers(client):
+    assert client.get("/readyz").json == {"status": "ready"}
+
+
+def test_unknown_route_and_method_answer_json(client):
+    assert client.get("/nope").status_code == 404 and client.get("/nope").json["error"]
+    assert client.get("/webhooks/refiner").status_code == 405
+
+
+def test_no_input_gives_a_500(post_webhook, webhook_body):
+    oddities = [
+        {**webhook_body, "response": {**webhook_body["response"], "data": {"": None, "\ud800": "lone surrogate"}}},
+        {**webhook_body, "remote_id": 1e308},
+        {**webhook_body, "account": {"remote_id": True}},
+        {**webhook_body, "response": {**webhook_body["response"], "tags": "x"}},
+        {**webhook_body, "triggered_event": ""},
+        {"triggered_event": "Completed Survey"},
+    ]
+    for body in oddities:
+        response = post_webhook(json.dumps(body))
+        assert response.status_code < 500, (body, response.json)
