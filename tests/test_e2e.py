@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from tests import expected
 from tests.conftest import SECRET, load_fixture
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
@@ -81,24 +82,11 @@ def test_e2e_fixture_arrives_as_identify_group_track_field_by_field(make_service
         assert message["context"]["library"]["name"] == "analytics-python"
         assert message["messageId"].startswith("refiner-a3e1c2f0-a5d1-11ef-b050-03a44b320007-completed-survey-")
     assert identify["type"] == "identify"
-    assert identify["traits"] == {
-        "refiner_what_is_your_job_role": "Product Manager",
-        "refiner_how_likely_are_you_to_recommend_us": "8",
-        "refiner_email": "ada@initech.example",
-    }
+    assert identify["traits"] == expected.IDENTIFY_TRAITS
     assert group["type"] == "group" and group["groupId"] == "acct-initech"
-    assert group["traits"] == {"refiner_name": "Initech", "refiner_plan": "enterprise", "refiner_employee_count": "250-1000"}
+    assert group["traits"] == expected.GROUP_TRAITS
     assert track["type"] == "track" and track["event"] == "Survey Completed"
-    assert track["properties"] == {
-        "survey_id": "0d94c790-401c-11ef-bb27-e31f68320006",
-        "survey_name": "Onboarding check-in",
-        "response_id": "a3e1c2f0-a5d1-11ef-b050-03a44b320007",
-        "completed_at": "2026-11-18T16:42:57+00:00",
-        "tags": [],
-        "refiner_what_is_your_job_role": "Product Manager",
-        "refiner_employee_count": "250-1000",
-        "refiner_how_likely_are_you_to_recommend_us": "8",
-    }
+    assert track["properties"] == expected.TRACK_PROPERTIES
     (request,) = segment.requests
     assert request["headers"]["Content-Encoding"] == "gzip"
     assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()

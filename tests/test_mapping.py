@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from refiner_source.config import MappingRules
 from refiner_source.mapping import map_event, message_id, trait_names
 from refiner_source.schemas import WebhookSchema
+from tests import expected
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 RULES = MappingRules()
@@ -45,24 +46,11 @@ def test_fixture_maps_to_identify_group_track_exactly(webhook_body):
     identify, group, track = mapped(webhook_body)
     assert identify["type"] == "identify" and group["type"] == "group" and track["type"] == "track"
     assert identify["userId"] == "user-8812"
-    assert identify["traits"] == {
-        "refiner_what_is_your_job_role": "Product Manager",
-        "refiner_how_likely_are_you_to_recommend_us": "8",
-        "refiner_email": "ada@initech.example",
-    }
+    assert identify["traits"] == expected.IDENTIFY_TRAITS
     assert group["groupId"] == "acct-initech"
-    assert group["traits"] == {"refiner_name": "Initech", "refiner_plan": "enterprise", "refiner_employee_count": "250-1000"}
+    assert group["traits"] == expected.GROUP_TRAITS
     assert track["event"] == "Survey Completed"
-    assert track["properties"] == {
-        "survey_id": "0d94c790-401c-11ef-bb27-e31f68320006",
-        "survey_name": "Onboarding check-in",
-        "response_id": "a3e1c2f0-a5d1-11ef-b050-03a44b320007",
-        "completed_at": "2026-11-18T16:42:57+00:00",
-        "tags": [],
-        "refiner_what_is_your_job_role": "Product Manager",
-        "refiner_employee_count": "250-1000",
-        "refiner_how_likely_are_you_to_recommend_us": "8",
-    }
+    assert track["properties"] == expected.TRACK_PROPERTIES
 
 
 # --- identity ------------------------------------------------------------------------------
