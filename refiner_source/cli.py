@@ -71,7 +71,7 @@ def worker(exit_with_parent: bool) -> None:
     configure_logging(settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
-    delivery = Worker(outbox, settings.segment_write_key, settings.segment_host)
+    delivery = Worker(outbox, settings.segment_write_key, settings.segment_host, retention_days=settings.retention_days)
     delivery.install_signal_handlers()
     if exit_with_parent:
         _stop_when_orphaned(delivery.stop)
@@ -111,6 +111,20 @@ def replay() -> None:
     """Put dead letters back in line for delivery."""
     count = _outbox(_settings()).replay_dead()
     click.echo(f"{count} dead letter(s) queued again")
+
+
+@main.command("purge-dead")
+@click.option("--older-than", type=click.FloatRange(min=0), default=0, show_default=True, help="Only those older than this many days.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge_dead(older_than: float, yes: bool) -> None:
+    """Delete dead letters for good (they are otherwise kept until replayed)."""
+    import time
+
+    outbox = _outbox(_settings())
+    if not yes:
+        click.confirm(f"Delete {outbox.stats().dead} dead letter(s) older than {older_than:g} day(s) for good?", abort=True)
+    count = outbox.purge_dead(time.time() - older_than * 86400)
+    click.echo(f"{count} dead letter(s) deleted")
 
 
 @main.command("init-db")

@@ -50,6 +50,7 @@ class Settings:
     refiner_api_key: str | None = None
     refiner_api_url: str = "https://api.refiner.io/v1"
     log_level: str = "INFO"
+    retention_days: int = 7
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = ()) -> Settings:
@@ -99,6 +100,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         refiner_api_key=get("REFINER_API_KEY"),
         refiner_api_url=refiner_api_url,
         log_level=log_level,
+        retention_days=_int(get, "REFINER_RETENTION_DAYS", 7, 1, 3650),
     )
 
 

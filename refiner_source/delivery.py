@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 # wrongly dead-letter everything, so they wait and retry while the operator fixes the setting.
 CONFIGURATION_STATUSES = frozenset({401, 403, 404})
 BATCH_OVERHEAD = 200  # bytes of the {"batch": [...], "sentAt": ..., "writeKey": ...} envelope
+DAY = 86400.0
+# Receipts are what make a resent webhook a duplicate; they are tiny, so they outlive the
+# delivered messages by far (Refiner gives up retrying long before).
+RECEIPT_RETENTION_DAYS = 90
+PURGE_EVERY = 3600.0
 
 
 def is_retryable(status: int) -> bool:
@@ -80,6 +85,7 @@ class Worker:
         idle_poll: float = 0.2,
         backoff: Backoff = Backoff(),
         timeout: float = 15.0,
+        retention_days: int = 7,
     ) -> None:
         self.outbox = outbox
         self.write_key = write_key
@@ -89,6 +95,8 @@ class Worker:
         self.idle_poll = idle_poll
         self.backoff = backoff
         self.timeout = timeout
+        self.retention_days = retention_days
+        self._next_purge = 0.0
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stop = threading.Event()
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
@@ -104,6 +112,7 @@ class Worker:
         log.info("delivery worker started", extra={"worker": self.name, "segment_host": self.host})
         while not self._stop.is_set():
             try:
+                self.purge_if_due()
                 wait = self.run_once()
             except StoreUnavailable as exc:
                 log.error("store unavailable; retrying", extra={"error": str(exc)})
@@ -111,6 +120,16 @@ class Worker:
             if wait:
                 self._stop.wait(wait)
         log.info("delivery worker stopped", extra={"worker": self.name})
+
+    def purge_if_due(self) -> None:
+        """Hourly: drop delivered messages older than REFINER_RETENTION_DAYS (dead letters stay)."""
+        now = time.time()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_EVERY
+        messages, receipts = self.outbox.purge(now - self.retention_days * DAY, now - RECEIPT_RETENTION_DAYS * DAY)
+        if messages or receipts:
+            log.info("purged", extra={"delivered_messages": messages, "receipts": receipts, "retention_days": self.retention_days})
 
     def run_once(self) -> float:
         """Claim and send one batch; return how long to sleep before the next (0: go on at once)."""

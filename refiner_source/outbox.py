@@ -18,10 +18,12 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -115,7 +117,18 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, pool_timeout=5, connect_args={"connect_timeout": 5})
+    # One gunicorn worker runs 4 threads: 4 connections each, a few more for bursts. With the
+    # default WEB_CONCURRENCY=2 and a worker, that stays far below Heroku Postgres's 20.
+    # pre_ping replaces connections a database restart has cut, so the service recovers alone.
+    return create_engine(
+        url,
+        pool_size=4,
+        max_overflow=2,
+        pool_pre_ping=True,
+        pool_timeout=5,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5},
+    )
 
 
 class Outbox:
@@ -127,15 +140,13 @@ class Outbox:
 
     def init_schema(self) -> None:
         """Create or upgrade the tables; safe to run any number of times, also concurrently."""
-        with self._guard():
-            metadata.create_all(self.engine, checkfirst=True)
-            with self.engine.begin() as conn:
-                if conn.execute(select(schema_info.c.version)).scalar() is None:
-                    try:
-                        with conn.begin_nested():
-                            conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
-                    except IntegrityError:
-                        pass
+        with self._guard(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # serve, worker and Heroku's release phase may all start at once.
+                conn.execute(text("SELECT pg_advisory_xact_lock(8127349)"))
+            metadata.create_all(conn, checkfirst=True)
+            if conn.execute(select(schema_info.c.version)).scalar() is None:
+                conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
 
     def ping(self) -> None:
         with self._guard(), self.engine.connect() as conn:
@@ -249,6 +260,21 @@ class Outbox:
         stmt = (
             update(messages).where(messages.c.status == DEAD).values(status=PENDING, available_at=time.time(), attempts=0, claimed_by=None)
         )
+        with self._guard(), self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    def purge(self, delivered_before: float, receipts_before: float) -> tuple[int, int]:
+        """Delete delivered messages and old receipts; dead and pending messages are never touched."""
+        with self._guard(), self.engine.begin() as conn:
+            messages_gone = conn.execute(
+                delete(messages).where(messages.c.status == DELIVERED, messages.c.delivered_at < delivered_before)
+            ).rowcount
+            receipts_gone = conn.execute(delete(receipts).where(receipts.c.created_at < receipts_before)).rowcount
+        return messages_gone, receipts_gone
+
+    def purge_dead(self, before: float) -> int:
+        """Delete dead letters that died before `before` (an operator's decision, by command)."""
+        stmt = delete(messages).where(messages.c.status == DEAD, messages.c.created_at < before)
         with self._guard(), self.engine.begin() as conn:
             return conn.execute(stmt).rowcount
 

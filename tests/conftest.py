@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,9 @@ def postgres_schema_url(base: str, schema: str) -> str:
     return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'refiner-source.db'}"
-        return
+@contextmanager
+def postgres_schema():
+    """A fresh PostgreSQL schema for one test; skipped without TEST_DATABASE_URL, failed if it does not answer."""
     base = _postgres_base()
     if not base:
         pytest.skip("PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
@@ -63,6 +62,21 @@ def store_url(request, tmp_path):
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'refiner-source.db'}"
+        return
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url():
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture

@@ -68,3 +68,14 @@ def test_status_with_an_unreachable_store_says_so_in_one_line():
     assert result.returncode == 1
     assert "not answering" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_purge_dead_deletes_dead_letters_on_request(store_url, outbox):
+    outbox.store("r\nE", "r", "E", [{"messageId": "m", "type": "track"}])
+    (claimed,) = outbox.claim(1, 60, "w")
+    outbox.mark_dead([claimed.id], "HTTP 400")
+    kept = run(["purge-dead", "--older-than", "1", "--yes"], {"DATABASE_URL": store_url})
+    assert kept.returncode == 0 and "0 dead letter(s) deleted" in kept.stdout
+    gone = run(["purge-dead", "--yes"], {"DATABASE_URL": store_url})
+    assert gone.returncode == 0 and "1 dead letter(s) deleted" in gone.stdout
+    assert Outbox(store_url).stats().dead == 0

@@ -144,3 +144,17 @@ def test_stop_finishes_the_request_in_flight_and_hands_back_the_rest(worker, out
     stats = outbox.stats()
     assert len(responses.calls) == 1 and stats.delivered > 0 and stats.pending == 40 - stats.delivered
     assert outbox.next_due_in() == 0  # given back at once for the next worker
+
+
+def test_worker_purges_delivered_messages_after_retention_days(outbox, monkeypatch):
+    worker = Worker(outbox, "wk", HOST, retention_days=7)
+    fill(outbox, 2)
+    (a, b) = outbox.claim(2, 60, "w")
+    outbox.mark_delivered([a.id, b.id])
+    worker.purge_if_due()
+    assert outbox.stats().delivered == 2  # younger than 7 days
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 8 * 86400)
+    worker._next_purge = 0
+    worker.purge_if_due()
+    assert outbox.stats().delivered == 0

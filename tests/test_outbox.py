@@ -85,3 +85,36 @@ def test_init_schema_is_safe_to_run_twice(outbox):
     outbox.init_schema()
     outbox.init_schema()
     assert outbox.stats().pending == 0
+
+
+def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
+    errors: list[Exception] = []
+
+    def init() -> None:
+        box = Outbox(store_url)
+        try:
+            box.init_schema()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            box.dispose()
+
+    threads = [threading.Thread(target=init) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_purge_drops_old_delivered_messages_and_receipts_but_never_pending_or_dead(outbox):
+    outbox.store("r1\nE", "r1", "E", msgs("r1", 3))
+    delivered, dead, _pending = outbox.claim(3, 60, "w")
+    outbox.mark_delivered([delivered.id])
+    outbox.mark_dead([dead.id], "HTTP 400")
+    assert outbox.purge(delivered_before=time.time() - 60, receipts_before=time.time() - 60) == (0, 0)
+    assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() + 1) == (1, 1)
+    stats = outbox.stats()
+    assert (stats.delivered, stats.dead, stats.pending) == (0, 1, 1)
+    assert outbox.purge_dead(before=time.time() + 1) == 1
+    assert outbox.stats().dead == 0

@@ -1,0 +1,215 @@
+"""Production on Heroku and PostgreSQL: the Heroku files, several workers, restarts and outages."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from refiner_source.config import load_settings
+from refiner_source.outbox import Outbox
+from tests.conftest import SECRET
+from tests.segment_stub import SegmentStub
+from tests.service import Service, free_port
+from tests.tcp_proxy import TcpProxy
+from tests.test_e2e import post, tracks, unique_body
+
+ROOT = Path(__file__).resolve().parent.parent
+# Set by Heroku itself (the runtime, the Postgres add-on), so app.json must not ask for them.
+SET_BY_HEROKU = {"PORT", "DATABASE_URL"}
+
+
+@pytest.fixture
+def segment():
+    with SegmentStub() as stub:
+        yield stub
+
+
+def procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip())
+
+
+# --- the Heroku files ----------------------------------------------------------------------
+
+
+def test_procfile_has_web_worker_and_release():
+    assert procfile() == {
+        "web": "refiner-source serve",
+        "worker": "refiner-source worker",
+        "release": "refiner-source init-db",
+    }
+
+
+def test_app_json_describes_every_variable_the_code_reads():
+    class Recording(dict):
+        seen: set[str] = set()
+
+        def get(self, key, default=None):
+            self.seen.add(key)
+            return super().get(key, default)
+
+    env = Recording(SEGMENT_WRITE_KEY="wk", REFINER_WEBHOOK_SECRET="s")
+    load_settings(env)
+    app = json.loads((ROOT / "app.json").read_text())
+    described = set(app["env"])
+    assert env.seen - SET_BY_HEROKU == described, "app.json env and config.py disagree"
+    assert all(spec.get("description") for spec in app["env"].values())
+    assert app["env"]["REFINER_WEBHOOK_SECRET"]["generator"] == "secret"
+    assert app["env"]["SEGMENT_WRITE_KEY"]["required"] is True
+    assert {"plan": "heroku-postgresql", "as": "DATABASE"} in app["addons"]
+    assert set(app["formation"]) == set(procfile()) - {"release"}
+
+
+def test_python_version_is_pinned_the_way_heroku_reads_it():
+    version = (ROOT / ".python-version").read_text().strip()
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    minimum = cfg["options"]["python_requires"].removeprefix(">=")
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
+    assert not (ROOT / "runtime.txt").exists()  # deprecated by Heroku in favour of .python-version
+
+
+def test_requirements_txt_installs_this_package():
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert "." in lines or "--editable ." in lines
+
+
+# --- several processes, one database ---------------------------------------------------------
+
+
+def _env(store_url: str, segment: SegmentStub, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": store_url,
+        "SEGMENT_HOST": segment.url,
+        "SEGMENT_WRITE_KEY": "wk",
+        "REFINER_WEBHOOK_SECRET": SECRET,
+        "WEB_CONCURRENCY": "2",
+        **extra,
+    }
+
+
+def test_several_worker_processes_deliver_thousands_of_messages_exactly_once(store_url, segment, tmp_path):
+    outbox = Outbox(store_url)
+    outbox.init_schema()
+    total = 0
+    for r in range(600):
+        batch = [{"messageId": f"r{r}-{i}", "type": "track", "event": "E", "userId": f"u{r}"} for i in range(5)]
+        outbox.store(f"r{r}\nE", f"r{r}", "E", batch)
+        total += len(batch)
+    workers = [Service(["worker"], _env(store_url, segment), tmp_path / f"worker-{i}.log").start() for i in range(3)]
+    try:
+        received = segment.wait_for(lambda r: len(r) >= total, timeout=120)
+        time.sleep(1.0)  # anything sent twice would arrive now
+        counts = Counter(m["messageId"] for m in segment.received())
+        assert len(counts) == total and set(counts.values()) == {1}, counts.most_common(3)
+        assert outbox.stats().delivered == total
+        assert len({r["headers"].get("User-Agent") for r in segment.requests}) == 1
+        assert len(received) == total
+    finally:
+        for w in workers:
+            assert w.stop() == 0, w.logs()[-2000:]
+        outbox.dispose()
+
+
+def test_procfile_under_honcho_delivers_a_burst_exactly_once_and_sigterm_loses_nothing(pg_url, segment, tmp_path):
+    """As `heroku local` would: release phase, then a web and two workers on one fresh PostgreSQL."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **_env(pg_url, segment), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    honcho = [sys.executable, "-m", "honcho"]
+    release = subprocess.run(
+        [*honcho, "run", *shlex.split(procfile()["release"])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert release.returncode == 0, release.stderr
+
+    port = free_port()
+
+    def start() -> subprocess.Popen:
+        log = open(tmp_path / "honcho.log", "ab")  # noqa: SIM115 - handed to the child
+        cmd = [*honcho, "start", "--no-colour", "-p", str(port), "-c", "web=1,worker=2", "web", "worker"]
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    web = Service(["serve"], {"PORT": str(port)}, tmp_path / "unused.log")
+    acknowledged: list[str] = []
+
+    def burst(offset: int, count: int) -> None:
+        for i in range(offset, offset + count):
+            try:
+                answer = post(web, unique_body(i))
+            except requests.RequestException:
+                continue  # refused while stopping: Refiner retries those; only acknowledged ones count
+            if answer.status_code == 202:
+                acknowledged.append(answer.json()["response_id"])
+
+    web.process = start()
+    web.wait_ready()
+    threads = [threading.Thread(target=burst, args=(k * 1000, 80)) for k in range(4)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 40:
+        time.sleep(0.01)
+    stopped_at = time.monotonic()
+    os.killpg(web.process.pid, signal.SIGTERM)  # a daily dyno restart, in the middle of the burst
+    web.process.wait(30)
+    assert time.monotonic() - stopped_at < 25
+    for t in threads:
+        t.join()
+
+    web.process = start()
+    try:
+        web.wait_ready()
+        received = segment.wait_for(lambda r: tracks(r) >= set(acknowledged), timeout=90)
+        time.sleep(1.0)  # anything sent twice would arrive now
+        counts = Counter(m["messageId"] for m in segment.received())
+        assert tracks(received) >= set(acknowledged)
+        assert set(counts.values()) == {1}, "a message was sent twice"
+        log = (tmp_path / "honcho.log").read_text()
+        assert "worker.1" in log and "worker.2" in log and "web.1" in log
+    finally:
+        os.killpg(web.process.pid, signal.SIGTERM)
+        web.process.wait(30)
+
+
+def test_database_connections_cut_during_traffic_give_503_then_recover_without_restart(pg_url, segment, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    service = Service(["serve"], {**_env(proxied, segment), "PORT": str(free_port())}, tmp_path / "serve.log").start()
+    try:
+        before = [post(service, unique_body(i)) for i in range(10)]
+        assert {r.status_code for r in before} == {202}
+
+        proxy.cut()
+        during = [post(service, unique_body(100 + i)) for i in range(5)]
+        assert {r.status_code for r in during} == {503}
+        assert all(r.json()["error"] == "store_unavailable" for r in during)
+        assert requests.get(service.url + "/readyz", timeout=10).status_code == 503
+        assert requests.get(service.url + "/healthz", timeout=10).status_code == 200
+
+        proxy.restore()
+        deadline = time.monotonic() + 30
+        while requests.get(service.url + "/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "did not recover"
+            time.sleep(0.2)
+        after = [post(service, unique_body(100 + i)) for i in range(5)]  # Refiner's retries of the 503s
+        assert {r.status_code for r in after} == {202}
+
+        expected = {r.json()["response_id"] for r in before + after}
+        segment.wait_for(lambda r: tracks(r) >= expected, timeout=60)
+        assert service.process.poll() is None
+    finally:
+        service.stop()
+        proxy.close()
