@@ -23,7 +23,7 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     settings = settings_from(config)
     configure_logging(settings.log_level)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1  # see webhook._read_body
     app.json.sort_keys = False
     app.extensions["refiner_source"] = AppState(settings=settings, outbox=Outbox(settings.database_url))
     app.register_blueprint(bp)

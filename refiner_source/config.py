@@ -21,6 +21,7 @@ DEFAULT_EVENTS = {
 }
 # Track properties the mapping always sets; a mapping file may not name a trait after one.
 RESERVED_PROPERTIES = frozenset({"survey_id", "survey_name", "response_id", "completed_at", "tags"})
+MIN_SECRET_LENGTH = 16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -77,6 +78,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
 
     secret = get("REFINER_WEBHOOK_SECRET")
     secrets = tuple(s.strip() for s in secret.split(",") if s.strip()) if secret else ()
+    if secret is not None and not secrets:
+        raise ConfigError("REFINER_WEBHOOK_SECRET holds no token: give one, or several separated by commas")
+    if any(len(s) < MIN_SECRET_LENGTH for s in secrets):
+        raise ConfigError(
+            f"REFINER_WEBHOOK_SECRET must be at least {MIN_SECRET_LENGTH} characters (each, when comma-separated); "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
 
     refiner_api_url = (get("REFINER_API_URL") or "https://api.refiner.io/v1").rstrip("/")
     _check_http_url("REFINER_API_URL", refiner_api_url)

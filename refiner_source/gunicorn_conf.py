@@ -45,7 +45,8 @@ logconfig_dict = {
 }
 
 EMBEDDED_WORKER_ENV = "REFINER_SOURCE_EMBEDDED_WORKER"
-STOP_SECONDS = 25
+STOP_SECONDS = 22  # from the stop signal to SIGKILL of the delivery worker: under SPEC's 25 s
+STOPPED_ON_PURPOSE = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 class DeliverySupervisor:
@@ -55,6 +56,7 @@ class DeliverySupervisor:
         self.log = log
         self.process: subprocess.Popen | None = None
         self.stopping = threading.Event()
+        self.deadline = 0.0
         self.thread = threading.Thread(target=self._watch, name="delivery-supervisor", daemon=True)
 
     def start(self) -> None:
@@ -69,19 +71,29 @@ class DeliverySupervisor:
             self.process = self._spawn()
             self.log.info("delivery worker running as pid %s", self.process.pid)
             code = self.process.wait()
-            # Heroku and `kill -TERM -<pgid>` signal the whole tree: give on_exit a moment to say so.
-            if self.stopping.wait(1.0):
+            # A stop signal to the whole group (Heroku, Ctrl-C) reaches the child and us at once;
+            # give the master's handler a moment before taking the exit for a crash.
+            if self.stopping.wait(1.0 if code in STOPPED_ON_PURPOSE else 0.0):
                 break
             self.log.error("delivery worker exited with %s; restarted", code)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Tell the child to finish its batch now, without waiting: the master goes on stopping."""
+        if self.stopping.is_set():
+            return
+        self.deadline = time.monotonic() + STOP_SECONDS
         self.stopping.set()
         process = self.process
-        if process is None or process.poll() is not None:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    def finish_stop(self) -> None:
+        """Wait for the child until the deadline counted from the stop signal, then kill it."""
+        self.begin_stop()
+        process = self.process
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_SECONDS
-        while process.poll() is None and time.monotonic() < deadline:
+        while process.poll() is None and time.monotonic() < self.deadline:
             time.sleep(0.05)
         if process.poll() is None:
             process.kill()
@@ -90,13 +102,27 @@ class DeliverySupervisor:
 _supervisor: DeliverySupervisor | None = None
 
 
+def _forward_stop_signals(supervisor: DeliverySupervisor) -> None:
+    """Chain gunicorn's own handlers (installed before when_ready) so the child hears a stop at once."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        previous = signal.getsignal(signum)
+
+        def handler(sig, frame, previous=previous):
+            supervisor.begin_stop()
+            if callable(previous):
+                previous(sig, frame)
+
+        signal.signal(signum, handler)
+
+
 def when_ready(server) -> None:
     global _supervisor
     if os.environ.get(EMBEDDED_WORKER_ENV) == "1":
         _supervisor = DeliverySupervisor(server.log)
+        _forward_stop_signals(_supervisor)
         _supervisor.start()
 
 
 def on_exit(server) -> None:
     if _supervisor is not None:
-        _supervisor.stop()
+        _supervisor.finish_stop()

@@ -25,7 +25,8 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # ASCII escapes: a lone surrogate from a hostile body must not break the log stream.
+        return json.dumps(entry, default=str)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 INTEGRATIONS = {"Refiner": False}
 MAX_MESSAGE_ID = 100
+MAX_TRAIT_NAME = 100  # warehouses truncate column names (Redshift at 127, PostgreSQL at 63): keep them sane
 ELLIPSIS = "…"
+OMITTED = "… (omitted: too large for Segment's 32 KB)"
+MIN_TEXT_BYTES = 16  # a shortened text keeps at least this much
 
 
 class MessageTooLarge(ValueError):
@@ -50,6 +53,8 @@ def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str
         else:
             slug = slugify(key, separator="_")
             name = rules.prefix + (slug or "answer_" + _short_hash(key))
+            if len(name) > MAX_TRAIT_NAME:
+                name = name[: MAX_TRAIT_NAME - 9].rstrip("_") + "_" + _short_hash(key)
             rank = 1 if slug == key else 2
         wanted.setdefault(name, []).append(((rank, key), key))
 
@@ -141,7 +146,7 @@ def _builder() -> Client:
 
 
 def _build(call: str, source: SurveyEvent, common: dict[str, Any], msg_id: str, **fields: Any) -> dict[str, Any]:
-    """Build with segment-analytics-python; shorten the longest texts until it fits 32 KB."""
+    """Build with segment-analytics-python; make room (see _make_room) until it fits 32 KB."""
     body_key = "traits" if "traits" in fields else "properties"
     method = getattr(_builder(), call)
     shortened: set[str] = set()
@@ -154,14 +159,14 @@ def _build(call: str, source: SurveyEvent, common: dict[str, Any], msg_id: str, 
             if "exceeds" not in str(exc):
                 raise
             excess = _json_size({**common, **fields}) + margin - MAX_MSG_SIZE
-            fields[body_key], cut = _shorten_longest(fields[body_key], max(excess, 64))
+            fields[body_key], cut = _make_room(fields[body_key], max(excess, 64))
             if not cut:
-                raise MessageTooLarge(f"{call} for response {source.response_uuid} is over 32 KB with no text left to shorten") from None
+                raise MessageTooLarge(f"{call} for response {source.response_uuid} is over 32 KB with nothing left to shorten") from None
             shortened |= cut
             margin *= 2
     if shortened:
         log.warning(
-            "shortened text values to fit Segment's 32 KB message limit",
+            "shortened values to fit Segment's 32 KB message limit",
             extra={"response_id": source.response_uuid, "call": call, "fields": sorted(shortened)},
         )
     return message
@@ -171,30 +176,55 @@ def _json_size(value: Any) -> int:
     return len(json.dumps(value, default=str).encode())
 
 
+def _make_room(values: dict[str, Any], excess: int) -> tuple[dict[str, Any], set[str]]:
+    """Shorten the longest texts; when that cannot save `excess`, replace the largest value by a
+    marker; at last remove the answer with the longest name. The message is sent, whatever it takes."""
+    if _cuttable_bytes(values) >= excess:
+        return _shorten_longest(values, excess)
+    replaceable = [k for k, v in values.items() if v != OMITTED and _json_size(v) > _json_size(OMITTED)]
+    if replaceable:
+        key = max(replaceable, key=lambda k: _json_size(values[k]))
+        return {**values, key: OMITTED}, {key}
+    removable = [k for k in values if k not in RESERVED_PROPERTIES]
+    if removable:
+        key = max(removable, key=len)
+        return {k: v for k, v in values.items() if k != key}, {key}
+    return values, set()
+
+
+def _texts(values: dict[str, Any]) -> list[tuple[Any, Any, str]]:
+    """(container, key, top-level key) of every string at any depth, markers excepted."""
+    found: list[tuple[Any, Any, str]] = []
+    for top in values:
+        stack: list[tuple[Any, Any]] = [(values, top)]
+        while stack:
+            container, key = stack.pop()
+            item = container[key]
+            if isinstance(item, str) and item != OMITTED:
+                found.append((container, key, top))
+            elif isinstance(item, dict):
+                stack.extend((item, k) for k in item)
+            elif isinstance(item, list):
+                stack.extend((item, i) for i in range(len(item)))
+    return found
+
+
+def _cuttable_bytes(values: dict[str, Any]) -> int:
+    return sum(max(0, _json_size(c[k]) - MIN_TEXT_BYTES) for c, k, _top in _texts(values))
+
+
 def _shorten_longest(values: dict[str, Any], excess: int) -> tuple[dict[str, Any], set[str]]:
     """Cut the longest strings (at any depth) down to one common length that saves `excess` JSON bytes.
 
     Returns the shortened copy and the top-level keys that were cut.
     """
     copy = json.loads(json.dumps(values))
-    found: list[tuple[int, Any, Any, str]] = []  # (json size, container, key in it, top-level key)
-
-    def walk(container: Any, key: Any, top: str) -> None:
-        value = container[key]
-        if isinstance(value, str):
-            found.append((_json_size(value), container, key, top))
-        elif isinstance(value, (dict, list)):
-            for k in value if isinstance(value, dict) else range(len(value)):
-                walk(value, k, top)
-
-    for top in copy:
-        walk(copy, top, top)
-    found.sort(key=lambda item: item[0], reverse=True)
+    found = sorted(((_json_size(c[k]), c, k, top) for c, k, top in _texts(copy)), key=lambda item: item[0], reverse=True)
     level, total = MIN_TEXT_BYTES, 0
-    for k, (size, *_rest) in enumerate(found, start=1):
+    for n, (size, *_where) in enumerate(found, start=1):
         total += size
-        nxt = found[k][0] if k < len(found) else 0
-        candidate = (total - excess) // k
+        nxt = found[n][0] if n < len(found) else 0
+        candidate = (total - excess) // n
         if candidate >= nxt:
             level = max(candidate, MIN_TEXT_BYTES)
             break
@@ -204,9 +234,6 @@ def _shorten_longest(values: dict[str, Any], excess: int) -> tuple[dict[str, Any
             container[key] = _truncate(container[key], level)
             cut.add(top)
     return copy, cut
-
-
-MIN_TEXT_BYTES = 16
 
 
 def _truncate(text: str, max_json_bytes: int) -> str:

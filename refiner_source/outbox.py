@@ -26,8 +26,10 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
 SCHEMA_VERSION = 1
@@ -168,22 +170,24 @@ class Outbox:
             }
             for m in batch
         ]
-        with self._guard():
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(
-                        insert(receipts).values(
-                            receipt_key=receipt_key,
-                            response_id=response_id,
-                            triggered_event=triggered_event,
-                            messages=len(rows),
-                            created_at=now,
-                        )
-                    )
-                    if rows:
-                        conn.execute(insert(messages), rows)
-            except IntegrityError:
+        with self._guard(), self.engine.begin() as conn:
+            # ON CONFLICT DO NOTHING on the receipt alone: any other integrity error is a bug
+            # to surface, never a reason to answer "duplicate" and drop the response.
+            receipt = (
+                _insert_ignoring_conflict(conn.dialect.name, receipts)
+                .values(
+                    receipt_key=receipt_key,
+                    response_id=response_id,
+                    triggered_event=triggered_event,
+                    messages=len(rows),
+                    created_at=now,
+                )
+                .returning(receipts.c.id)  # a row back means inserted (rowcount is -1 on psycopg here)
+            )
+            if conn.execute(receipt).first() is None:
                 return False
+            if rows:
+                conn.execute(insert(messages), rows)
         return True
 
     def claim(self, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
@@ -215,17 +219,27 @@ class Outbox:
         self._set(ids, status=DELIVERED, delivered_at=time.time(), claimed_by=None, last_error=None)
 
     def release(self, ids: Sequence[int], delay: float, error: str) -> None:
-        """Give messages back for a later attempt (retryable failure)."""
-        self._set(ids, available_at=time.time() + delay, claimed_by=None, attempts=messages.c.attempts + 1, last_error=error[:2000])
+        """Give messages back for a later attempt (retryable failure); delivered or dead ones stay so."""
+        self._set(
+            ids,
+            only_pending=True,
+            available_at=time.time() + delay,
+            claimed_by=None,
+            attempts=messages.c.attempts + 1,
+            last_error=error[:2000],
+        )
 
     def mark_dead(self, ids: Sequence[int], error: str) -> None:
         self._set(ids, status=DEAD, claimed_by=None, attempts=messages.c.attempts + 1, last_error=error[:2000])
 
-    def _set(self, ids: Sequence[int], **values: Any) -> None:
+    def _set(self, ids: Sequence[int], only_pending: bool = False, **values: Any) -> None:
         if not ids:
             return
+        stmt = update(messages).where(messages.c.id.in_(list(ids)))
+        if only_pending:
+            stmt = stmt.where(messages.c.status == PENDING)
         with self._guard(), self.engine.begin() as conn:
-            conn.execute(update(messages).where(messages.c.id.in_(list(ids))).values(**values))
+            conn.execute(stmt.values(**values))
 
     def next_due_in(self) -> float | None:
         """Seconds until the next pending message is due (0 if one is due now), None if none is pending."""
@@ -285,13 +299,24 @@ class Outbox:
         return _translate_errors()
 
 
+def _insert_ignoring_conflict(dialect: str, table: Table):
+    if dialect == "postgresql":
+        return postgresql_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
 class _translate_errors:
-    """Turn driver errors that mean "the store is not answering" into StoreUnavailable."""
+    """Turn driver errors that mean "the store is not answering" into StoreUnavailable.
+
+    Connection loss, a locked or missing SQLite file, a missing table: OperationalError and
+    InterfaceError. A DataError or IntegrityError is about what was written, and retrying
+    would not help; it propagates as the bug it is.
+    """
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is not None and isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
+        if isinstance(exc, (OperationalError, InterfaceError)):
             raise StoreUnavailable(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from exc
         return False

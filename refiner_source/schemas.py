@@ -9,6 +9,9 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
 MAX_ID_LENGTH = 255
+MAX_DEPTH = 32  # JSON nesting; Refiner's bodies are 4 deep, answers rarely more than 2
+MAX_ANSWERS = 500  # keys of response.data
+MAX_ATTRIBUTES = 500  # keys of the contact's or the account's attributes
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,33 @@ class RefinerDateTime(fields.Field):
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-class Identifier(fields.Field):
-    """An id that may arrive as a string or a number; numbers become strings, "" means unset."""
+def storable(text: str) -> bool:
+    """Whether a text can be stored and logged as it is: UTF-8 encodable (no lone surrogates), no NUL."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    default_error_messages = {"invalid": "Not a valid identifier (string or number).", "too_long": "Longer than {max} characters."}
+
+def _storable_text(value: str) -> None:
+    if not storable(value):
+        raise ValidationError("Contains a NUL character or invalid Unicode.")
+
+
+class Identifier(fields.Field):
+    """An id that may arrive as a string or a number; numbers become strings, "" means unset.
+
+    With required=True, a blank id is an error too: the id is what the messages are keyed on.
+    """
+
+    default_error_messages = {
+        "invalid": "Not a valid identifier (string or number).",
+        "blank": "May not be blank.",
+        "unstorable": "Contains a NUL character or invalid Unicode.",
+    }
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -64,8 +90,10 @@ class Identifier(fields.Field):
         if isinstance(value, float):
             value = int(value) if value.is_integer() else value
         text = str(value).strip()
-        if len(text) > MAX_ID_LENGTH:
-            raise self.make_error("too_long", max=MAX_ID_LENGTH)
+        if not storable(text):
+            raise self.make_error("unstorable")
+        if not text and self.required:
+            raise self.make_error("blank")
         return text or None
 
 
@@ -81,7 +109,7 @@ class _Lenient(Schema):
 class AccountSchema(_Lenient):
     uuid = _optional(Identifier)
     remote_id = _optional(Identifier)
-    attributes = _optional(fields.Dict, keys=fields.String())
+    attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
 
     @post_load
     def make(self, data, **kwargs):
@@ -98,14 +126,14 @@ class ResponseSchema(_Lenient):
     completed_at = _optional(RefinerDateTime)
     dismissed_at = _optional(RefinerDateTime)
     received_at = _optional(RefinerDateTime)
-    data = _optional(fields.Dict, keys=fields.String())
+    data = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ANSWERS})
     tags = _optional(fields.List, cls_or_instance=fields.Raw())
 
 
 class EnvelopeSchema(_Lenient):
     """Just enough to decide whether a body is an event we forward at all."""
 
-    triggered_event = fields.String(required=True, validate=validate.Length(min=1, max=MAX_ID_LENGTH))
+    triggered_event = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_ID_LENGTH), _storable_text])
 
 
 class WebhookSchema(EnvelopeSchema):
@@ -114,7 +142,7 @@ class WebhookSchema(EnvelopeSchema):
     uuid = _optional(Identifier)
     remote_id = _optional(Identifier)
     email = _optional(fields.String)
-    attributes = _optional(fields.Dict, keys=fields.String())
+    attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
     account = _optional(fields.Nested, nested=AccountSchema)
     form = _optional(fields.Nested, nested=FormSchema)
     response = fields.Nested(ResponseSchema, required=True)
@@ -144,6 +172,71 @@ def _survey_event(data: dict[str, Any], contact: dict[str, Any]) -> SurveyEvent:
         data=response["data"] or {},
         tags=response["tags"] or [],
     )
+
+
+@dataclass(frozen=True)
+class LimitExceeded:
+    """A body over one of the limits: `code` is the stable error code, `path` the field."""
+
+    code: str
+    path: str
+    message: str
+
+
+_ID_PATHS = (
+    ("uuid",),
+    ("remote_id",),
+    ("triggered_event",),
+    ("account", "uuid"),
+    ("account", "remote_id"),
+    ("form", "uuid"),
+    ("response", "uuid"),
+)
+
+
+def check_limits(body: dict[str, Any]) -> LimitExceeded | None:
+    """The first limit `body` is over, or None; cheap, and run before any validation or mapping."""
+    if _depth_over(body, MAX_DEPTH):
+        return LimitExceeded("too_deep", "_schema", f"The JSON is nested more than {MAX_DEPTH} levels deep.")
+    response = body.get("response") if isinstance(body.get("response"), dict) else {}
+    account = body.get("account") if isinstance(body.get("account"), dict) else {}
+    counted = (
+        ("too_many_answers", "response.data", response.get("data"), MAX_ANSWERS, "answers"),
+        ("too_many_attributes", "attributes", body.get("attributes"), MAX_ATTRIBUTES, "attributes"),
+        ("too_many_attributes", "account.attributes", account.get("attributes"), MAX_ATTRIBUTES, "attributes"),
+    )
+    for code, path, value, limit, what in counted:
+        if isinstance(value, dict) and len(value) > limit:
+            return LimitExceeded(code, path, f"At most {limit} {what}; got {len(value)}.")
+    for path in _ID_PATHS:
+        value: Any = body
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else None
+        if isinstance(value, (str, int, float)) and len(str(value)) > MAX_ID_LENGTH:
+            return LimitExceeded("too_long", ".".join(path), f"Longer than {MAX_ID_LENGTH} characters.")
+    return None
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def shape_of(value: Any, depth: int = 0) -> Any:
+    """Keys and types of a body, never its values: what is safe to log about a rejected body."""
+    if isinstance(value, dict):
+        if depth >= 3:
+            return f"object({len(value)})"
+        return {str(k)[:80]: shape_of(v, depth + 1) for k, v in list(value.items())[:50]}
+    if isinstance(value, list):
+        return f"array({len(value)})"
+    return type(value).__name__ if value is not None else "null"
 
 
 def error_fields(error: ValidationError) -> dict[str, list[str]]:

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .config import Settings
 from .mapping import MessageTooLarge, event_name, map_event
 from .outbox import Outbox, StoreUnavailable
-from .schemas import EnvelopeSchema, WebhookSchema, error_fields
+from .schemas import EnvelopeSchema, WebhookSchema, check_limits, error_fields, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,31 @@ def receive_webhook():
 
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return _too_large()
-    try:
-        raw = request.get_data(cache=False)
-    except RequestEntityTooLarge:
+    raw = _read_body()
+    if raw is None:
         return _too_large()
     if not raw.strip():
         return error(400, "empty_body", "The body is empty; expected a JSON object.")
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         return error(400, "invalid_encoding", "The body is not UTF-8.")
     except RecursionError:
-        return error(400, "too_deep", "The JSON is nested too deeply.")
+        return _over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
     except ValueError as exc:
         return error(400, "invalid_json", f"The body is not valid JSON: {exc}")
     if not isinstance(body, dict):
         return error(422, "invalid_shape", "Expected a JSON object.", fields={"_schema": ["Expected a JSON object."]})
+    limit = check_limits(body)
+    if limit is not None:
+        return _over_limit(limit.code, limit.path, limit.message)
+    if isinstance(body.get("response"), dict) and isinstance(body["response"].get("uuid"), str):
+        g.response_id = body["response"]["uuid"]
 
     try:
         envelope = _envelope.load(body)
     except ValidationError as exc:
-        return _unprocessable(exc)
+        return _unprocessable(exc, body)
     rules = app_state.settings.rules
     triggered_event = envelope["triggered_event"]
     if event_name(triggered_event, rules) is None:
@@ -99,7 +103,7 @@ def receive_webhook():
     try:
         event = _webhook.load(body)
     except ValidationError as exc:
-        return _unprocessable(exc)
+        return _unprocessable(exc, body)
     try:
         messages = map_event(event, rules, now=datetime.now(UTC))
     except MessageTooLarge as exc:
@@ -117,6 +121,31 @@ def receive_webhook():
     return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": len(messages)}), 202
 
 
+def _read_body() -> bytes | None:
+    """The body, or None when it is over the limit (also when it comes chunked, without a length).
+
+    The app's MAX_CONTENT_LENGTH is one byte more than ours, so a stream over the limit shows
+    itself by that byte instead of being cut off silently at the limit.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= MAX_BODY_BYTES:
+            chunk = request.stream.read(min(1 << 16, MAX_BODY_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except RequestEntityTooLarge:
+        return None
+    return None if size > MAX_BODY_BYTES else b"".join(chunks)
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259); Python accepts them, Segment would not.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def receipt_key(response_uuid: str, triggered_event: str) -> str:
     """What makes two deliveries of a webhook "the same": the response and the Refiner event."""
     return f"{response_uuid}\n{triggered_event}"
@@ -126,10 +155,27 @@ def _too_large():
     return error(413, "body_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
 
 
-def _unprocessable(exc: ValidationError):
+def _over_limit(code: str, path: str, message: str):
+    log.info("rejected", extra={"outcome": code, "fields": [path]})
+    return error(422, code, message, fields={path: [message]})
+
+
+def _unprocessable(exc: ValidationError, body: dict[str, Any]):
     fields = error_fields(exc)
-    log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields)})
+    # The shape (keys and types), never the values: a rejected body still carries answers.
+    log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields), "shape": shape_of(body)})
     return error(422, "invalid_payload", "The body does not have the shape of a Refiner webhook.", fields=fields)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    document = current_app.extensions.get("refiner_source_openapi")
+    if document is None:
+        from . import __version__
+        from .openapi import build_openapi
+
+        document = current_app.extensions["refiner_source_openapi"] = build_openapi(__version__)
+    return jsonify(document)
 
 
 @bp.get("/healthz")
@@ -150,10 +196,14 @@ def readyz():
 def http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
         return _too_large()
-    return error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+    response, status = error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+    for name, value in exc.get_headers():  # e.g. Allow on a 405, as RFC 9110 requires
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, status
 
 
 @bp.app_errorhandler(Exception)
 def unexpected_error(exc: Exception):
-    log.exception("unexpected error", extra={"path": request.path})
+    log.exception("unexpected error", extra={"path": request.path, "response_id": g.get("response_id")})
     return error(500, "internal_error", "Unexpected error; it has been logged.")

@@ -40,7 +40,10 @@ def test_database_url_accepts_heroku_postgres_scheme(url, expected):
 
 
 def test_comma_separated_secrets():
-    assert load_settings({**BASE, "REFINER_WEBHOOK_SECRET": "old-one, new-one"}).webhook_secrets == ("old-one", "new-one")
+    assert load_settings({**BASE, "REFINER_WEBHOOK_SECRET": "old-one-0123456789, new-one-0123456789"}).webhook_secrets == (
+        "old-one-0123456789",
+        "new-one-0123456789",
+    )
 
 
 @pytest.mark.parametrize(

@@ -158,3 +158,21 @@ def test_worker_purges_delivered_messages_after_retention_days(outbox, monkeypat
     worker._next_purge = 0
     worker.purge_if_due()
     assert outbox.stats().delivered == 0
+
+
+@responses.activate
+def test_dead_letter_keeps_its_own_error_when_the_rest_of_its_batch_meets_an_outage(worker, outbox):
+    def answer(request):
+        ids = [m["messageId"] for m in json.loads(gzip.decompress(request.body))["batch"]]
+        if "m-1" in ids:
+            return 400, {}, json.dumps({"code": "invalid_request", "message": "bad message"})
+        if "m-6" in ids:
+            return 503, {}, json.dumps({"code": "unavailable", "message": "down"})
+        return 200, {}, json.dumps({"success": True})
+
+    responses.add_callback(responses.POST, URL, callback=answer)
+    fill(outbox, 8)
+    worker.run_once()
+    assert outbox.dead_letters() == [("r", "m-1", "HTTP 400 invalid_request: bad message")]
+    stats = outbox.stats()
+    assert stats.dead == 1 and stats.delivered + stats.pending == 7 and stats.pending > 0

@@ -60,7 +60,7 @@ def test_app_json_describes_every_variable_the_code_reads():
             self.seen.add(key)
             return super().get(key, default)
 
-    env = Recording(SEGMENT_WRITE_KEY="wk", REFINER_WEBHOOK_SECRET="s")
+    env = Recording(SEGMENT_WRITE_KEY="wk", REFINER_WEBHOOK_SECRET="s" * 16)
     load_settings(env)
     app = json.loads((ROOT / "app.json").read_text())
     described = set(app["env"])

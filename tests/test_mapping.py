@@ -101,7 +101,7 @@ def test_trait_names_colliding_keys_both_keep_their_answers_under_distinct_names
     assert traits["refiner_job_role"] == "Engineer"  # the key that already is its own slug keeps the plain name
 
 
-def test_trait_names_colliding_key_keeps_its_name_in_other_responses():
+def test_trait_names_colliding_key_gets_the_same_suffixed_name_whenever_it_collides():
     alone = trait_names(["Job role"], RULES)["Job role"]
     together = trait_names(["Job role", "job_role"], RULES)
     assert together["job_role"] == "refiner_job_role"

@@ -118,3 +118,12 @@ def test_purge_drops_old_delivered_messages_and_receipts_but_never_pending_or_de
     assert (stats.delivered, stats.dead, stats.pending) == (0, 1, 1)
     assert outbox.purge_dead(before=time.time() + 1) == 1
     assert outbox.stats().dead == 0
+
+
+def test_store_raises_on_a_broken_message_instead_of_calling_it_a_duplicate(outbox):
+    import pytest
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        outbox.store("r1\nE", "r1", "E", [{"messageId": None, "type": "track"}])
+    assert outbox.store("r1\nE", "r1", "E", msgs("r1")) is True  # nothing half-written, receipt included
