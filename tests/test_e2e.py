@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -249,3 +251,69 @@ def test_e2e_group_sigterm_with_a_request_in_flight_does_not_restart_the_deliver
     assert service.process.wait(30) == 0
     assert time.monotonic() - started < 25
     assert "restarted" not in service.logs(), "the supervisor took the group's SIGTERM for a crash"
+
+
+def hostile_requests(count: int, seed: int = 7):
+    """(description, query token, headers, body bytes) of requests that must all get a 4xx."""
+    import random
+
+    rng = random.Random(seed)
+    good = json.dumps(load_fixture("webhook_completed_survey.json")).encode()
+    makers = [
+        ("garbage bytes", lambda: (SECRET, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))),
+        ("not utf-8", lambda: (SECRET, b'{"triggered_event": "\xff\xfe"}')),
+        ("empty", lambda: (SECRET, b"")),
+        ("not an object", lambda: (SECRET, json.dumps(rng.choice([[], 1, "x", None, True, [good.decode()]])).encode())),
+        ("wrong types", lambda: (SECRET, json.dumps({**json.loads(good), "response": rng.choice([1, "r", [], True])}).encode())),
+        ("event wrong type", lambda: (SECRET, json.dumps({**json.loads(good), "triggered_event": rng.choice([1, [], {}, None])}).encode())),
+        ("deep", lambda: (SECRET, b'{"triggered_event": "Completed Survey", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")),
+        ("too many answers", lambda: (SECRET, _with_answers(good, 501))),
+        ("missing token", lambda: (None, good)),
+        ("wrong token", lambda: ("w" * len(SECRET), good)),
+        ("NaN", lambda: (SECRET, good.replace(b'"8"', b"NaN"))),
+        ("blank uuid", lambda: (SECRET, good.replace(b'"a3e1c2f0-a5d1-11ef-b050-03a44b320007"', b'"  "'))),
+    ]
+    for i in range(count):
+        name, make = makers[i % len(makers)]
+        token, body = make()
+        yield name, token, body
+
+
+def _huge_body_answer(service: Service) -> int:
+    """Announce 50 MiB, send a little, read the answer: it comes before the body is read.
+
+    (A client that pushes the whole body before reading, without Expect: 100-continue, may
+    instead see the connection closed under it: the server refuses to read the rest.)"""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        head = f"POST /webhooks/refiner?token={SECRET} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(head.encode() + f"Content-Length: {50 << 20}\r\n\r\n".encode() + b'{"pad": "' + b"x" * 1000)
+        status_line = sock.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
+
+
+def _with_answers(good: bytes, n: int) -> bytes:
+    body = json.loads(good)
+    body["response"]["data"] = {f"q{i}": i for i in range(n)}
+    return json.dumps(body).encode()
+
+
+def test_e2e_thousands_of_hostile_bodies_all_get_4xx_none_forwarded_service_still_delivers(make_service, segment):
+    service = make_service().start()
+    session = requests.Session()
+    answers: Counter = Counter()
+    for name, token, body in hostile_requests(3000):
+        url = f"{service.url}/webhooks/refiner" + (f"?token={token}" if token else "")
+        response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        assert response.json()["error"] and response.json()["message"]
+        answers[(name, response.status_code)] += 1
+    for _ in range(3):
+        assert _huge_body_answer(service) == 413
+    assert {status for _, status in answers} == {400, 401, 422}
+    time.sleep(1.0)
+    assert segment.received() == [], "a hostile body was forwarded"
+    assert post(service, load_fixture("webhook_completed_survey.json")).status_code == 202
+    assert len(segment.wait_for(lambda r: len(r) >= 3)) == 3
+    assert "Traceback" not in service.logs()
