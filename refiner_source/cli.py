@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
+from datetime import UTC, datetime
 
 import click
 
@@ -106,11 +108,127 @@ def status(as_json: bool) -> None:
             click.echo(f"  {response_id}  {message_id}  {error}")
 
 
+DATE = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
+
+
 @main.command()
-def replay() -> None:
-    """Put dead letters back in line for delivery."""
-    count = _outbox(_settings()).replay_dead()
-    click.echo(f"{count} dead letter(s) queued again")
+@click.option("--response", "response_id", metavar="UUID", help="Resend this response.")
+@click.option("--form", "form_uuid", metavar="UUID", help="Resend every response of this survey.")
+@click.option("--since", type=DATE, help="Resend responses completed at or after this date (UTC).")
+@click.option("--until", type=DATE, help="... and before this date (UTC).")
+@click.option("--new-ids", is_flag=True, help="New messageIds, so that Segment does not drop what it already has.")
+def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids: bool) -> None:
+    """Put dead letters back in line; or resend responses, re-mapped with the current mapping file."""
+    settings = _settings()
+    outbox = _outbox(settings)
+    if not any((response_id, form_uuid, since, until)):
+        if new_ids:
+            raise click.UsageError("--new-ids goes with --response, --form, --since or --until")
+        click.echo(f"{outbox.replay_dead()} dead letter(s) queued again")
+        return
+    from .mapping import map_event
+    from .schemas import event_from_json
+
+    now = datetime.now(UTC)
+    generation = f"r{int(now.timestamp())}" if new_ids else None
+    replayed = forgotten = 0
+    for _key, stored_event in outbox.replay_sources(response_id, form_uuid, _epoch(since), _epoch(until)):
+        if stored_event is None:
+            forgotten += 1
+            continue
+        event = event_from_json(stored_event)
+        messages = map_event(event, settings.rules, now, generation)
+        if messages:
+            outbox.enqueue(event.response_uuid, messages)
+            replayed += 1
+    how = "with new messageIds" if new_ids else "with their original messageIds (Segment drops repeats it has; add --new-ids)"
+    click.echo(f"{replayed} response(s) queued again, {how}")
+    if forgotten:
+        click.echo(
+            f"{forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, so they cannot be re-mapped"
+        )
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.replace(tzinfo=value.tzinfo or UTC).timestamp()
+
+
+@main.command()
+@click.option("--since", type=DATE, help="Responses completed at or after this date (UTC).")
+@click.option("--until", type=DATE, help="... and before this date (UTC).")
+@click.option("--form", "form_uuid", metavar="UUID", help="Only this survey.")
+@click.option("--dry-run", is_flag=True, help="Print what would be sent; store nothing.")
+def backfill(since, until, form_uuid: str | None, dry_run: bool) -> None:
+    """Read past responses from Refiner's REST API and send them as a webhook would have.
+
+    Safe to stop (Ctrl-C) and to run again: it resumes, and never sends a response twice.
+    """
+    from .backfill import BackfillError, RefinerApi, filters, run_backfill
+
+    settings = _settings("REFINER_API_KEY")
+    configure_logging("WARNING" if settings.log_level == "INFO" else settings.log_level)
+    outbox = _outbox(settings)
+    outbox.init_schema()
+    api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key)
+    stop = threading.Event()
+
+    def on_interrupt(_signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo("\nstopping after this page (Ctrl-C again to stop at once; progress is saved either way)", err=True)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)
+    display = _BackfillDisplay(sys.stderr.isatty())
+    query = filters(since, until, form_uuid)
+    try:
+        progress = run_backfill(api, outbox, settings.rules, query, dry_run=dry_run, report=display, should_stop=stop.is_set)
+    except BackfillError as exc:
+        display.close()
+        raise click.ClickException(f"{exc}" + ("" if dry_run else " (progress is saved: run the same command again to resume)")) from None
+    display.close()
+    verb = "would be new" if dry_run else "stored for delivery"
+    click.echo(
+        f"{progress.seen} response(s) read in {progress.pages} page(s): {progress.stored} {verb}, "
+        f"{progress.duplicates} already sent, {progress.not_completed} not completed, {progress.invalid} not valid (see the log)"
+    )
+    if dry_run:
+        click.echo(f"first {len(progress.sample)} message(s) that would be sent:")
+        for message in progress.sample:
+            click.echo(json.dumps(message, indent=2, ensure_ascii=False))
+    if stop.is_set():
+        click.echo("stopped before the end: run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+class _BackfillDisplay:
+    """A progress bar on a terminal; a plain line per page otherwise (logs, CI, Heroku one-off dynos)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.width = 0
+
+    def __call__(self, p) -> None:
+        of = f"/{p.last_page}" if p.last_page else ""
+        line = (
+            f"page {p.pages}{of}  read {p.seen:,}  new {p.stored:,}  already sent {p.duplicates:,}  "
+            f"skipped {p.not_completed + p.invalid:,}  {p.rate:,.0f}/s"
+        )
+        if self.tty:
+            bar = ""
+            if p.last_page:
+                done = min(p.pages / p.last_page, 1.0)
+                bar = "[" + "#" * int(done * 24) + "-" * (24 - int(done * 24)) + "] "
+            text = bar + line
+            click.echo("\r" + text.ljust(self.width), nl=False, err=True)
+            self.width = len(text)
+        else:
+            click.echo(line, err=True)
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            click.echo("", err=True)
 
 
 @main.command("purge-dead")

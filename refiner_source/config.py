@@ -115,6 +115,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
 _REQUIRED_HINTS = {
     "SEGMENT_WRITE_KEY": "set it to the write key of your Segment source (Connections > Sources > Settings > API Keys)",
     "REFINER_WEBHOOK_SECRET": "set it to a long random token and put the same token in Refiner's webhook URL as ?token=...",
+    "REFINER_API_KEY": "set it to your Refiner project's REST API key, which backfill reads responses with",
 }
 
 

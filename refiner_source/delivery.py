@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import requests
 from segment.analytics.consumer import BATCH_SIZE_LIMIT
-from segment.analytics.request import APIError, parse_retry_after, post
+from segment.analytics.request import APIError, post
 
+from .backoff import Backoff, retry_after
 from .outbox import Claimed, Outbox, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -30,22 +29,11 @@ DAY = 86400.0
 # delivered messages by far (Refiner gives up retrying long before).
 RECEIPT_RETENTION_DAYS = 90
 PURGE_EVERY = 3600.0
+DEFAULT_BACKOFF = Backoff(base=0.5, cap=60.0)
 
 
 def is_retryable(status: int) -> bool:
     return status in (408, 429) or status >= 500 or status in CONFIGURATION_STATUSES
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    base: float = 0.5
-    cap: float = 60.0
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        ceiling = min(self.cap, self.base * (2 ** min(attempt, 30)))
-        return ceiling / 2 + rng() * ceiling / 2
 
 
 class RetryLater(Exception):
@@ -83,7 +71,7 @@ class Worker:
         batch_size: int = 250,
         lease_seconds: float = 60.0,
         idle_poll: float = 0.2,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float = 15.0,
         retention_days: int = 7,
     ) -> None:
@@ -171,8 +159,7 @@ class Worker:
             if is_retryable(exc.status):
                 if exc.status in CONFIGURATION_STATUSES:
                     log.error("Segment rejected the request: check SEGMENT_WRITE_KEY and SEGMENT_HOST", extra={"status": exc.status})
-                delay = parse_retry_after(exc.response) if exc.response is not None else None
-                raise RetryLater(f"HTTP {exc.status}: {exc.code}", delay) from exc
+                raise RetryLater(f"HTTP {exc.status}: {exc.code}", retry_after(exc.response)) from exc
             if len(chunk) > 1:
                 middle = len(chunk) // 2
                 self._send(chunk[:middle])

@@ -74,14 +74,18 @@ def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
-def message_id(response_uuid: str, triggered_event: str, call: str) -> str:
-    """Deterministic: the same response, event and call give the same id on every resend and backfill."""
+def message_id(response_uuid: str, triggered_event: str, call: str, generation: str | None = None) -> str:
+    """Deterministic: the same response, event and call give the same id on every resend and backfill.
+
+    A `generation` (replay --new-ids) makes new ids that Segment will not drop as repeats.
+    """
     event = slugify(triggered_event) or _short_hash(triggered_event)
-    candidate = f"refiner-{response_uuid}-{event}-{call}"
+    tail = f"{call}-{generation}" if generation else call
+    candidate = f"refiner-{response_uuid}-{event}-{tail}"
     if len(candidate) <= MAX_MESSAGE_ID:
         return candidate
     digest = hashlib.sha256(f"{response_uuid}\x00{triggered_event}".encode("utf-8", "surrogatepass")).hexdigest()
-    return f"refiner-{digest}-{call}"
+    return f"refiner-{digest}-{tail}"
 
 
 def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -97,7 +101,7 @@ def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, An
     return user, account
 
 
-def map_event(event: SurveyEvent, rules: MappingRules, now: datetime) -> list[dict[str, Any]]:
+def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation: str | None = None) -> list[dict[str, Any]]:
     """The Segment messages for one event, in the order they must be sent; [] when not forwarded."""
     name = event_name(event.triggered_event, rules)
     if name is None:
@@ -116,7 +120,7 @@ def map_event(event: SurveyEvent, rules: MappingRules, now: datetime) -> list[di
         "timestamp": event.completed_at or event.dismissed_at or event.received_at or now,
         "integrations": dict(INTEGRATIONS),
     }
-    ids = {call: message_id(event.response_uuid, event.triggered_event, call) for call in ("identify", "group", "track")}
+    ids = {call: message_id(event.response_uuid, event.triggered_event, call, generation) for call in ("identify", "group", "track")}
     survey = {"survey_id": event.form_uuid, "survey_name": event.form_name, "response_id": event.response_uuid}
 
     if event.triggered_event != "Completed Survey":

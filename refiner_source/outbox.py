@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import (
@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
 
 metadata = MetaData()
@@ -47,7 +47,38 @@ receipts = Table(
     Column("triggered_event", String(255), nullable=False),
     Column("messages", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
+    # v2: what replay needs to re-map a response with the current mapping file. `event` holds
+    # answers, so it is cleared with the delivered messages after REFINER_RETENTION_DAYS.
+    Column("form_uuid", String(255)),
+    Column("occurred_at", Float),
+    Column("event", Text),
+    Index("ix_refiner_receipts_response", "response_id"),
 )
+
+# Where each backfill (one per --since/--until/--form) stands: the next page to ask for.
+backfills = Table(
+    "refiner_backfills",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_key", String(600), nullable=False, unique=True),
+    Column("next_cursor", Text),
+    Column("next_page", Integer),
+    Column("done", Integer, nullable=False, default=0),
+    Column("pages", Integer, nullable=False, default=0),
+    Column("seen", Integer, nullable=False, default=0),
+    Column("stored", Integer, nullable=False, default=0),
+    Column("updated_at", Float, nullable=False),
+)
+
+# Upgrades of tables that exist already; create_all() makes new tables and new installs whole.
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE refiner_receipts ADD COLUMN form_uuid VARCHAR(255)",
+        "ALTER TABLE refiner_receipts ADD COLUMN occurred_at FLOAT",
+        "ALTER TABLE refiner_receipts ADD COLUMN event TEXT",
+        "CREATE INDEX IF NOT EXISTS ix_refiner_receipts_response ON refiner_receipts (response_id)",
+    ],
+}
 
 # One row per Segment message; `available_at` is both the retry time and the claim lease.
 messages = Table(
@@ -87,6 +118,29 @@ class Claimed:
     message: dict[str, Any]
     attempts: int
     response_id: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One response event to store: its receipt and its Segment messages."""
+
+    receipt_key: str
+    response_id: str
+    triggered_event: str
+    messages: Sequence[dict[str, Any]]
+    form_uuid: str | None = None
+    occurred_at: float | None = None
+    event: str | None = None  # the normalised event as JSON, for replay
+
+
+@dataclass(frozen=True)
+class BackfillState:
+    next_cursor: str | None
+    next_page: int | None
+    done: bool
+    pages: int
+    seen: int
+    stored: int
 
 
 @dataclass(frozen=True)
@@ -146,49 +200,118 @@ class Outbox:
             if conn.dialect.name == "postgresql":
                 # serve, worker and Heroku's release phase may all start at once.
                 conn.execute(text("SELECT pg_advisory_xact_lock(8127349)"))
+            existing = conn.dialect.has_table(conn, schema_info.name)
+            version = conn.execute(select(schema_info.c.version)).scalar() if existing else None
+            for target in sorted(MIGRATIONS):
+                if version is not None and version < target:
+                    for statement in MIGRATIONS[target]:
+                        conn.execute(text(statement))
             metadata.create_all(conn, checkfirst=True)
-            if conn.execute(select(schema_info.c.version)).scalar() is None:
+            if version is None:
                 conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+            elif version < SCHEMA_VERSION:
+                conn.execute(update(schema_info).values(version=SCHEMA_VERSION))
+
+    def schema_version(self) -> int | None:
+        with self._guard(), self.engine.connect() as conn:
+            return conn.execute(select(schema_info.c.version)).scalar()
 
     def ping(self) -> None:
         with self._guard(), self.engine.connect() as conn:
             conn.execute(select(1))
 
-    def store(self, receipt_key: str, response_id: str, triggered_event: str, batch: Sequence[dict[str, Any]]) -> bool:
+    def store(self, receipt_key: str, response_id: str, triggered_event: str, batch: Sequence[dict[str, Any]], **extra: Any) -> bool:
         """Commit one event's messages with its receipt; False (nothing written) when seen before."""
+        return self.store_many([Entry(receipt_key, response_id, triggered_event, batch, **extra)]) == 1
+
+    def store_many(self, entries: Sequence[Entry], backfill: tuple[str, BackfillState] | None = None) -> int:
+        """Commit the entries not seen before, and where a backfill stands, in one transaction.
+
+        `backfill` is (run key, state after this page, its `stored` counting what came before);
+        the entries found new here are added to it. Returns how many were new. Only a receipt's ON CONFLICT makes an entry "seen before":
+        any other integrity error is a bug to surface, never a reason to drop a response.
+        """
         now = time.time()
-        rows = [
-            {
-                "message_id": m["messageId"],
-                "response_id": response_id,
-                "call": m["type"],
-                "payload": json.dumps(m, separators=(",", ":")),
-                "status": PENDING,
-                "attempts": 0,
-                "available_at": now,
-                "created_at": now,
-            }
-            for m in batch
-        ]
         with self._guard(), self.engine.begin() as conn:
-            # ON CONFLICT DO NOTHING on the receipt alone: any other integrity error is a bug
-            # to surface, never a reason to answer "duplicate" and drop the response.
-            receipt = (
-                _insert_ignoring_conflict(conn.dialect.name, receipts)
-                .values(
-                    receipt_key=receipt_key,
-                    response_id=response_id,
-                    triggered_event=triggered_event,
-                    messages=len(rows),
-                    created_at=now,
+            new_keys: set[str] = set()
+            for chunk in _chunks(entries, 500):
+                stmt = (
+                    _insert_ignoring_conflict(conn.dialect.name, receipts)
+                    .values(
+                        [
+                            {
+                                "receipt_key": e.receipt_key,
+                                "response_id": e.response_id,
+                                "triggered_event": e.triggered_event,
+                                "messages": len(e.messages),
+                                "created_at": now,
+                                "form_uuid": e.form_uuid,
+                                "occurred_at": e.occurred_at,
+                                "event": e.event,
+                            }
+                            for e in chunk
+                        ]
+                    )
+                    .returning(receipts.c.receipt_key)  # rows back = inserted (rowcount is -1 on psycopg)
                 )
-                .returning(receipts.c.id)  # a row back means inserted (rowcount is -1 on psycopg here)
-            )
-            if conn.execute(receipt).first() is None:
-                return False
+                new_keys.update(conn.execute(stmt).scalars())
+            rows = [_message_row(m, e.response_id, now) for e in entries if e.receipt_key in new_keys for m in e.messages]
             if rows:
                 conn.execute(insert(messages), rows)
-        return True
+            if backfill is not None:
+                run_key, state = backfill
+                self._save_backfill(conn, run_key, replace(state, stored=state.stored + len(new_keys)), now)
+        return len(new_keys)
+
+    def known_receipts(self, keys: Sequence[str]) -> set[str]:
+        """Which of these receipts exist already (for a dry run)."""
+        found: set[str] = set()
+        with self._guard(), self.engine.connect() as conn:
+            for chunk in _chunks(keys, 500):
+                found.update(conn.execute(select(receipts.c.receipt_key).where(receipts.c.receipt_key.in_(chunk))).scalars())
+        return found
+
+    def backfill_state(self, run_key: str) -> BackfillState | None:
+        with self._guard(), self.engine.connect() as conn:
+            row = conn.execute(select(backfills).where(backfills.c.run_key == run_key)).first()
+        if row is None:
+            return None
+        return BackfillState(row.next_cursor, row.next_page, bool(row.done), row.pages, row.seen, row.stored)
+
+    def _save_backfill(self, conn, run_key: str, state: BackfillState, now: float) -> None:
+        values = {
+            "next_cursor": state.next_cursor,
+            "next_page": state.next_page,
+            "done": int(state.done),
+            "pages": state.pages,
+            "seen": state.seen,
+            "stored": state.stored,
+            "updated_at": now,
+        }
+        if conn.execute(update(backfills).where(backfills.c.run_key == run_key).values(**values)).rowcount == 0:
+            conn.execute(insert(backfills).values(run_key=run_key, **values))
+
+    def replay_sources(
+        self, response_id: str | None = None, form_uuid: str | None = None, since: float | None = None, until: float | None = None
+    ) -> list[tuple[str, str | None]]:
+        """(receipt key, stored event JSON or None once purged) of the receipts a replay selects."""
+        stmt = select(receipts.c.receipt_key, receipts.c.event).order_by(receipts.c.id)
+        if response_id is not None:
+            stmt = stmt.where(receipts.c.response_id == response_id)
+        if form_uuid is not None:
+            stmt = stmt.where(receipts.c.form_uuid == form_uuid)
+        if since is not None:
+            stmt = stmt.where(receipts.c.occurred_at >= since)
+        if until is not None:
+            stmt = stmt.where(receipts.c.occurred_at < until)
+        with self._guard(), self.engine.connect() as conn:
+            return [(r.receipt_key, r.event) for r in conn.execute(stmt).all()]
+
+    def enqueue(self, response_id: str, batch: Sequence[dict[str, Any]]) -> None:
+        """Queue messages for a response already received (replay): no receipt check."""
+        now = time.time()
+        with self._guard(), self.engine.begin() as conn:
+            conn.execute(insert(messages), [_message_row(m, response_id, now) for m in batch])
 
     def claim(self, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
         """Take up to `limit` due messages for `lease_seconds`; no other worker gets them meanwhile.
@@ -278,12 +401,16 @@ class Outbox:
             return conn.execute(stmt).rowcount
 
     def purge(self, delivered_before: float, receipts_before: float) -> tuple[int, int]:
-        """Delete delivered messages and old receipts; dead and pending messages are never touched."""
+        """Delete delivered messages and old receipts, and forget old events (they hold answers).
+
+        Dead and pending messages are never touched.
+        """
         with self._guard(), self.engine.begin() as conn:
             messages_gone = conn.execute(
                 delete(messages).where(messages.c.status == DELIVERED, messages.c.delivered_at < delivered_before)
             ).rowcount
             receipts_gone = conn.execute(delete(receipts).where(receipts.c.created_at < receipts_before)).rowcount
+            conn.execute(update(receipts).where(receipts.c.created_at < delivered_before, receipts.c.event.is_not(None)).values(event=None))
         return messages_gone, receipts_gone
 
     def purge_dead(self, before: float) -> int:
@@ -297,6 +424,24 @@ class Outbox:
 
     def _guard(self):
         return _translate_errors()
+
+
+def _message_row(message: dict[str, Any], response_id: str, now: float) -> dict[str, Any]:
+    return {
+        "message_id": message["messageId"],
+        "response_id": response_id,
+        "call": message["type"],
+        "payload": json.dumps(message, separators=(",", ":")),
+        "status": PENDING,
+        "attempts": 0,
+        "available_at": now,
+        "created_at": now,
+    }
+
+
+def _chunks(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _insert_ignoring_conflict(dialect: str, table: Table):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -154,6 +155,38 @@ class WebhookSchema(EnvelopeSchema):
         return _survey_event(data, contact=data)
 
 
+class ApiContactSchema(_Lenient):
+    uuid = _optional(Identifier)
+    remote_id = _optional(Identifier)
+    email = _optional(fields.String)
+    attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
+    account = _optional(fields.Nested, nested=AccountSchema)
+
+
+class ApiResponseSchema(_Lenient):
+    """One item of Refiner's REST API `GET /responses`: the contact nested, form and data on top."""
+
+    uuid = Identifier(required=True)
+    completed_at = _optional(RefinerDateTime)
+    dismissed_at = _optional(RefinerDateTime)
+    received_at = _optional(RefinerDateTime)
+    form = _optional(fields.Nested, nested=FormSchema)
+    data = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ANSWERS})
+    tags = _optional(fields.List, cls_or_instance=fields.Raw())
+    contact = fields.Nested(ApiContactSchema, required=True)
+
+    @post_load
+    def make(self, data, **kwargs):
+        contact = data["contact"]
+        if not contact["uuid"] and not contact["remote_id"]:
+            raise ValidationError("The contact needs a uuid or a remote_id.", field_name="contact.uuid")
+        response = {k: data[k] for k in ("uuid", "completed_at", "dismissed_at", "received_at", "data", "tags")}
+        return _survey_event({"triggered_event": COMPLETED, "response": response, "form": data["form"]}, contact=contact)
+
+
+COMPLETED = "Completed Survey"
+
+
 def _survey_event(data: dict[str, Any], contact: dict[str, Any]) -> SurveyEvent:
     response, form = data["response"], data.get("form") or {}
     return SurveyEvent(
@@ -237,6 +270,25 @@ def shape_of(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list):
         return f"array({len(value)})"
     return type(value).__name__ if value is not None else "null"
+
+
+_TIMES = ("completed_at", "dismissed_at", "received_at")
+
+
+def event_to_json(event: SurveyEvent) -> str:
+    """The event as stored for replay."""
+    data = asdict(event)
+    for key in _TIMES:
+        data[key] = data[key].isoformat() if data[key] else None
+    return json.dumps(data, separators=(",", ":"))
+
+
+def event_from_json(text: str) -> SurveyEvent:
+    data = json.loads(text)
+    for key in _TIMES:
+        data[key] = datetime.fromisoformat(data[key]) if data[key] else None
+    data["account"] = Account(**data["account"]) if data["account"] else None
+    return SurveyEvent(**data)
 
 
 def error_fields(error: ValidationError) -> dict[str, list[str]]:

@@ -14,7 +14,8 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .config import Settings
-from .mapping import MessageTooLarge, event_name, map_event
+from .intake import prepare
+from .mapping import MessageTooLarge, event_name
 from .outbox import Outbox, StoreUnavailable
 from .schemas import EnvelopeSchema, WebhookSchema, check_limits, error_fields, shape_of
 
@@ -105,12 +106,13 @@ def receive_webhook():
     except ValidationError as exc:
         return _unprocessable(exc, body)
     try:
-        messages = map_event(event, rules, now=datetime.now(UTC))
+        prepared = prepare(event, rules, now=datetime.now(UTC))
     except MessageTooLarge as exc:
         return error(422, "too_large_for_segment", str(exc), fields={"response.data": [str(exc)]})
+    messages = prepared.messages
 
     try:
-        stored = app_state.outbox.store(receipt_key(event.response_uuid, triggered_event), event.response_uuid, triggered_event, messages)
+        stored = app_state.outbox.store_many([prepared]) == 1
     except StoreUnavailable as exc:
         log.error("store unavailable", extra={"response_id": event.response_uuid, "error": str(exc), "outcome": "unavailable"})
         return error(503, "store_unavailable", "The store is not answering; please retry.")
@@ -144,11 +146,6 @@ def _read_body() -> bytes | None:
 def _reject_constant(name: str) -> Any:
     # NaN and Infinity are not JSON (RFC 8259); Python accepts them, Segment would not.
     raise ValueError(f"{name} is not a JSON value")
-
-
-def receipt_key(response_uuid: str, triggered_event: str) -> str:
-    """What makes two deliveries of a webhook "the same": the response and the Refiner event."""
-    return f"{response_uuid}\n{triggered_event}"
 
 
 def _too_large():

@@ -10,7 +10,8 @@ import pytest
 import requests
 import responses
 
-from refiner_source.delivery import Backoff, Worker, pack
+from refiner_source.backoff import Backoff
+from refiner_source.delivery import Worker, pack
 from refiner_source.outbox import Claimed
 
 HOST = "https://segment.test"

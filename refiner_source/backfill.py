@@ -1,0 +1,204 @@
+"""Backfill: Refiner's REST API, page by page, through the webhook's own mapping into the outbox."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from marshmallow import ValidationError
+
+from .backoff import Backoff, retry_after
+from .config import MappingRules
+from .intake import prepare
+from .outbox import BackfillState, Outbox
+from .schemas import ApiResponseSchema, error_fields
+
+log = logging.getLogger(__name__)
+_item_schema = ApiResponseSchema()
+
+
+class BackfillError(Exception):
+    """Refiner's API cannot be used (key refused, unexpected answer); str() is the line to show."""
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+    next_page: int | None
+    current_page: int | None
+    last_page: int | None
+
+
+class RefinerApi:
+    """`GET $REFINER_API_URL/responses`, one page a call, retrying what is worth retrying."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        backoff: Backoff = Backoff(base=1.0, cap=60.0),  # noqa: B008 - frozen, shared safely
+        max_attempts: int = 10,
+        sleep: Callable[[float], None] = time.sleep,
+        page_length: int = 100,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/responses"
+        self.session = requests.Session()
+        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        self.timeout = timeout
+        self.backoff = backoff
+        self.max_attempts = max_attempts
+        self.sleep = sleep
+        self.page_length = page_length
+
+    def fetch(self, filters: dict[str, str], cursor: str | None = None, page: int | None = None) -> Page:
+        query: dict[str, Any] = {**filters, "page_length": self.page_length}
+        if cursor:
+            query["page_cursor"] = cursor
+        elif page:
+            query["page"] = page
+        problem = ""
+        for attempt in range(self.max_attempts):
+            try:
+                answer = self.session.get(self.url, params=query, timeout=self.timeout)
+            except requests.RequestException as exc:
+                problem = f"network: {type(exc).__name__}"
+                self.sleep(self.backoff.delay(attempt))
+                continue
+            if answer.status_code == 200:
+                return _page(answer, page)
+            if answer.status_code in (401, 403):
+                raise BackfillError(f"Refiner refused REFINER_API_KEY (HTTP {answer.status_code}): check that it is your project's API key")
+            if answer.status_code in (408, 429) or answer.status_code >= 500:
+                problem = f"HTTP {answer.status_code}"
+                wait = retry_after(answer)
+                self.sleep(wait if wait is not None else self.backoff.delay(attempt))
+                continue
+            raise BackfillError(f"Refiner's API answered HTTP {answer.status_code} for {answer.url}: {answer.text[:200]}")
+        raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem}); run the command again to resume")
+
+
+def _page(answer: requests.Response, asked_page: int | None) -> Page:
+    try:
+        body = answer.json()
+        items = body["items"]
+        pagination = body.get("pagination") or {}
+        if not isinstance(items, list) or not isinstance(pagination, dict):
+            raise TypeError
+        current = int(pagination.get("current_page") or asked_page or 1)
+        last = int(pagination["last_page"]) if pagination.get("last_page") is not None else None
+    except (ValueError, KeyError, TypeError):
+        raise BackfillError(f"Refiner's API answered something that is not a page of responses: {answer.text[:200]}") from None
+    cursor = pagination.get("next_page_cursor") or None
+    next_page = None if cursor else (current + 1 if last is not None and current < last and items else None)
+    return Page(items, cursor, next_page, current, last)
+
+
+@dataclass
+class Progress:
+    pages: int = 0
+    seen: int = 0  # responses read from the API
+    stored: int = 0  # new: their messages are in the outbox
+    duplicates: int = 0  # already received (webhook or an earlier backfill): not sent again
+    not_completed: int = 0
+    invalid: int = 0
+    last_page: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    sample: list[dict[str, Any]] = field(default_factory=list)  # first messages, for --dry-run
+    resumed: bool = False
+    seen_before: int = 0  # read by the run this one resumes
+
+    @property
+    def rate(self) -> float:
+        """Responses read per second by this run."""
+        return (self.seen - self.seen_before) / max(time.monotonic() - self.started, 1e-9)
+
+
+def filters(since: datetime | None, until: datetime | None, form: str | None) -> dict[str, str]:
+    """The API's query filters; also the name under which a run's progress is kept."""
+    out: dict[str, str] = {}
+    if since:
+        out["date_range_start"] = _api_time(since)
+    if until:
+        out["date_range_end"] = _api_time(until)
+    if form:
+        out["form_uuid"] = form
+    return out
+
+
+def _api_time(value: datetime) -> str:
+    # Refiner writes times as YYYY-MM-DD HH:MM:SS in UTC; a bare date stays a date.
+    if value.time() == datetime.min.time() and value.tzinfo is None:
+        return value.strftime("%Y-%m-%d")
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run_backfill(
+    api: RefinerApi,
+    outbox: Outbox,
+    rules: MappingRules,
+    query: dict[str, str],
+    *,
+    dry_run: bool = False,
+    report: Callable[[Progress], None] = lambda progress: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    sample_size: int = 3,
+) -> Progress:
+    """Read every completed response of `query`, map it as a webhook would, store what is new.
+
+    Each page is committed together with the next page to ask for, so a run that is stopped
+    (Ctrl-C, a crash, an API that gave up) resumes where it was when started again with the
+    same filters. A finished run started again reads everything anew and stores only what is
+    new. A dry run stores nothing and keeps no progress.
+    """
+    run_key = json.dumps(query, sort_keys=True)
+    state = None if dry_run else outbox.backfill_state(run_key)
+    progress = Progress()
+    cursor, page = None, None
+    if state is not None and not state.done:
+        cursor, page = state.next_cursor, state.next_page
+        progress = Progress(pages=state.pages, seen=state.seen, stored=state.stored, resumed=True, seen_before=state.seen)
+    while not should_stop():
+        result = api.fetch(query, cursor, page)
+        entries = []
+        for item in result.items:
+            try:
+                event = _item_schema.load(item)
+            except ValidationError as exc:
+                progress.invalid += 1
+                response_id = item.get("uuid") if isinstance(item, dict) and isinstance(item.get("uuid"), str) else None
+                fields = sorted(error_fields(exc))
+                log.warning("skipped an API item that is not a valid response", extra={"response_id": response_id, "fields": fields})
+                continue
+            if event.completed_at is None:
+                progress.not_completed += 1
+                continue
+            entries.append(prepare(event, rules, datetime.now(UTC)))
+        done = result.next_cursor is None and result.next_page is None
+        progress.pages += 1
+        progress.seen += len(result.items)
+        progress.last_page = result.last_page
+        saved = BackfillState(result.next_cursor, result.next_page, done, progress.pages, progress.seen, progress.stored)
+        if dry_run:
+            new = len(entries) - len(outbox.known_receipts([e.receipt_key for e in entries]))
+            for entry in entries:
+                progress.sample.extend(entry.messages[: sample_size - len(progress.sample)])
+        else:
+            new = outbox.store_many(entries, backfill=(run_key, saved))
+        progress.stored += new
+        progress.duplicates += len(entries) - new
+        report(progress)
+        if done:
+            break
+        cursor, page = result.next_cursor, result.next_page
+    return progress

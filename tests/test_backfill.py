@@ -1,0 +1,386 @@
+"""SPEC section 6: backfill from Refiner's REST API, and replay."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+import responses
+
+from refiner_source.backfill import BackfillError, RefinerApi, filters, run_backfill
+from refiner_source.config import MappingRules
+from refiner_source.intake import prepare
+from refiner_source.outbox import Outbox
+from refiner_source.schemas import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
+from tests.conftest import load_fixture
+from tests.refiner_stub import RefinerStub, api_item
+
+API = "https://refiner.test/v1"
+URL = API + "/responses"
+RULES = MappingRules()
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def api(**kwargs) -> RefinerApi:
+    sleeps: list[float] = []
+    client = RefinerApi(API, "key-123", sleep=sleeps.append, **kwargs)
+    client.sleeps = sleeps  # type: ignore[attr-defined]
+    return client
+
+
+def page(items, **pagination) -> dict:
+    return {"items": items, "pagination": {"current_page": 1, "last_page": 1, "page_length": 100, **pagination}}
+
+
+# --- the API client ------------------------------------------------------------------------
+
+
+@responses.activate
+def test_pages_follow_next_page_cursor_as_page_cursor():
+    responses.get(URL, json=page([api_item(0)], next_page_cursor="CUR2", last_page=2))
+    responses.get(URL, json=page([api_item(1)], current_page=2, last_page=2, next_page_cursor=None))
+    client = api()
+    first = client.fetch({"form_uuid": "f"})
+    second = client.fetch({"form_uuid": "f"}, cursor=first.next_cursor)
+    assert first.next_cursor == "CUR2" and second.next_cursor is None and second.next_page is None
+    assert responses.calls[1].request.params["page_cursor"] == "CUR2"
+    assert responses.calls[0].request.headers["Authorization"] == "Bearer key-123"
+    assert responses.calls[0].request.params["form_uuid"] == "f"
+
+
+@responses.activate
+def test_pages_without_cursor_count_page_up_to_last_page():
+    responses.get(URL, json=page([api_item(0)], current_page=1, last_page=3))
+    first = api().fetch({})
+    assert first.next_cursor is None and first.next_page == 2
+    responses.replace(responses.GET, URL, json=page([api_item(9)], current_page=3, last_page=3))
+    last = api().fetch({}, page=3)
+    assert last.next_page is None
+    assert responses.calls[1].request.params["page"] == "3"
+
+
+@responses.activate
+def test_429_with_retry_after_is_retried_after_the_wait():
+    responses.get(URL, status=429, headers={"Retry-After": "7"}, json={"message": "slow down"})
+    responses.get(URL, json=page([api_item(0)]))
+    client = api()
+    assert len(client.fetch({}).items) == 1
+    assert client.sleeps == [7]
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_5xx_is_retried_with_backoff(status):
+    responses.get(URL, status=status)
+    responses.get(URL, status=status)
+    responses.get(URL, json=page([]))
+    client = api()
+    assert client.fetch({}).items == []
+    assert len(client.sleeps) == 2 and all(0 < s <= 60 for s in client.sleeps)
+
+
+@responses.activate
+def test_401_stops_with_a_clear_line_about_the_key():
+    responses.get(URL, status=401, json={"message": "Unauthenticated."})
+    with pytest.raises(BackfillError, match="REFINER_API_KEY"):
+        api().fetch({})
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_api_that_never_recovers_gives_up_with_a_clear_line():
+    responses.get(URL, status=503)
+    with pytest.raises(BackfillError, match="did not answer after 3 attempts"):
+        api(max_attempts=3).fetch({})
+
+
+@responses.activate
+def test_answer_that_is_not_a_page_is_a_clear_error():
+    responses.get(URL, body="<html>maintenance</html>")
+    with pytest.raises(BackfillError, match="not a page of responses"):
+        api().fetch({})
+
+
+def test_filters_are_the_spec_names_in_refiners_format():
+    assert filters(datetime(2026, 1, 1), datetime(2026, 2, 1, 12, 30), "form-9") == {
+        "date_range_start": "2026-01-01",
+        "date_range_end": "2026-02-01 12:30:00",
+        "form_uuid": "form-9",
+    }
+    assert filters(None, None, None) == {}
+
+
+# --- the mapping is the webhook's ----------------------------------------------------------
+
+
+def test_api_item_maps_to_the_same_trait_names_and_message_ids_as_the_webhook():
+    item = load_fixture("api_responses_page.json")["items"][0]
+    webhook = load_fixture("webhook_completed_survey.json")
+    from_api = prepare(ApiResponseSchema().load(item), RULES, NOW)
+    from_webhook = prepare(WebhookSchema().load(webhook), RULES, NOW)
+    assert from_api.receipt_key == from_webhook.receipt_key
+    api_msgs = {m["type"]: m for m in from_api.messages}
+    hook_msgs = {m["type"]: m for m in from_webhook.messages}
+    assert {t: m["messageId"] for t, m in api_msgs.items()} == {t: m["messageId"] for t, m in hook_msgs.items()}
+    assert api_msgs["track"]["timestamp"] == hook_msgs["track"]["timestamp"]  # API times are UTC
+    for name in api_msgs["track"]["properties"]:
+        assert name in hook_msgs["track"]["properties"]
+    assert api_msgs["identify"]["userId"] == "user-8812" and api_msgs["group"]["groupId"] == "acct-initech"
+
+
+@pytest.mark.parametrize(
+    "kwargs, calls", [({}, ["identify", "group", "track"]), ({"account": False}, ["identify", "track"]), ({"remote_id": False}, None)]
+)
+def test_items_with_and_without_account_or_remote_id(kwargs, calls):
+    messages = prepare(ApiResponseSchema().load(api_item(1, **kwargs)), RULES, NOW).messages
+    if calls:
+        assert [m["type"] for m in messages] == calls and messages[0]["userId"] == "user-1"
+    else:
+        assert all(m["anonymousId"] == "contact-1" and m.get("userId") is None for m in messages)
+
+
+def test_stored_event_round_trips_for_replay(webhook_body):
+    event = WebhookSchema().load(webhook_body)
+    assert event_from_json(event_to_json(event)) == event
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def refiner():
+    with RefinerStub(total=230) as stub:
+        yield stub
+
+
+def test_backfill_stores_every_completed_response_once(outbox, refiner):
+    progress = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    assert (progress.pages, progress.seen, progress.stored, progress.duplicates) == (3, 230, 230, 0)
+    assert outbox.stats().pending == 230 * 3
+
+
+def test_backfill_by_page_numbers_when_there_is_no_cursor(outbox):
+    with RefinerStub(total=120, cursor=False) as stub:
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+        assert [r["query"].get("page") for r in stub.requests] == [None, "2"]
+    assert progress.stored == 120
+
+
+def test_second_run_sends_nothing_new(outbox, refiner):
+    run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    again = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    assert (again.seen, again.stored, again.duplicates) == (230, 0, 230)
+    assert outbox.stats().pending == 230 * 3
+
+
+def test_response_already_received_by_webhook_is_not_sent_again(outbox):
+    webhook = prepare(WebhookSchema().load(load_fixture("webhook_completed_survey.json")), RULES, NOW)
+    outbox.store_many([webhook])
+    item = load_fixture("api_responses_page.json")["items"][0]
+    with RefinerStub(total=1, make=lambda i: item) as stub:
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+    assert (progress.stored, progress.duplicates) == (0, 1)
+    assert outbox.stats().pending == 3
+
+
+def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
+    pages_done = []
+    first = run_backfill(
+        RefinerApi(refiner.url, "refiner-key"),
+        outbox,
+        RULES,
+        {},
+        report=lambda p: pages_done.append(p.pages),
+        should_stop=lambda: len(pages_done) >= 2,
+    )
+    assert first.pages == 2 and first.stored == 200
+    asked = len(refiner.requests)
+    resumed = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    assert resumed.resumed and resumed.pages == 3 and resumed.stored == 230
+    assert len(refiner.requests) == asked + 1  # only the third page was asked for again
+    assert "page_cursor" in refiner.requests[-1]["query"]
+    assert outbox.stats().pending == 230 * 3
+
+
+def test_runs_with_other_filters_keep_their_own_progress(outbox, refiner):
+    run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {"form_uuid": "a"}, should_stop=lambda: False)
+    other = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {"form_uuid": "b"})
+    assert not other.resumed and other.pages == 3
+
+
+def test_dry_run_stores_nothing_and_shows_the_first_messages(outbox, refiner):
+    progress = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, dry_run=True)
+    assert progress.stored == 230 and len(progress.sample) == 3
+    assert [m["type"] for m in progress.sample] == ["identify", "group", "track"]
+    assert outbox.stats().pending == 0
+    assert not run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, dry_run=True).resumed
+
+
+def test_not_completed_and_invalid_items_are_skipped_and_counted(outbox):
+    def make(i):
+        if i == 0:
+            return api_item(0, completed=False)
+        if i == 1:
+            return {"uuid": "broken", "contact": "nobody"}
+        return api_item(i)
+
+    with RefinerStub(total=5, make=make) as stub:
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+    assert (progress.stored, progress.not_completed, progress.invalid) == (3, 1, 1)
+
+
+def test_empty_result_finishes_at_once(outbox):
+    with RefinerStub(total=0) as stub:
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+    assert (progress.pages, progress.seen) == (1, 0)
+
+
+# --- schema upgrade ------------------------------------------------------------------------
+
+
+def test_init_db_upgrades_a_version_1_store(store_url):
+    from sqlalchemy import text
+
+    box = Outbox(store_url)
+    with box.engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE refiner_receipts (id INTEGER PRIMARY KEY, receipt_key VARCHAR(600) NOT NULL UNIQUE,"
+                " response_id VARCHAR(255) NOT NULL, triggered_event VARCHAR(255) NOT NULL, messages INTEGER NOT NULL,"
+                " created_at FLOAT NOT NULL)"
+            )
+        )
+        conn.execute(text("CREATE TABLE refiner_schema (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"))
+        conn.execute(text("INSERT INTO refiner_schema VALUES (1, 1)"))
+        conn.execute(text("INSERT INTO refiner_receipts VALUES (1, 'old\nE', 'old', 'E', 3, 0)"))
+    box.init_schema()
+    box.init_schema()
+    assert box.schema_version() == 2
+    assert box.replay_sources(response_id="old") == [("old\nE", None)]
+    box.dispose()
+
+
+# --- replay (CLI) --------------------------------------------------------------------------
+
+
+def test_replay_response_resends_it_remapped_with_its_original_message_ids(store_url, outbox, webhook_body, tmp_path):
+    from tests.test_cli import run
+
+    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('[traits]\n"what_is_your_job_role" = "job_role"\n')
+    env = {"DATABASE_URL": store_url, "REFINER_MAPPING_FILE": str(mapping)}
+    result = run(["replay", "--response", webhook_body["response"]["uuid"]], env)
+    assert result.returncode == 0, result.stderr
+    assert "1 response(s) queued again, with their original messageIds" in result.stdout
+    claimed = outbox.claim(10, 60, "t")
+    ids = [c.message["messageId"] for c in claimed]
+    assert len(ids) == 6 and len(set(ids)) == 3
+    assert claimed[-1].message["properties"]["job_role"] == "Product Manager"  # the current mapping file
+
+    fresh = run(["replay", "--form", webhook_body["form"]["uuid"], "--new-ids"], env)
+    assert fresh.returncode == 0 and "with new messageIds" in fresh.stdout
+    new_ids = [c.message["messageId"] for c in outbox.claim(10, 60, "t")]
+    assert len(new_ids) == 3 and not set(new_ids) & set(ids)
+    assert all(len(i) <= 100 for i in new_ids)
+
+
+def test_replay_by_time_range_and_events_past_retention(store_url, outbox, webhook_body):
+    from tests.test_cli import run
+
+    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
+    env = {"DATABASE_URL": store_url}
+    assert "0 response(s)" in run(["replay", "--since", "2026-11-19"], env).stdout
+    assert "1 response(s)" in run(["replay", "--since", "2026-11-18", "--until", "2026-11-19"], env).stdout
+    outbox.purge(delivered_before=9e12, receipts_before=0)  # the answers are forgotten, the receipt kept
+    result = run(["replay", "--response", webhook_body["response"]["uuid"]], env)
+    assert "0 response(s) queued" in result.stdout and "older than REFINER_RETENTION_DAYS" in result.stdout
+
+
+def test_replay_new_ids_alone_is_a_usage_error(store_url, outbox):
+    from tests.test_cli import run
+
+    result = run(["replay", "--new-ids"], {"DATABASE_URL": store_url})
+    assert result.returncode == 2 and "--new-ids goes with" in result.stderr
+
+
+def test_event_json_holds_the_answers_so_purge_forgets_it(outbox, webhook_body):
+    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
+    ((_, stored),) = outbox.replay_sources()
+    assert "Product Manager" in json.loads(stored)["data"].values()
+
+
+# --- end to end: the command, a stand-in for Refiner's API and one for Segment ----------------
+
+
+def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(store_url, tmp_path):
+    import signal
+    import subprocess
+    import time
+    from collections import Counter
+
+    from tests.segment_stub import SegmentStub
+    from tests.service import Service, command
+
+    with RefinerStub(total=450, delay=0.3) as refiner, SegmentStub() as segment:
+        env = {
+            "DATABASE_URL": store_url,
+            "REFINER_API_URL": refiner.url,
+            "REFINER_API_KEY": "refiner-key",
+            "SEGMENT_HOST": segment.url,
+            "SEGMENT_WRITE_KEY": "wk",
+        }
+        full_env = {**__import__("os").environ, **env}
+        first = subprocess.Popen([*command(), "backfill"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while len(refiner.requests) < 2:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = first.communicate(timeout=30)
+        assert first.returncode == 130, err
+        assert "run the same command again to resume" in err
+        assert "page 1/5" in err  # not a terminal: a line per page
+
+        second = subprocess.run([*command(), "backfill"], env=full_env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert "450 response(s) read in 5 page(s)" in second.stdout
+        assert len(refiner.requests) < 2 + 5 + 1  # resumed: the pages already stored were not asked for again
+
+        worker = Service(["worker"], env, tmp_path / "worker.log").start()
+        try:
+            received = segment.wait_for(lambda r: len(r) >= 450 * 3, timeout=60)
+            time.sleep(0.5)
+            counts = Counter(m["messageId"] for m in segment.received())
+            assert len(counts) == 450 * 3 and set(counts.values()) == {1}
+            assert {m["type"] for m in received} == {"identify", "group", "track"}
+
+            third = subprocess.run([*command(), "backfill"], env=full_env, capture_output=True, text=True, timeout=60)
+            assert third.returncode == 0 and "0 stored for delivery, 450 already sent" in third.stdout
+            time.sleep(1.0)
+            assert len(segment.received()) == 450 * 3
+        finally:
+            assert worker.stop() == 0
+
+
+def test_e2e_backfill_without_api_key_or_with_a_wrong_one_says_so(store_url):
+    from tests.test_cli import run
+
+    missing = run(["backfill"], {"DATABASE_URL": store_url})
+    assert missing.returncode == 1 and "REFINER_API_KEY is not set" in missing.stderr
+    with RefinerStub(total=3) as refiner:
+        wrong = run(["backfill"], {"DATABASE_URL": store_url, "REFINER_API_URL": refiner.url, "REFINER_API_KEY": "nope"})
+    assert wrong.returncode == 1 and "Refiner refused REFINER_API_KEY (HTTP 401)" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
+def test_e2e_backfill_dry_run_prints_counts_and_messages(store_url):
+    from tests.test_cli import run
+
+    with RefinerStub(total=12) as refiner:
+        env = {"DATABASE_URL": store_url, "REFINER_API_URL": refiner.url, "REFINER_API_KEY": "refiner-key"}
+        result = run(["backfill", "--dry-run", "--since", "2026-01-01", "--form", "form-1"], env)
+    assert result.returncode == 0, result.stderr
+    assert "12 response(s) read in 1 page(s): 12 would be new" in result.stdout
+    assert '"type": "identify"' in result.stdout
+    assert refiner.requests[0]["query"]["date_range_start"] == "2026-01-01" and refiner.requests[0]["query"]["form_uuid"] == "form-1"
+    assert Outbox(store_url).stats().pending == 0
