@@ -137,30 +137,31 @@ class EnvelopeSchema(_Lenient):
     triggered_event = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_ID_LENGTH), _storable_text])
 
 
-class WebhookSchema(EnvelopeSchema):
-    """The body Refiner's webhook POSTs: the contact at the top level, then account, form, response."""
+class ContactSchema(_Lenient):
+    """The contact: at the top level of a webhook, under `contact` in the REST API."""
 
     uuid = _optional(Identifier)
     remote_id = _optional(Identifier)
     email = _optional(fields.String)
     attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
     account = _optional(fields.Nested, nested=AccountSchema)
+
+
+def _require_identity(contact: dict[str, Any], field_name: str) -> None:
+    if not contact["uuid"] and not contact["remote_id"]:
+        raise ValidationError("The contact needs a uuid or a remote_id.", field_name=field_name)
+
+
+class WebhookSchema(EnvelopeSchema, ContactSchema):
+    """The body Refiner's webhook POSTs: the contact at the top level, then account, form, response."""
+
     form = _optional(fields.Nested, nested=FormSchema)
     response = fields.Nested(ResponseSchema, required=True)
 
     @post_load
     def make(self, data, **kwargs):
-        if not data["uuid"] and not data["remote_id"]:
-            raise ValidationError("The contact needs a uuid or a remote_id.", field_name="uuid")
+        _require_identity(data, "uuid")
         return _survey_event(data, contact=data)
-
-
-class ApiContactSchema(_Lenient):
-    uuid = _optional(Identifier)
-    remote_id = _optional(Identifier)
-    email = _optional(fields.String)
-    attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
-    account = _optional(fields.Nested, nested=AccountSchema)
 
 
 class ApiResponseSchema(_Lenient):
@@ -173,13 +174,12 @@ class ApiResponseSchema(_Lenient):
     form = _optional(fields.Nested, nested=FormSchema)
     data = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ANSWERS})
     tags = _optional(fields.List, cls_or_instance=fields.Raw())
-    contact = fields.Nested(ApiContactSchema, required=True)
+    contact = fields.Nested(ContactSchema, required=True)
 
     @post_load
     def make(self, data, **kwargs):
         contact = data["contact"]
-        if not contact["uuid"] and not contact["remote_id"]:
-            raise ValidationError("The contact needs a uuid or a remote_id.", field_name="contact.uuid")
+        _require_identity(contact, "contact.uuid")
         response = {k: data[k] for k in ("uuid", "completed_at", "dismissed_at", "received_at", "data", "tags")}
         return _survey_event({"triggered_event": COMPLETED, "response": response, "form": data["form"]}, contact=contact)
 

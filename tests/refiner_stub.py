@@ -7,9 +7,10 @@ import json
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.http_stub import JsonHandler, LoopbackServer
 
 
 def api_item(i: int, *, account: bool = True, remote_id: bool = True, completed: bool = True) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def api_item(i: int, *, account: bool = True, remote_id: bool = True, completed:
     }
 
 
-class RefinerStub:
+class RefinerStub(LoopbackServer):
     """Serves `total` responses, `page_length` a page, by cursor (default) or by page number."""
 
     def __init__(self, total: int, *, cursor: bool = True, api_key: str = "refiner-key", delay: float = 0.0, make=api_item) -> None:
@@ -53,9 +54,7 @@ class RefinerStub:
         self.lock = threading.Lock()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -67,28 +66,13 @@ class RefinerStub:
                 if stub.delay:
                     time.sleep(stub.delay)
                 if self.headers.get("Authorization") != f"Bearer {stub.api_key}":
-                    return self._send(401, {"message": "Unauthenticated."})
+                    return self.send_json(401, {"message": "Unauthenticated."})
                 if scripted:
-                    return self._send(scripted[0], {"message": "scripted"}, scripted[1])
-                self._send(200, stub.page(query))
+                    return self.send_json(scripted[0], {"message": "scripted"}, scripted[1])
+                self.send_json(200, stub.page(query))
 
-            def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
+        self.url = self.base + "/v1"
 
     def page(self, query: dict[str, str]) -> dict[str, Any]:
         length = int(query.get("page_length", 50))
@@ -106,11 +90,3 @@ class RefinerStub:
                 base64.urlsafe_b64encode(json.dumps({"page": number + 1}).encode()).decode() if has_next else None
             )
         return {"items": items, "pagination": pagination}
-
-    def __enter__(self) -> RefinerStub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()

@@ -7,11 +7,12 @@ import json
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.http_stub import JsonHandler, LoopbackServer
 
-class SegmentStub:
+
+class SegmentStub(LoopbackServer):
     """Records every message it accepts; `script` holds (status, headers, body) answers to give first."""
 
     def __init__(self) -> None:
@@ -23,9 +24,7 @@ class SegmentStub:
         self.down = False  # while True every request gets 503, as during an outage
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(JsonHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("Content-Encoding") == "gzip":
@@ -39,22 +38,10 @@ class SegmentStub:
                     )
                     if status == 200:
                         stub.messages.extend(batch)
-                payload = json.dumps(answer if answer is not None else {"success": status == 200}).encode()
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.send_json(status, answer if answer is not None else {"success": status == 200}, headers)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
+        self.url = self.base
 
     def _answer(self, batch: list[dict[str, Any]]) -> tuple[int, dict[str, str], dict[str, Any] | None]:
         with self.lock:
@@ -67,14 +54,6 @@ class SegmentStub:
             if self.script:
                 return self.script.popleft()
         return 200, {}, None
-
-    def __enter__(self) -> SegmentStub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def received(self) -> list[dict[str, Any]]:
         with self.lock:
