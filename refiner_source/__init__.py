@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
-from .config import Settings, settings_from
-from .logs import configure_logging
-from .outbox import Outbox
-from .webhook import MAX_BODY_BYTES, AppState, bp
+    from .config import Settings
 
 __version__ = "0.1.0"
 
@@ -18,8 +16,17 @@ __version__ = "0.1.0"
 def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     """The app factory: settings from the environment, or from `config` (tests).
 
-    Touches no database: under gunicorn this runs in each worker after the fork.
+    Touches no database: under gunicorn this runs in each worker after the fork. Imports
+    happen here, not at package import, so that a backfill's mapping processes do not load
+    Flask and the web app.
     """
+    from flask import Flask
+
+    from .config import settings_from
+    from .logs import configure_logging
+    from .outbox import Outbox
+    from .webhook import MAX_BODY_BYTES, AppState, bp
+
     settings = settings_from(config)
     configure_logging(settings.log_level)
     app = Flask(__name__)

@@ -1,3 +1,4 @@
 from refiner_source.cli import main
 
-main()
+if __name__ == "__main__":  # a spawned backfill worker imports this module too
+    main()

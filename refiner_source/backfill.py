@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import requests
-from marshmallow import ValidationError
 
 from .backoff import Backoff, retry_after
 from .config import MappingRules
-from .intake import prepare
+from .intake import Entry, map_api_page
 from .outbox import BackfillState, Outbox
-from .schemas import ApiResponseSchema, error_fields
 
 log = logging.getLogger(__name__)
-_item_schema = ApiResponseSchema()
 
 
 class BackfillError(Exception):
@@ -143,6 +143,18 @@ def _api_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+class _Inline:
+    """The pool's interface, mapping in this process (workers=0, or a single page)."""
+
+    def submit(self, fn, *args):
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, *args, **kwargs) -> None:
+        pass
+
+
 def run_backfill(
     api: RefinerApi,
     outbox: Outbox,
@@ -153,6 +165,7 @@ def run_backfill(
     report: Callable[[Progress], None] = lambda progress: None,
     should_stop: Callable[[], bool] = lambda: False,
     sample_size: int = 3,
+    workers: int = 0,
 ) -> Progress:
     """Read every completed response of `query`, map it as a webhook would, store what is new.
 
@@ -160,6 +173,10 @@ def run_backfill(
     (Ctrl-C, a crash, an API that gave up) resumes where it was when started again with the
     same filters. A finished run started again reads everything anew and stores only what is
     new. A dry run stores nothing and keeps no progress.
+
+    With `workers`, pages are mapped in that many processes while this one fetches the next
+    pages and stores the mapped ones, in order; at most 2 pages per worker are in flight, so
+    memory stays flat.
     """
     run_key = json.dumps(query, sort_keys=True)
     state = None if dry_run else outbox.backfill_state(run_key)
@@ -168,37 +185,55 @@ def run_backfill(
     if state is not None and not state.done:
         cursor, page = state.next_cursor, state.next_page
         progress = Progress(pages=state.pages, seen=state.seen, stored=state.stored, resumed=True, seen_before=state.seen)
-    while not should_stop():
-        result = api.fetch(query, cursor, page)
-        entries = []
-        for item in result.items:
-            try:
-                event = _item_schema.load(item)
-            except ValidationError as exc:
-                progress.invalid += 1
-                response_id = item.get("uuid") if isinstance(item, dict) and isinstance(item.get("uuid"), str) else None
-                fields = sorted(error_fields(exc))
-                log.warning("skipped an API item that is not a valid response", extra={"response_id": response_id, "fields": fields})
-                continue
-            if event.completed_at is None:
-                progress.not_completed += 1
-                continue
-            entries.append(prepare(event, rules, datetime.now(UTC)))
-        done = result.next_cursor is None and result.next_page is None
-        progress.pages += 1
-        progress.seen += len(result.items)
-        progress.last_page = result.last_page
-        saved = BackfillState(result.next_cursor, result.next_page, done, progress.pages, progress.seen, progress.stored)
-        if dry_run:
-            new = len(entries) - len(outbox.known_receipts([e.receipt_key for e in entries]))
-            for entry in entries:
-                progress.sample.extend(entry.messages[: sample_size - len(progress.sample)])
-        else:
-            new = outbox.store_many(entries, backfill=(run_key, saved))
-        progress.stored += new
-        progress.duplicates += len(entries) - new
-        report(progress)
-        if done:
-            break
-        cursor, page = result.next_cursor, result.next_page
+    # spawn, not fork: a forked child would share this process's database connections.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else _Inline()
+    in_flight: deque[tuple[Page, Future]] = deque()
+    window = max(1, 2 * workers)
+    fetching = True
+    try:
+        while fetching or in_flight:
+            while fetching and len(in_flight) < window:
+                if should_stop():
+                    fetching = False  # store what is in flight; the saved cursor follows the last stored page
+                    break
+                result = api.fetch(query, cursor, page)
+                in_flight.append((result, pool.submit(map_api_page, result.items, rules)))
+                cursor, page = result.next_cursor, result.next_page
+                fetching = cursor is not None or page is not None
+            if not in_flight:
+                break
+            result, future = in_flight.popleft()
+            entries, not_completed, invalid = future.result()
+            _store_page(outbox, run_key, result, entries, not_completed, invalid, progress, dry_run, sample_size)
+            report(progress)
+    finally:
+        pool.shutdown(cancel_futures=True)
     return progress
+
+
+def _store_page(
+    outbox: Outbox,
+    run_key: str,
+    result: Page,
+    entries: list[Entry],
+    not_completed: int,
+    invalid: int,
+    progress: Progress,
+    dry_run: bool,
+    sample_size: int,
+) -> None:
+    progress.pages += 1
+    progress.seen += len(result.items)
+    progress.last_page = result.last_page
+    progress.not_completed += not_completed
+    progress.invalid += invalid
+    finished = result.next_cursor is None and result.next_page is None
+    saved = BackfillState(result.next_cursor, result.next_page, finished, progress.pages, progress.seen, progress.stored)
+    if dry_run:
+        new = len(entries) - len(outbox.known_receipts([e.receipt_key for e in entries]))
+        for entry in entries:
+            progress.sample.extend(entry.messages[: sample_size - len(progress.sample)])
+    else:
+        new = outbox.store_many(entries, backfill=(run_key, saved))
+    progress.stored += new
+    progress.duplicates += len(entries) - new

@@ -8,12 +8,18 @@ import signal
 import sys
 import threading
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
-from .outbox import Outbox, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .outbox import Outbox
+
+# Imports of the web app, the database and Segment stay inside the commands: a backfill's mapping
+# processes (spawned) import this module again, and should carry only what mapping needs.
 
 
 def _settings(*require: str) -> Settings:
@@ -24,6 +30,8 @@ def _settings(*require: str) -> Settings:
 
 
 def _outbox(settings: Settings) -> Outbox:
+    from .outbox import Outbox
+
     return Outbox(settings.database_url)
 
 
@@ -37,7 +45,11 @@ class _StoreErrors(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except StoreUnavailable as exc:
+        except Exception as exc:
+            from .outbox import StoreUnavailable
+
+            if not isinstance(exc, StoreUnavailable):
+                raise
             raise click.ClickException(f"the store at DATABASE_URL is not answering: {exc}") from None
 
 
@@ -158,7 +170,14 @@ def _epoch(value: datetime | None) -> float | None:
 @click.option("--until", type=DATE, help="... and before this date (UTC).")
 @click.option("--form", "form_uuid", metavar="UUID", help="Only this survey.")
 @click.option("--dry-run", is_flag=True, help="Print what would be sent; store nothing.")
-def backfill(since, until, form_uuid: str | None, dry_run: bool) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=os.cpu_count() or 1,
+    show_default="the number of CPUs",
+    help="Processes that map pages while this one fetches and stores; 0 maps in this process.",
+)
+def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -> None:
     """Read past responses from Refiner's REST API and send them as a webhook would have.
 
     Safe to stop (Ctrl-C) and to run again: it resumes, and never sends a response twice.
@@ -183,7 +202,9 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool) -> None:
     display = _BackfillDisplay(sys.stderr.isatty())
     query = filters(since, until, form_uuid)
     try:
-        progress = run_backfill(api, outbox, settings.rules, query, dry_run=dry_run, report=display, should_stop=stop.is_set)
+        progress = run_backfill(
+            api, outbox, settings.rules, query, dry_run=dry_run, report=display, should_stop=stop.is_set, workers=workers
+        )
     except BackfillError as exc:
         display.close()
         raise click.ClickException(f"{exc}" + ("" if dry_run else " (progress is saved: run the same command again to resume)")) from None

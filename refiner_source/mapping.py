@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from segment.analytics.client import Client
@@ -51,7 +51,7 @@ def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str
         if key in rules.traits:
             name, rank = rules.traits[key], 0
         else:
-            slug = slugify(key, separator="_")
+            slug = _slug(key)
             name = rules.prefix + (slug or "answer_" + _short_hash(key))
             if len(name) > MAX_TRAIT_NAME:
                 name = name[: MAX_TRAIT_NAME - 9].rstrip("_") + "_" + _short_hash(key)
@@ -68,6 +68,12 @@ def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str
             names[key] = final
             taken.add(final)
     return names
+
+
+@lru_cache(maxsize=8192)
+def _slug(key: str) -> str:
+    # Every response of a survey has the same question keys: slugify (regexes, transliteration) once.
+    return slugify(key, separator="_")
 
 
 def _short_hash(text: str) -> str:

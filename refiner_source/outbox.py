@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Column,
@@ -31,6 +31,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
+
+if TYPE_CHECKING:
+    from .intake import Entry  # only a type here: the outbox itself never imports the mapping
 
 SCHEMA_VERSION = 2
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
@@ -118,19 +121,6 @@ class Claimed:
     message: dict[str, Any]
     attempts: int
     response_id: str
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One response event to store: its receipt and its Segment messages."""
-
-    receipt_key: str
-    response_id: str
-    triggered_event: str
-    messages: Sequence[dict[str, Any]]
-    form_uuid: str | None = None
-    occurred_at: float | None = None
-    event: str | None = None  # the normalised event as JSON, for replay
 
 
 @dataclass(frozen=True)
@@ -222,6 +212,8 @@ class Outbox:
 
     def store(self, receipt_key: str, response_id: str, triggered_event: str, batch: Sequence[dict[str, Any]], **extra: Any) -> bool:
         """Commit one event's messages with its receipt; False (nothing written) when seen before."""
+        from .intake import Entry
+
         return self.store_many([Entry(receipt_key, response_id, triggered_event, batch, **extra)]) == 1
 
     def store_many(self, entries: Sequence[Entry], backfill: tuple[str, BackfillState] | None = None) -> int:
@@ -233,28 +225,25 @@ class Outbox:
         """
         now = time.time()
         with self._guard(), self.engine.begin() as conn:
-            new_keys: set[str] = set()
-            for chunk in _chunks(entries, 500):
-                stmt = (
-                    _insert_ignoring_conflict(conn.dialect.name, receipts)
-                    .values(
-                        [
-                            {
-                                "receipt_key": e.receipt_key,
-                                "response_id": e.response_id,
-                                "triggered_event": e.triggered_event,
-                                "messages": len(e.messages),
-                                "created_at": now,
-                                "form_uuid": e.form_uuid,
-                                "occurred_at": e.occurred_at,
-                                "event": e.event,
-                            }
-                            for e in chunk
-                        ]
-                    )
-                    .returning(receipts.c.receipt_key)  # rows back = inserted (rowcount is -1 on psycopg)
-                )
-                new_keys.update(conn.execute(stmt).scalars())
+            # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one
+            # cached compilation ("insertmanyvalues"); a literal multi-VALUES insert would be
+            # compiled afresh for every page.
+            receipt_rows = [
+                {
+                    "receipt_key": e.receipt_key,
+                    "response_id": e.response_id,
+                    "triggered_event": e.triggered_event,
+                    "messages": len(e.messages),
+                    "created_at": now,
+                    "form_uuid": e.form_uuid,
+                    "occurred_at": e.occurred_at,
+                    "event": e.event,
+                }
+                for e in entries
+            ]
+            # A row back means inserted; rowcount is -1 on psycopg for this statement.
+            stmt = _insert_ignoring_conflict(conn.dialect.name, receipts).returning(receipts.c.receipt_key)
+            new_keys = set(conn.execute(stmt, receipt_rows).scalars()) if receipt_rows else set()
             rows = [_message_row(m, e.response_id, now) for e in entries if e.receipt_key in new_keys for m in e.messages]
             if rows:
                 conn.execute(insert(messages), rows)

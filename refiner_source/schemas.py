@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from datetime import UTC, datetime
 from typing import Any
 
@@ -277,9 +278,12 @@ _TIMES = ("completed_at", "dismissed_at", "received_at")
 
 def event_to_json(event: SurveyEvent) -> str:
     """The event as stored for replay."""
-    data = asdict(event)
+    # Shallow on purpose: dataclasses.asdict deep-copies every answer, a third of a backfill's time.
+    data = {f.name: getattr(event, f.name) for f in fields_of(SurveyEvent)}
     for key in _TIMES:
         data[key] = data[key].isoformat() if data[key] else None
+    if event.account is not None:
+        data["account"] = {f.name: getattr(event.account, f.name) for f in fields_of(Account)}
     return json.dumps(data, separators=(",", ":"))
 
 

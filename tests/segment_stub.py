@@ -22,6 +22,8 @@ class SegmentStub(LoopbackServer):
         self.script: deque[tuple[int, dict[str, str], dict[str, Any] | None]] = deque()
         self.reject: dict[str, tuple[int, dict[str, Any]]] = {}  # messageId -> answer that fails its batch
         self.down = False  # while True every request gets 503, as during an outage
+        self.arrivals: dict[str, float] = {}  # messageId -> time.monotonic() it was first accepted
+        self.keep_requests = True  # benchmarks turn the request log off
         stub = self
 
         class Handler(JsonHandler):
@@ -32,12 +34,16 @@ class SegmentStub(LoopbackServer):
                 body = json.loads(raw)
                 batch = body.get("batch", [])
                 status, headers, answer = stub._answer(batch)
+                now = time.monotonic()
                 with stub.lock:
-                    stub.requests.append(
-                        {"at": time.monotonic(), "status": status, "count": len(batch), "headers": dict(self.headers), "body": body}
-                    )
+                    if stub.keep_requests:
+                        stub.requests.append(
+                            {"at": now, "status": status, "count": len(batch), "headers": dict(self.headers), "body": body}
+                        )
                     if status == 200:
                         stub.messages.extend(batch)
+                        for message in batch:
+                            stub.arrivals.setdefault(message.get("messageId"), now)
                 self.send_json(status, answer if answer is not None else {"success": status == 200}, headers)
 
         super().__init__(Handler)

@@ -1,0 +1,399 @@
+"""Benchmarks, all on loopback, started and stopped by this script: `python bench/run.py [--quick]`.
+
+1. ingest    acknowledged webhooks/s and p50/p99 latency under wrk, for the ceiling (Flask only
+             parses JSON), the naive bridge (segment-analytics-python's async client called from
+             the request) and refiner-source, under the same gunicorn settings;
+2. delivery  responses whose identify and track reached the Segment stand-in per second, first
+             request to last arrival, and acknowledged responses that never arrived, after a burst;
+3. latency   webhook to Segment, p50/p99, at a steady 100 webhooks/s;
+4. backfill  responses/s from a Refiner API stand-in into the outbox, and peak memory.
+
+Prints a table, then one JSON line. Asserts nothing about speed: the numbers go in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.refiner_stub import RefinerStub  # noqa: E402
+from tests.segment_stub import SegmentStub  # noqa: E402
+
+SECRET = "bench-secret-0123456789"
+WRITE_KEY = "bench-write-key"
+APPS = ("ceiling", "naive", "refiner-source")
+FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "webhook_completed_survey.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def body_for(response_id: str) -> bytes:
+    body = json.loads(json.dumps(FIXTURE))
+    body["response"]["uuid"] = response_id
+    body["remote_id"] = f"user-{response_id}"
+    return json.dumps(body).encode()
+
+
+class App:
+    """One of the three apps under gunicorn, with the same settings (refiner_source/gunicorn_conf.py)."""
+
+    def __init__(self, kind: str, workdir: Path, segment_url: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": os.environ.get("WEB_CONCURRENCY", "2"),
+            "SEGMENT_HOST": segment_url,
+            "SEGMENT_WRITE_KEY": WRITE_KEY,
+            "REFINER_WEBHOOK_SECRET": SECRET,
+            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{workdir / (kind + '.db')}"),
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+        }
+        bin_dir = Path(sys.executable).parent
+        if kind == "refiner-source":
+            cmd = [str(bin_dir / "refiner-source"), "serve"]
+        else:
+            module = {"ceiling": "bench.apps.ceiling", "naive": "bench.apps.naive"}[kind]
+            cmd = [str(bin_dir / "gunicorn"), "-c", "python:refiner_source.gunicorn_conf", f"{module}:create_app()"]
+        self.log = open(workdir / f"{kind}.log", "ab")  # noqa: SIM115 - the child writes it
+        self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self._wait()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/webhooks/refiner?token={SECRET}"
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.kind} did not start")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+# --- 1. ingest with wrk --------------------------------------------------------------------
+
+WRK_SCRIPT = """
+local template = %s
+local prefix = "w" .. tostring(os.time())
+local counter = 0
+local n = 0
+function setup(thread)
+  n = n + 1
+  thread:set("tid", n)
+end
+function request()
+  counter = counter + 1
+  local id = prefix .. "t" .. tostring(tid) .. "x" .. tostring(counter)
+  local body = string.gsub(template, "RESPONSEID", id)
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def wrk_script(workdir: Path) -> Path:
+    template = body_for("RESPONSEID").decode()
+    path = workdir / "post.lua"
+    path.write_text(WRK_SCRIPT % json.dumps(template).replace("\\/", "/"))
+    return path
+
+
+def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    out = subprocess.run(
+        [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = int(non2xx.group(1)) if non2xx else 0
+    return {
+        "acknowledged_per_s": round(rate * (total - errors) / max(total, 1), 1),
+        "p50_ms": _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
+        "p99_ms": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+        "requests": total,
+        "non_2xx": errors,
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit], 2)
+
+
+# --- 2. delivery after a burst, 3. steady latency ----------------------------------------------
+
+
+def post_all(app: App, ids: list[str], concurrency: int = 16) -> tuple[list[str], float]:
+    """POST one webhook per id as fast as `concurrency` keep-alive connections go; (acknowledged, t0)."""
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+    chunks = [ids[i::concurrency] for i in range(concurrency)]
+
+    def sender(chunk: list[str]) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+        path = f"/webhooks/refiner?token={SECRET}"
+        for response_id in chunk:
+            try:
+                conn.request("POST", path, body=body_for(response_id), headers={"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                answer.read()
+                if 200 <= answer.status < 300:
+                    with lock:
+                        acknowledged.append(response_id)
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(sender, chunks))
+    return acknowledged, started
+
+
+def arrived(segment: SegmentStub) -> dict[str, float]:
+    """Response id -> when both its identify and its track had arrived."""
+    seen: dict[str, dict[str, float]] = {}
+    with segment.lock:
+        arrivals = dict(segment.arrivals)
+    for message_id, at in arrivals.items():
+        parts = message_id.split("-")
+        if len(parts) >= 3 and parts[-1] in ("identify", "track"):
+            seen.setdefault(parts[1], {})[parts[-1]] = at
+    return {rid: max(calls.values()) for rid, calls in seen.items() if len(calls) == 2}
+
+
+def wait_until_quiet(segment: SegmentStub, expected: set[str], timeout: float) -> None:
+    """Until every expected response has arrived, or nothing more has arrived for 10 s."""
+    deadline, last, last_change = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if expected <= arrived(segment).keys():
+            return
+        count = len(segment.arrivals)
+        if count != last:
+            last, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > 10:
+            return  # nothing more is coming
+        time.sleep(0.2)
+
+
+def delivery(kind: str, workdir: Path, burst: int) -> dict:
+    with SegmentStub() as segment:
+        segment.keep_requests = False
+        app = App(kind, workdir, segment.url)
+        try:
+            ids = [f"d{kind[:1]}{int(time.time())}x{i}" for i in range(burst)]
+            acknowledged, started = post_all(app, ids)
+            wait_until_quiet(segment, set(acknowledged), timeout=600)
+            done = arrived(segment)
+            ok = [rid for rid in acknowledged if rid in done]
+            last = max((done[rid] for rid in ok), default=started)
+            return {
+                "burst": burst,
+                "acknowledged": len(acknowledged),
+                "delivered": len(ok),
+                "lost": len(acknowledged) - len(ok),
+                "delivered_per_s": round(len(ok) / max(last - started, 1e-9), 1),
+            }
+        finally:
+            app.stop()
+
+
+def latency(workdir: Path, seconds: int, rate: int = 100) -> dict:
+    with SegmentStub() as segment:
+        segment.keep_requests = False
+        app = App("refiner-source", workdir, segment.url)
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+            sent: dict[str, float] = {}
+            start = time.monotonic()
+            for i in range(seconds * rate):
+                due = start + i / rate
+                time.sleep(max(0.0, due - time.monotonic()))
+                response_id = f"l{int(time.time())}x{i}"
+                sent[response_id] = time.monotonic()
+                conn.request(
+                    "POST", f"/webhooks/refiner?token={SECRET}", body=body_for(response_id), headers={"Content-Type": "application/json"}
+                )
+                conn.getresponse().read()
+            wait_until_quiet(segment, set(sent), timeout=60)
+            done = arrived(segment)
+            latencies = sorted((done[rid] - t) * 1000 for rid, t in sent.items() if rid in done)
+            return {
+                "rate_per_s": rate,
+                "webhooks": len(sent),
+                "delivered": len(latencies),
+                "p50_ms": round(statistics.median(latencies), 1),
+                "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 1),
+            }
+        finally:
+            app.stop()
+
+
+# --- 4. backfill ---------------------------------------------------------------------------
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        stack.extend(int(c) for c in children)
+    return total / 1024
+
+
+def backfill(workdir: Path, total: int, workers: int | None = None) -> dict:
+    with RefinerStub(total=total) as refiner:
+        env = {
+            **os.environ,
+            "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{workdir / f'backfill-{workers}.db'}"),
+            "REFINER_API_URL": refiner.url,
+            "REFINER_API_KEY": "refiner-key",
+        }
+        cmd = [str(Path(sys.executable).parent / "refiner-source"), "backfill"]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        started = time.monotonic()
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        peak = 0.0
+        while process.poll() is None:
+            peak = max(peak, tree_rss_mb(process.pid))
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        summary = process.stdout.read().strip()
+    return {
+        "responses": total,
+        "workers": workers if workers is not None else os.cpu_count(),
+        "responses_per_s": round(total / elapsed, 1),
+        "seconds": round(elapsed, 1),
+        "peak_rss_mb": round(peak, 1),
+        "ok": process.returncode == 0 and f"{total} response(s) read" in summary,
+    }
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few seconds each, so that CI keeps the benchmark working")
+    parser.add_argument("--only", default="ingest,delivery,latency,backfill", help="comma-separated sections")
+    args = parser.parse_args()
+    sections = set(args.only.split(","))
+    seconds = 3 if args.quick else 15
+    burst = 500 if args.quick else 20_000
+    backfill_total = 3_000 if args.quick else 100_000
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "quick": args.quick,
+    }
+
+    with tempfile.TemporaryDirectory(prefix="refiner-bench-") as tmp:
+        workdir = Path(tmp)
+        if "ingest" in sections:
+            script = wrk_script(workdir)
+            results["ingest"] = {}
+            for kind in APPS:
+                with SegmentStub() as segment:
+                    segment.keep_requests = False
+                    app = App(kind, workdir, segment.url)
+                    try:
+                        results["ingest"][kind] = run_wrk(app.url, script, seconds, connections=16)
+                    finally:
+                        app.stop()
+            ceiling = results["ingest"]["ceiling"]["acknowledged_per_s"]
+            results["ingest"]["refiner_source_to_ceiling"] = round(results["ingest"]["refiner-source"]["acknowledged_per_s"] / ceiling, 2)
+        if "delivery" in sections:
+            results["delivery"] = {kind: delivery(kind, workdir, burst) for kind in ("naive", "refiner-source")}
+            naive = results["delivery"]["naive"]["delivered_per_s"]
+            results["delivery"]["refiner_source_to_naive"] = round(results["delivery"]["refiner-source"]["delivered_per_s"] / naive, 2)
+        if "latency" in sections:
+            results["latency"] = latency(workdir, seconds)
+        if "backfill" in sections:
+            results["backfill"] = backfill(workdir, backfill_total)
+            if not args.quick:
+                results["backfill_one_process"] = backfill(workdir, backfill_total // 5, workers=0)
+
+    print_table(results)
+    print(json.dumps(results))
+
+
+def print_table(r: dict) -> None:
+    print(f"machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}{' (quick run)' if r['quick'] else ''}")
+    if "ingest" in r:
+        print("\n1. ingest (wrk, 16 connections)          ack/s    p50 ms   p99 ms   non-2xx")
+        for kind in APPS:
+            x = r["ingest"][kind]
+            print(f"   {kind:<36}{x['acknowledged_per_s']:>8.0f}{x['p50_ms']:>10.2f}{x['p99_ms']:>9.2f}{x['non_2xx']:>10}")
+        print(f"   refiner-source / ceiling: {r['ingest']['refiner_source_to_ceiling']}")
+    if "delivery" in r:
+        print("\n2. delivery after a burst                 burst   acked   delivered  lost   delivered/s")
+        for kind in ("naive", "refiner-source"):
+            x = r["delivery"][kind]
+            print(f"   {kind:<36}{x['burst']:>7}{x['acknowledged']:>8}{x['delivered']:>12}{x['lost']:>6}{x['delivered_per_s']:>14.0f}")
+        print(f"   refiner-source / naive: {r['delivery']['refiner_source_to_naive']}")
+    if "latency" in r:
+        x = r["latency"]
+        print(
+            f"\n3. webhook to Segment at {x['rate_per_s']}/s: p50 {x['p50_ms']} ms, p99 {x['p99_ms']} ms ({x['delivered']}/{x['webhooks']})"
+        )
+    for key in ("backfill", "backfill_one_process"):
+        if key in r:
+            x = r[key]
+            print(
+                f"\n4. backfill ({x['workers']} mapping workers): {x['responses']} responses, {x['responses_per_s']:.0f}/s, "
+                f"peak {x['peak_rss_mb']:.0f} MB (process tree), ok={x['ok']}"
+            )
+
+
+if __name__ == "__main__":
+    main()
