@@ -112,7 +112,7 @@ def receive_webhook():
     messages = prepared.messages
 
     try:
-        stored = app_state.outbox.store_many([prepared]) == 1
+        stored = app_state.outbox.store_grouped(prepared)
     except StoreUnavailable as exc:
         log.error("store unavailable", extra={"response_id": event.response_uuid, "error": str(exc), "outcome": "unavailable"})
         return error(503, "store_unavailable", "The store is not answering; please retry.")

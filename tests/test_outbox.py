@@ -127,3 +127,32 @@ def test_store_raises_on_a_broken_message_instead_of_calling_it_a_duplicate(outb
     with pytest.raises(IntegrityError):
         outbox.store("r1\nE", "r1", "E", [{"messageId": None, "type": "track"}])
     assert outbox.store("r1\nE", "r1", "E", msgs("r1")) is True  # nothing half-written, receipt included
+
+
+def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from refiner_source.intake import Entry
+
+    def entry(i: int) -> Entry:
+        return Entry(f"r{i}\nE", f"r{i}", "E", msgs(f"r{i}", 3))
+
+    keys = [i % 40 for i in range(120)]  # 40 distinct responses, each sent three times at once
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: outbox.store_grouped(entry(i)), keys))
+    assert sum(answers) == 40  # exactly one "new" per response, whatever the grouping
+    assert outbox.stats().pending == 40 * 3
+    assert outbox.store_grouped(entry(0)) is False
+
+
+def test_store_grouped_gives_every_waiting_thread_the_error(store_url):
+    from refiner_source.intake import Entry
+
+    box = Outbox(store_url)  # no schema: the store fails
+    import pytest
+
+    from refiner_source.outbox import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable):
+        box.store_grouped(Entry("k", "r", "E", msgs("r", 1)))
+    box.dispose()
