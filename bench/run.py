@@ -347,6 +347,7 @@ def main() -> None:
                     segment.keep_requests = False
                     app = App(kind, workdir, segment.url)
                     try:
+                        run_wrk(app.url, script, 3 if not args.quick else 1, connections=16)  # warm-up, discarded
                         results["ingest"][kind] = run_wrk(app.url, script, seconds, connections=16)
                     finally:
                         app.stop()

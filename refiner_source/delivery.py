@@ -50,7 +50,7 @@ def pack(items: Sequence[Claimed], limit: int = BATCH_SIZE_LIMIT - BATCH_OVERHEA
     chunks: list[list[Claimed]] = []
     size = 0
     for item in items:
-        item_size = len(json.dumps(item.message)) + 1
+        item_size = (item.size or len(json.dumps(item.message))) + 2  # ", " between messages
         if not chunks or size + item_size > limit:
             chunks.append([])
             size = 0

@@ -125,6 +125,7 @@ class Claimed:
     message: dict[str, Any]
     attempts: int
     response_id: str
+    size: int = 0  # bytes of the message as JSON (its stored payload)
 
 
 @dataclass(frozen=True)
@@ -241,28 +242,42 @@ class Outbox:
         ON CONFLICT makes an entry "seen before": any other integrity error is a bug to surface,
         never a reason to drop a response.
         """
-        return len(self._store(entries, backfill))
+        now = time.time()
+        receipt_rows, message_rows = _rows(entries, now)  # prepared before the write lock
+        with self._write() as conn:
+            new_keys = _insert(conn, receipt_rows, message_rows)
+            if backfill is not None:
+                run_key, state = backfill
+                self._save_backfill(conn, run_key, replace(state, stored=state.stored + len(new_keys)), now)
+        return len(new_keys)
 
     def store_grouped(self, entry: Entry) -> bool:
         """Store one entry (True: new), committed together with whatever other threads of this
-        process store at the same moment: one transaction and one fsync for all (group commit).
+        process store meanwhile: one transaction and one fsync for all (group commit).
 
         The webhook's path: with SQLite's synchronous=FULL, each commit's fsync is what limits
-        ingest. Each caller still gets its own answer, or the error.
+        ingest. The group is taken only once the write lock is held, so that everything that
+        arrived while the previous commit was syncing goes into this one. Each caller still
+        gets its own answer, or the error.
         """
-        waiting = _Waiting(entry)
+        waiting = _Waiting(entry, _rows([entry], time.time()))
         with self._waiting_lock:
             self._waiting.append(waiting)
-        with self._leader_lock:  # one group at a time; the others queue here
-            if not waiting.done:  # nobody has committed this entry yet: commit all that wait
-                with self._waiting_lock:
-                    group, self._waiting = self._waiting, []
+        with self._leader_lock:  # one leader per process at a time; the others queue here
+            if not waiting.done:  # nobody has committed this entry yet: lead the next group
+                group: list[_Waiting] = []
                 try:
-                    new_keys = self._store([w.entry for w in group])
+                    with self._write() as conn:
+                        with self._waiting_lock:
+                            group, self._waiting = self._waiting, []
+                        receipt_rows = [row for w in group for row in w.rows[0]]
+                        message_rows = [row for w in group for row in w.rows[1]]
+                        new_keys = _insert(conn, receipt_rows, message_rows)
                     for w in group:  # the same receipt twice in one group: only the first is new
                         w.result = w.entry.receipt_key in new_keys
                         new_keys.discard(w.entry.receipt_key)
                 except BaseException as exc:
+                    group = group or [waiting]
                     for w in group:
                         w.error = exc
                 finally:
@@ -271,39 +286,6 @@ class Outbox:
         if waiting.error is not None:
             raise waiting.error
         return waiting.result
-
-    def _store(self, entries: Sequence[Entry], backfill: tuple[str, BackfillState] | None = None) -> set[str]:
-        """Commit the entries not seen before; their receipt keys."""
-        now = time.time()
-        # Everything that can be prepared is prepared before the write lock is taken.
-        receipt_rows = [
-            {
-                "receipt_key": e.receipt_key,
-                "response_id": e.response_id,
-                "triggered_event": e.triggered_event,
-                "messages": len(e.messages),
-                "created_at": now,
-                "form_uuid": e.form_uuid,
-                "occurred_at": e.occurred_at,
-                "event": e.event,
-            }
-            for e in entries
-        ]
-        message_rows = [(e.receipt_key, _message_row(m, e.response_id, now)) for e in entries for m in e.messages]
-        with self._write() as conn:
-            # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one
-            # cached compilation ("insertmanyvalues"); a literal multi-VALUES insert would be
-            # compiled afresh for every page.
-            # A row back means inserted; rowcount is -1 on psycopg for this statement.
-            stmt = _insert_ignoring_conflict(conn.dialect.name, receipts).returning(receipts.c.receipt_key)
-            new_keys = set(conn.execute(stmt, receipt_rows).scalars()) if receipt_rows else set()
-            rows = [row for key, row in message_rows if key in new_keys]
-            if rows:
-                conn.execute(insert(messages), rows)
-            if backfill is not None:
-                run_key, state = backfill
-                self._save_backfill(conn, run_key, replace(state, stored=state.stored + len(new_keys)), now)
-        return new_keys
 
     def known_receipts(self, keys: Sequence[str]) -> set[str]:
         """Which of these receipts exist already (for a dry run)."""
@@ -378,7 +360,7 @@ class Outbox:
         with self._write() as conn:
             rows = conn.execute(stmt).all()
         rows.sort(key=lambda r: r.id)
-        return [Claimed(r.id, json.loads(r.payload), r.attempts, r.response_id) for r in rows]
+        return [Claimed(r.id, json.loads(r.payload), r.attempts, r.response_id, len(r.payload)) for r in rows]
 
     def mark_delivered(self, ids: Sequence[int]) -> None:
         self._set(ids, status=DELIVERED, delivered_at=time.time(), claimed_by=None, last_error=None)
@@ -473,6 +455,7 @@ class _Waiting:
     """One thread's entry in store_grouped(): filled in by whichever thread commits its group."""
 
     entry: Entry
+    rows: tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]
     done: bool = False
     result: bool = False
     error: BaseException | None = None
@@ -520,12 +503,47 @@ def _writer_lock(engine: Engine):
     return _SqliteWriterLock(os.path.abspath(database) + "-writer.lock")
 
 
+def _rows(entries: Sequence[Entry], now: float) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+    """(receipt rows, (receipt key, message row) pairs) of entries, ready to insert."""
+    receipt_rows = [
+        {
+            "receipt_key": e.receipt_key,
+            "response_id": e.response_id,
+            "triggered_event": e.triggered_event,
+            "messages": len(e.messages),
+            "created_at": now,
+            "form_uuid": e.form_uuid,
+            "occurred_at": e.occurred_at,
+            "event": e.event,
+        }
+        for e in entries
+    ]
+    return receipt_rows, [(e.receipt_key, _message_row(m, e.response_id, now)) for e in entries for m in e.messages]
+
+
+def _insert(conn: Connection, receipt_rows: list[dict[str, Any]], message_rows: list[tuple[str, dict[str, Any]]]) -> set[str]:
+    """Insert the receipts not seen before and their messages; their receipt keys."""
+    if not receipt_rows:
+        return set()
+    # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one cached
+    # compilation ("insertmanyvalues"); a literal multi-VALUES insert would be compiled afresh
+    # each time. A row back means inserted (rowcount is -1 on psycopg for this statement).
+    stmt = _insert_ignoring_conflict(conn.dialect.name, receipts).returning(receipts.c.receipt_key)
+    new_keys = set(conn.execute(stmt, receipt_rows).scalars())
+    rows = [row for key, row in message_rows if key in new_keys]
+    if rows:
+        conn.execute(insert(messages), rows)
+    return new_keys
+
+
 def _message_row(message: dict[str, Any], response_id: str, now: float) -> dict[str, Any]:
     return {
         "message_id": message["messageId"],
         "response_id": response_id,
         "call": message["type"],
-        "payload": json.dumps(message, separators=(",", ":")),
+        # Default separators, as segment-analytics-python's post() writes the batch: the stored
+        # length is then the message's exact size in the request (delivery.pack relies on it).
+        "payload": json.dumps(message),
         "status": PENDING,
         "attempts": 0,
         "available_at": now,
