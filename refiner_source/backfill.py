@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -143,6 +146,27 @@ def _api_time(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _submit(pool, items: list[Any], rules: MappingRules) -> Future:
+    """pool.submit(map_api_page, ...), with stop signals held back while it may start a process.
+
+    A spawned process inherits the blocked signals, so a Ctrl-C to the whole process group cannot
+    kill it before _ignore_stop_signals() runs; this process gets the signal once unblocked.
+    """
+    stops = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        return pool.submit(map_api_page, items, rules)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _ignore_stop_signals() -> None:
+    # Ctrl-C and SIGTERM reach the whole process group: the mapping processes leave the stopping
+    # to the main one, which finishes the pages in flight (they must not die under it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _Inline:
     """The pool's interface, mapping in this process (workers=0, or a single page)."""
 
@@ -186,28 +210,44 @@ def run_backfill(
         cursor, page = state.next_cursor, state.next_page
         progress = Progress(pages=state.pages, seen=state.seen, stored=state.stored, resumed=True, seen_before=state.seen)
     # spawn, not fork: a forked child would share this process's database connections.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else _Inline()
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_stop_signals)
+        if workers
+        else _Inline()
+    )
     in_flight: deque[tuple[Page, Future]] = deque()
     window = max(1, 2 * workers)
     fetching = True
+    failure: BackfillError | None = None
     try:
         while fetching or in_flight:
             while fetching and len(in_flight) < window:
                 if should_stop():
                     fetching = False  # store what is in flight; the saved cursor follows the last stored page
                     break
-                result = api.fetch(query, cursor, page)
-                in_flight.append((result, pool.submit(map_api_page, result.items, rules)))
+                try:
+                    result = api.fetch(query, cursor, page)
+                except BackfillError:
+                    if not in_flight:
+                        raise
+                    fetching, failure = False, sys.exc_info()[1]  # store the pages fetched, then fail
+                    break
+                in_flight.append((result, _submit(pool, result.items, rules)))
                 cursor, page = result.next_cursor, result.next_page
                 fetching = cursor is not None or page is not None
             if not in_flight:
                 break
             result, future = in_flight.popleft()
-            entries, not_completed, invalid = future.result()
+            try:
+                entries, not_completed, invalid = future.result()
+            except BrokenProcessPool:  # a mapping process died (killed, out of memory): map here
+                entries, not_completed, invalid = map_api_page(result.items, rules)
             _store_page(outbox, run_key, result, entries, not_completed, invalid, progress, dry_run, sample_size)
             report(progress)
     finally:
         pool.shutdown(cancel_futures=True)
+    if failure is not None:
+        raise failure
     return progress
 
 

@@ -142,7 +142,7 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
     from .schemas import event_from_json
 
     now = datetime.now(UTC)
-    generation = f"r{int(now.timestamp())}" if new_ids else None
+    generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
     replayed = forgotten = 0
     for _key, stored_event in outbox.replay_sources(response_id, form_uuid, _epoch(since), _epoch(until)):
         if stored_event is None:

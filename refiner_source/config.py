@@ -147,6 +147,10 @@ def normalize_database_url(url: str) -> str:
     if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
         return "postgresql+psycopg://" + rest
     if scheme == "sqlite":
+        if rest in ("", "/", "/:memory:") or rest.startswith("/:memory:"):
+            raise ConfigError(
+                "DATABASE_URL: an in-memory SQLite database would lose everything; give a file, such as sqlite:///refiner-source.db"
+            )
         return "sqlite://" + rest
     raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgres:// (or postgresql://), got {scheme}://")
 

@@ -270,14 +270,21 @@ class Outbox:
                     with self._write() as conn:
                         with self._waiting_lock:
                             group, self._waiting = self._waiting, []
-                        receipt_rows = [row for w in group for row in w.rows[0]]
-                        message_rows = [row for w in group for row in w.rows[1]]
+                        # The same receipt twice in one group (a webhook resent at once): only the
+                        # first one's rows are written, and only it can be new.
+                        first = list({w.entry.receipt_key: w for w in reversed(group)}.values())
+                        receipt_rows = [row for w in first for row in w.rows[0]]
+                        message_rows = [row for w in first for row in w.rows[1]]
                         new_keys = _insert(conn, receipt_rows, message_rows)
-                    for w in group:  # the same receipt twice in one group: only the first is new
+                    for w in group:
                         w.result = w.entry.receipt_key in new_keys
                         new_keys.discard(w.entry.receipt_key)
                 except BaseException as exc:
-                    group = group or [waiting]
+                    if not group:  # failed before taking the group: this entry alone fails, and
+                        with self._waiting_lock:  # must not be committed later by another leader
+                            if waiting in self._waiting:
+                                self._waiting.remove(waiting)
+                        group = [waiting]
                     for w in group:
                         w.error = exc
                 finally:
@@ -471,20 +478,37 @@ class _SqliteWriterLock:
     A lock the kernel hands to the next waiter at once keeps the file busy instead.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.path = path
+        self.timeout = timeout  # as SQLite's own busy timeout: then the store "is not answering"
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pid = os.getpid()
         self.threads = threading.Lock()
-        self.fd: int | None = None  # opened on first use: after gunicorn's fork, never before
+        self.fd: int | None = None  # opened on first use, in the process that uses it
 
     def __enter__(self) -> None:
-        self.threads.acquire()
+        if self.pid != os.getpid():  # forked: the parent's descriptor would share its lock
+            self._reset()
+        if not self.threads.acquire(timeout=self.timeout):
+            raise StoreUnavailable(f"no turn to write to the database within {self.timeout:g} s")
         try:
             if self.fd is None:
                 try:
                     self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                 except OSError as exc:  # the database's folder is missing or not writable
                     raise StoreUnavailable(f"cannot open {self.path}: {exc.strerror}") from exc
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            deadline, pause = time.monotonic() + self.timeout, 0.0002
+            while True:  # a writer stopped mid-commit (SIGSTOP) must give 503s, not a hang
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreUnavailable(f"another process held {self.path} for {self.timeout:g} s") from None
+                    time.sleep(pause)  # short steps (SQLite's own go up to 100 ms)
+                    pause = min(pause * 2, 0.002)
         except BaseException:
             self.threads.release()
             raise
@@ -496,15 +520,14 @@ class _SqliteWriterLock:
             self.threads.release()
 
 
-def _writer_lock(engine: Engine):
-    database = engine.url.database
-    if not database or database == ":memory:":
-        return threading.Lock()
-    return _SqliteWriterLock(os.path.abspath(database) + "-writer.lock")
+def _writer_lock(engine: Engine) -> _SqliteWriterLock:
+    return _SqliteWriterLock(os.path.abspath(engine.url.database) + "-writer.lock")
 
 
 def _rows(entries: Sequence[Entry], now: float) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
-    """(receipt rows, (receipt key, message row) pairs) of entries, ready to insert."""
+    """(receipt rows, (receipt key, message row) pairs) of entries, ready to insert; an entry whose
+    receipt comes twice is written once."""
+    entries = list({e.receipt_key: e for e in reversed(entries)}.values())[::-1]
     receipt_rows = [
         {
             "receipt_key": e.receipt_key,

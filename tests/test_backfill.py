@@ -315,6 +315,7 @@ def test_event_json_holds_the_answers_so_purge_forgets_it(outbox, webhook_body):
 
 
 def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(store_url, tmp_path):
+    import os
     import signal
     import subprocess
     import time
@@ -331,14 +332,16 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
             "SEGMENT_HOST": segment.url,
             "SEGMENT_WRITE_KEY": "wk",
         }
-        full_env = {**__import__("os").environ, **env}
-        first = subprocess.Popen([*command(), "backfill"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        full_env = {**os.environ, **env}
+        first = subprocess.Popen(
+            [*command(), "backfill"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         while len(refiner.requests) < 2:
             time.sleep(0.05)
-        first.send_signal(signal.SIGINT)  # Ctrl-C
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole group, mapping processes included
         out, err = first.communicate(timeout=30)
         assert first.returncode == 130, err
-        assert "run the same command again to resume" in err
+        assert "run the same command again to resume" in err and "Traceback" not in err
         assert "page 1/5" in err  # not a terminal: a line per page
 
         second = subprocess.run([*command(), "backfill"], env=full_env, capture_output=True, text=True, timeout=60)
@@ -384,3 +387,24 @@ def test_e2e_backfill_dry_run_prints_counts_and_messages(store_url):
     assert '"type": "identify"' in result.stdout
     assert refiner.requests[0]["query"]["date_range_start"] == "2026-01-01" and refiner.requests[0]["query"]["form_uuid"] == "form-1"
     assert Outbox(store_url).stats().pending == 0
+
+
+def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox):
+    with RefinerStub(total=500) as refiner:
+        real_page = refiner.page
+
+        def failing(query):
+            if query.get("page_cursor") and json.loads(__import__("base64").urlsafe_b64decode(query["page_cursor"]))["page"] == 3:
+                raise RuntimeError
+            return real_page(query)
+
+        api = RefinerApi(refiner.url, "refiner-key", max_attempts=1)
+        refiner.page = failing  # page 3 answers 500 (the stub turns the exception into a dropped request)
+        with pytest.raises(BackfillError):
+            run_backfill(api, outbox, RULES, {}, workers=2)
+        state = outbox.backfill_state(json.dumps({}, sort_keys=True))
+        assert state is not None and state.pages == 2 and not state.done
+        assert outbox.stats().pending == 200 * 3
+        refiner.page = real_page
+        resumed = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, workers=2)
+    assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500 * 3

@@ -56,6 +56,8 @@ def test_comma_separated_secrets():
         ({"SEGMENT_HOST": "api.segment.io"}, "SEGMENT_HOST"),
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
         ({"DATABASE_URL": "refiner.db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"REFINER_MAPPING_FILE": "/nonexistent/mapping.toml"}, "REFINER_MAPPING_FILE"),
     ],

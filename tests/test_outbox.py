@@ -25,12 +25,13 @@ def test_store_of_a_receipt_seen_before_writes_nothing(outbox):
     assert outbox.stats().pending == 3
 
 
-def test_claim_is_exclusive_until_the_lease_runs_out(outbox):
+def test_claim_is_exclusive_until_the_lease_runs_out(outbox, monkeypatch):
     outbox.store("r1\nE", "r1", "E", msgs("r1"))
-    first = outbox.claim(10, lease_seconds=0.5, worker="a")
+    first = outbox.claim(10, lease_seconds=60, worker="a")
     assert [c.message["messageId"] for c in first] == ["r1-0", "r1-1", "r1-2"]
-    assert outbox.claim(10, 0.5, "b") == []
-    time.sleep(0.6)  # worker "a" died: its lease expires and the batch comes back
+    assert outbox.claim(10, 60, "b") == []
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 61)  # worker "a" died: its lease runs out
     assert len(outbox.claim(10, 60, "b")) == 3
 
 
@@ -57,13 +58,14 @@ def test_concurrent_claims_never_share_a_message(outbox, settings):
     assert outbox.stats().delivered == 300
 
 
-def test_release_makes_messages_due_again_after_the_delay(outbox):
+def test_release_makes_messages_due_again_after_the_delay(outbox, monkeypatch):
     outbox.store("r1\nE", "r1", "E", msgs("r1", 1))
     (claimed,) = outbox.claim(10, 60, "a")
-    outbox.release([claimed.id], delay=0.3, error="HTTP 503")
+    outbox.release([claimed.id], delay=30, error="HTTP 503")
     assert outbox.claim(10, 60, "a") == []
-    assert 0 < outbox.next_due_in() <= 0.3
-    time.sleep(0.35)
+    assert 25 < outbox.next_due_in() <= 30
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 31)
     (again,) = outbox.claim(10, 60, "a")
     assert again.attempts == 1
 
@@ -156,3 +158,69 @@ def test_store_grouped_gives_every_waiting_thread_the_error(store_url):
     with pytest.raises(StoreUnavailable):
         box.store_grouped(Entry("k", "r", "E", msgs("r", 1)))
     box.dispose()
+
+
+def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monkeypatch):
+    import pytest
+
+    from refiner_source.intake import Entry
+    from refiner_source.outbox import StoreUnavailable
+
+    real_write = outbox._write
+
+    def failing_once():
+        monkeypatch.setattr(outbox, "_write", real_write)
+        raise StoreUnavailable("down")
+
+    monkeypatch.setattr(outbox, "_write", failing_once)
+    with pytest.raises(StoreUnavailable):
+        outbox.store_grouped(Entry("failed\nE", "failed", "E", msgs("failed", 3)))
+    assert outbox.store_grouped(Entry("next\nE", "next", "E", msgs("next", 3))) is True
+    assert outbox.known_receipts(["failed\nE", "next\nE"]) == {"next\nE"}  # the 503 one was not stored
+    assert outbox.store_grouped(Entry("failed\nE", "failed", "E", msgs("failed", 3))) is True  # Refiner's retry
+
+
+def test_same_receipt_twice_in_one_group_is_stored_once(outbox):
+    import time as clock
+
+    from refiner_source.intake import Entry
+    from refiner_source.outbox import _rows, _Waiting
+
+    entry = Entry("r1\nE", "r1", "E", msgs("r1", 3))
+    queued = _Waiting(entry, _rows([entry], clock.time()))
+    outbox._waiting.append(queued)  # another thread's copy, waiting for a leader
+    answer = outbox.store_grouped(entry)
+    assert sorted([answer, queued.result]) == [False, True] and queued.done
+    assert outbox.stats().pending == 3
+    assert outbox.store_many([entry, entry]) == 0 and outbox.stats().pending == 3
+
+
+def test_store_many_with_a_receipt_twice_writes_one_set(outbox):
+    from refiner_source.intake import Entry
+
+    entry = Entry("r2\nE", "r2", "E", msgs("r2", 3))
+    assert outbox.store_many([entry, entry]) == 1
+    assert outbox.stats().pending == 3
+
+
+def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tmp_path):
+    import fcntl
+    import os
+
+    import pytest
+
+    from refiner_source.outbox import StoreUnavailable, _SqliteWriterLock
+
+    path = str(tmp_path / "x.db-writer.lock")
+    other = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another process, stopped while writing
+    lock = _SqliteWriterLock(path, timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="held"):
+        with lock:
+            pass
+    assert time.monotonic() - started < 2
+    fcntl.flock(other, fcntl.LOCK_UN)
+    with lock:  # and the turn comes once it is released; the thread lock was given back
+        pass
+    os.close(other)
