@@ -20,7 +20,7 @@ import requests
 
 from .backoff import Backoff, retry_after
 from .config import MappingRules
-from .intake import Entry, map_api_page
+from .intake import Entry, ignore_stop_signals, map_api_page
 from .outbox import BackfillState, Outbox
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _submit(pool, items: list[Any], rules: MappingRules) -> Future:
     """pool.submit(map_api_page, ...), with stop signals held back while it may start a process.
 
     A spawned process inherits the blocked signals, so a Ctrl-C to the whole process group cannot
-    kill it before _ignore_stop_signals() runs; this process gets the signal once unblocked.
+    kill it before intake.ignore_stop_signals() runs; this process gets the signal once unblocked.
     """
     stops = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
@@ -158,13 +158,6 @@ def _submit(pool, items: list[Any], rules: MappingRules) -> Future:
         return pool.submit(map_api_page, items, rules)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _ignore_stop_signals() -> None:
-    # Ctrl-C and SIGTERM reach the whole process group: the mapping processes leave the stopping
-    # to the main one, which finishes the pages in flight (they must not die under it).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Inline:
@@ -211,7 +204,7 @@ def run_backfill(
         progress = Progress(pages=state.pages, seen=state.seen, stored=state.stored, resumed=True, seen_before=state.seen)
     # spawn, not fork: a forked child would share this process's database connections.
     pool = (
-        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_stop_signals)
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=ignore_stop_signals)
         if workers
         else _Inline()
     )

@@ -6,6 +6,7 @@ Pure (no database, no web framework), so a backfill can run it in worker process
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,3 +74,11 @@ def map_api_page(items: list[Any], rules: MappingRules) -> tuple[list[Entry], in
             continue
         entries.append(prepare(event, rules, now))
     return entries, not_completed, invalid
+
+
+def ignore_stop_signals() -> None:
+    """Initializer of a backfill's mapping processes. Ctrl-C and SIGTERM reach the whole process
+    group: the main process stops the run and finishes the pages in flight, which these must
+    live to map. (Here, not in backfill.py: these processes import only this module's world.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

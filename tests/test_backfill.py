@@ -408,3 +408,21 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
         refiner.page = real_page
         resumed = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, workers=2)
     assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500 * 3
+
+
+def test_mapping_processes_import_neither_the_web_app_nor_the_database():
+    """What keeps a backfill's memory flat: its spawned mapping processes import intake only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, refiner_source.intake, refiner_source.cli\n"
+        "heavy = {m for m in ('flask', 'sqlalchemy', 'refiner_source.backfill', 'refiner_source.outbox') if m in sys.modules}\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # ...and everything the pool sends them (the function, the initializer) lives in that module.
+    from refiner_source import backfill
+
+    assert backfill.map_api_page.__module__ == backfill.ignore_stop_signals.__module__ == "refiner_source.intake"
