@@ -144,6 +144,7 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
     now = datetime.now(UTC)
     generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
     replayed = forgotten = 0
+    pending: list[tuple[str, list[dict]]] = []  # queued 500 responses to a transaction
     for _key, stored_event in outbox.replay_sources(response_id, form_uuid, _epoch(since), _epoch(until)):
         if stored_event is None:
             forgotten += 1
@@ -151,8 +152,12 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
         event = event_from_json(stored_event)
         messages = map_event(event, settings.rules, now, generation)
         if messages:
-            outbox.enqueue(event.response_uuid, messages)
+            pending.append((event.response_uuid, messages))
             replayed += 1
+        if len(pending) >= 500:
+            outbox.enqueue(pending)
+            pending = []
+    outbox.enqueue(pending)
     how = "with new messageIds" if new_ids else "with their original messageIds (Segment drops repeats it has; add --new-ids)"
     click.echo(f"{replayed} response(s) queued again, {how}")
     if forgotten:

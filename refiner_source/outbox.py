@@ -324,9 +324,10 @@ class Outbox:
 
     def replay_sources(
         self, response_id: str | None = None, form_uuid: str | None = None, since: float | None = None, until: float | None = None
-    ) -> list[tuple[str, str | None]]:
-        """(receipt key, stored event JSON or None once purged) of the receipts a replay selects."""
-        stmt = select(receipts.c.receipt_key, receipts.c.event).order_by(receipts.c.id)
+    ) -> Iterator[tuple[str, str | None]]:
+        """(receipt key, stored event JSON or None once purged) of the receipts a replay selects,
+        read 500 at a time in short transactions: a whole form's answers never sit in memory."""
+        stmt = select(receipts.c.id, receipts.c.receipt_key, receipts.c.event).order_by(receipts.c.id).limit(500)
         if response_id is not None:
             stmt = stmt.where(receipts.c.response_id == response_id)
         if form_uuid is not None:
@@ -335,14 +336,23 @@ class Outbox:
             stmt = stmt.where(receipts.c.occurred_at >= since)
         if until is not None:
             stmt = stmt.where(receipts.c.occurred_at < until)
-        with self._guard(), self.engine.connect() as conn:
-            return [(r.receipt_key, r.event) for r in conn.execute(stmt).all()]
+        after = 0
+        while True:
+            with self._guard(), self.engine.connect() as conn:
+                rows = conn.execute(stmt.where(receipts.c.id > after)).all()
+            yield from ((r.receipt_key, r.event) for r in rows)
+            if len(rows) < 500:
+                return
+            after = rows[-1].id
 
-    def enqueue(self, response_id: str, batch: Sequence[dict[str, Any]]) -> None:
-        """Queue messages for a response already received (replay): no receipt check."""
+    def enqueue(self, batch: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> None:
+        """Queue (response id, messages) of responses already received (replay): no receipt check."""
         now = time.time()
+        rows = [_message_row(m, response_id, now) for response_id, messages in batch for m in messages]
+        if not rows:
+            return
         with self._write() as conn:
-            conn.execute(insert(messages), [_message_row(m, response_id, now) for m in batch])
+            conn.execute(insert(messages), rows)
 
     def claim(self, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
         """Take up to `limit` due messages for `lease_seconds`; no other worker gets them meanwhile.

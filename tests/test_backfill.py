@@ -257,7 +257,7 @@ def test_init_db_upgrades_a_version_1_store(store_url):
     box.init_schema()
     box.init_schema()
     assert box.schema_version() == 2
-    assert box.replay_sources(response_id="old") == [("old\nE", None)]
+    assert list(box.replay_sources(response_id="old")) == [("old\nE", None)]
     box.dispose()
 
 
@@ -426,3 +426,10 @@ def test_mapping_processes_import_neither_the_web_app_nor_the_database():
     from refiner_source import backfill
 
     assert backfill.map_api_page.__module__ == backfill.ignore_stop_signals.__module__ == "refiner_source.intake"
+
+
+def test_replay_reads_and_queues_more_than_one_page_of_responses(outbox):
+    entries = [prepare(ApiResponseSchema().load(api_item(i)), RULES, NOW) for i in range(1203)]
+    outbox.store_many(entries)
+    keys = [key for key, _event in outbox.replay_sources(form_uuid="form-1")]
+    assert keys == [e.receipt_key for e in entries]  # all of them, once, in order, across pages of 500
