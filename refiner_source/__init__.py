@@ -20,11 +20,14 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     happen here, not at package import, so that a backfill's mapping processes do not load
     Flask and the web app.
     """
+    import os
+
     from flask import Flask
 
     from .config import settings_from
     from .logs import configure_logging
     from .outbox import Outbox
+    from .serve import PIDFILE_ENV
     from .webhook import MAX_BODY_BYTES, AppState, bp
 
     settings = settings_from(config)
@@ -32,6 +35,8 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1  # see webhook._read_body
     app.json.sort_keys = False
-    app.extensions["refiner_source"] = AppState(settings=settings, outbox=Outbox(settings.database_url))
+    app.extensions["refiner_source"] = AppState(
+        settings=settings, outbox=Outbox(settings.database_url), delivery_pidfile=os.environ.get(PIDFILE_ENV)
+    )
     app.register_blueprint(bp)
     return app

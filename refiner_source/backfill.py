@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,10 @@ class BackfillError(Exception):
     """Refiner's API cannot be used (key refused, unexpected answer); str() is the line to show."""
 
 
+class Interrupted(Exception):
+    """The run was asked to stop while it waited to retry a page."""
+
+
 @dataclass(frozen=True)
 class Page:
     items: list[Any]
@@ -50,16 +55,22 @@ class RefinerApi:
         timeout: float = 30.0,
         backoff: Backoff = Backoff(base=1.0, cap=60.0),  # noqa: B008 - frozen, shared safely
         max_attempts: int = 10,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
         page_length: int = 100,
+        stop: threading.Event | None = None,
+        on_retry: Callable[[str, float, int, int], None] = lambda problem, wait, attempt, of: None,
     ) -> None:
+        """`stop` cuts a wait between retries short (Ctrl-C); `on_retry(problem, wait, attempt, of)`
+        hears of each retry before its wait."""
         self.url = base_url.rstrip("/") + "/responses"
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
         self.timeout = timeout
         self.backoff = backoff
         self.max_attempts = max_attempts
-        self.sleep = sleep
+        self.stop = stop
+        self.sleep = sleep or (stop.wait if stop is not None else time.sleep)
+        self.on_retry = on_retry
         self.page_length = page_length
 
     def fetch(self, filters: dict[str, str], cursor: str | None = None, page: int | None = None) -> Page:
@@ -74,7 +85,7 @@ class RefinerApi:
                 answer = self.session.get(self.url, params=query, timeout=self.timeout)
             except requests.RequestException as exc:
                 problem = f"network: {type(exc).__name__}"
-                self.sleep(self.backoff.delay(attempt))
+                self._pause(problem, self.backoff.delay(attempt), attempt)
                 continue
             if answer.status_code == 200:
                 return _page(answer, page)
@@ -83,10 +94,18 @@ class RefinerApi:
             if answer.status_code in (408, 429) or answer.status_code >= 500:
                 problem = f"HTTP {answer.status_code}"
                 wait = retry_after(answer)
-                self.sleep(wait if wait is not None else self.backoff.delay(attempt))
+                self._pause(problem, wait if wait is not None else self.backoff.delay(attempt), attempt)
                 continue
             raise BackfillError(f"Refiner's API answered HTTP {answer.status_code} for {answer.url}: {answer.text[:200]}")
         raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem}); run the command again to resume")
+
+    def _pause(self, problem: str, seconds: float, attempt: int) -> None:
+        if attempt + 1 >= self.max_attempts:
+            return  # no retry follows
+        self.on_retry(problem, seconds, attempt + 1, self.max_attempts - 1)
+        self.sleep(seconds)
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted
 
 
 def _page(answer: requests.Response, asked_page: int | None) -> Page:
@@ -220,6 +239,9 @@ def run_backfill(
                     break
                 try:
                     result = api.fetch(query, cursor, page)
+                except Interrupted:
+                    fetching = False  # as should_stop(): the pages in flight are stored, the cursor saved
+                    break
                 except BackfillError:
                     if not in_flight:
                         raise

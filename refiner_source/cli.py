@@ -46,8 +46,10 @@ class _StoreErrors(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            from .outbox import StoreUnavailable
+            from .outbox import StoreMisconfigured, StoreUnavailable
 
+            if isinstance(exc, StoreMisconfigured):
+                raise click.ClickException(str(exc)) from None
             if not isinstance(exc, StoreUnavailable):
                 raise
             raise click.ClickException(f"the store at DATABASE_URL is not answering: {exc}") from None
@@ -62,21 +64,22 @@ def main() -> None:
 @main.command()
 def serve() -> None:
     """Run the web app under gunicorn on $PORT, with the delivery worker beside it."""
+    from .serve import PortInUse, Supervisor, bind
+
     settings = _settings("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET")
+    configure_logging(settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
-    outbox.dispose()  # no connection may cross gunicorn's fork
-    from gunicorn.app.wsgiapp import run
-
-    from .gunicorn_conf import EMBEDDED_WORKER_ENV
-
-    os.environ[EMBEDDED_WORKER_ENV] = "1"
-    sys.argv = ["refiner-source serve", "-c", "python:refiner_source.gunicorn_conf", "refiner_source:create_app()"]
-    run()
+    outbox.dispose()  # the children open their own connections
+    try:
+        listener = bind(settings.port)
+    except PortInUse as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(Supervisor(listener).run())
 
 
 @main.command()
-@click.option("--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent (gunicorn's master) goes away.")
+@click.option("--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent (serve's supervisor) goes away.")
 def worker(exit_with_parent: bool) -> None:
     """Run only the delivery loop (a Heroku worker dyno)."""
     from .delivery import Worker
@@ -88,19 +91,10 @@ def worker(exit_with_parent: bool) -> None:
     delivery = Worker(outbox, settings.segment_write_key, settings.segment_host, retention_days=settings.retention_days)
     delivery.install_signal_handlers()
     if exit_with_parent:
-        _stop_when_orphaned(delivery.stop)
+        from .serve import stop_when_orphaned
+
+        stop_when_orphaned(delivery.stop)
     delivery.run()
-
-
-def _stop_when_orphaned(stop) -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            threading.Event().wait(1.0)
-        stop()
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 @main.command()
@@ -109,15 +103,34 @@ def status(as_json: bool) -> None:
     """Print pending, delivered and dead counts and the age of the oldest pending message."""
     outbox = _outbox(_settings())
     stats = outbox.stats()
+    stalled = stalled_for(stats)
     if as_json:
-        click.echo(json.dumps(stats.__dict__))
+        click.echo(json.dumps({**stats.__dict__, "stalled": stalled is not None}))
         return
     age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f}s"
     click.echo(f"pending    {stats.pending}\ndelivered  {stats.delivered}\ndead       {stats.dead}\noldest pending age  {age}")
+    if stalled is not None:
+        click.echo(
+            f"\nnothing delivered for {stalled:.0f}s while {stats.pending} message(s) wait: is a delivery worker running "
+            "(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach Segment (see its log)?"
+        )
     if stats.dead:
         click.echo("\nnewest dead letters (response id, message id, error); `refiner-source replay` resends them:")
         for response_id, message_id, error in outbox.dead_letters():
             click.echo(f"  {response_id}  {message_id}  {error}")
+
+
+STALLED_AFTER = 60.0  # seconds; a healthy worker's longest backoff between tries is 60 s
+
+
+def stalled_for(stats) -> float | None:
+    """Seconds without a delivery while the oldest message has waited longer than STALLED_AFTER; else None."""
+    waited = stats.oldest_pending_age
+    if not stats.pending or waited is None or waited < STALLED_AFTER:
+        return None
+    if stats.last_delivered_age is not None and stats.last_delivered_age < STALLED_AFTER:
+        return None
+    return waited if stats.last_delivered_age is None else min(waited, stats.last_delivered_age)
 
 
 DATE = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
@@ -131,6 +144,7 @@ DATE = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:
 @click.option("--new-ids", is_flag=True, help="New messageIds, so that Segment does not drop what it already has.")
 def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids: bool) -> None:
     """Put dead letters back in line; or resend responses, re-mapped with the current mapping file."""
+    _check_range(since, until)
     settings = _settings()
     outbox = _outbox(settings)
     if not any((response_id, form_uuid, since, until)):
@@ -143,9 +157,10 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
 
     now = datetime.now(UTC)
     generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
-    replayed = forgotten = 0
+    matched = replayed = forgotten = 0
     pending: list[tuple[str, list[dict]]] = []  # queued 500 responses to a transaction
     for _key, stored_event in outbox.replay_sources(response_id, form_uuid, _epoch(since), _epoch(until)):
+        matched += 1
         if stored_event is None:
             forgotten += 1
             continue
@@ -158,12 +173,21 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
             outbox.enqueue(pending)
             pending = []
     outbox.enqueue(pending)
+    if not matched:
+        chosen = {"--response": response_id, "--form": form_uuid, "--since": since, "--until": until}
+        selection = " ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
+        raise click.ClickException(f"nothing matched {selection}: no response received (by webhook or backfill) fits it")
     how = "with new messageIds" if new_ids else "with their original messageIds (Segment drops repeats it has; add --new-ids)"
     click.echo(f"{replayed} response(s) queued again, {how}")
     if forgotten:
         click.echo(
             f"{forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, so they cannot be re-mapped"
         )
+
+
+def _check_range(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise click.UsageError(f"--since ({since:%Y-%m-%d %H:%M:%S}) must be before --until ({until:%Y-%m-%d %H:%M:%S})")
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -189,22 +213,28 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
     """
     from .backfill import BackfillError, RefinerApi, filters, run_backfill
 
+    _check_range(since, until)
     settings = _settings("REFINER_API_KEY")
     configure_logging("WARNING" if settings.log_level == "INFO" else settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
-    api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key)
     stop = threading.Event()
+    display = _BackfillDisplay(sys.stderr.isatty())
+
+    def on_retry(problem: str, wait: float, attempt: int, of: int) -> None:
+        display.note(f"Refiner's API: {problem}; retry {attempt} of {of} in {wait:.1f} s")
+
+    api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key, stop=stop, on_retry=on_retry)
 
     def on_interrupt(_signum, _frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        click.echo("\nstopping after this page (Ctrl-C again to stop at once; progress is saved either way)", err=True)
+        saved = "" if dry_run else "; progress is saved either way"
+        display.note(f"stopping after this page (Ctrl-C again to stop at once{saved})")
 
     signal.signal(signal.SIGINT, on_interrupt)
     signal.signal(signal.SIGTERM, on_interrupt)
-    display = _BackfillDisplay(sys.stderr.isatty())
     query = filters(since, until, form_uuid)
     try:
         progress = run_backfill(
@@ -224,7 +254,7 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
         for message in progress.sample:
             click.echo(json.dumps(message, indent=2, ensure_ascii=False))
     if stop.is_set():
-        click.echo("stopped before the end: run the same command again to resume", err=True)
+        click.echo("stopped before the end" + ("" if dry_run else ": run the same command again to resume"), err=True)
         sys.exit(130)
 
 
@@ -251,6 +281,13 @@ class _BackfillDisplay:
             self.width = len(text)
         else:
             click.echo(line, err=True)
+
+    def note(self, text: str) -> None:
+        """A line of its own (a retry, a stop), below the bar on a terminal."""
+        if self.tty and self.width:
+            click.echo("\r" + " " * self.width + "\r", nl=False, err=True)
+            self.width = 0
+        click.echo(text, err=True)
 
     def close(self) -> None:
         if self.tty and self.width:

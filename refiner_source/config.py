@@ -74,7 +74,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
     if region not in SEGMENT_REGION_HOSTS:
         raise ConfigError(f"SEGMENT_REGION must be one of {', '.join(SEGMENT_REGION_HOSTS)}, got {region!r}")
     segment_host = get("SEGMENT_HOST") or SEGMENT_REGION_HOSTS[region]
-    _check_http_url("SEGMENT_HOST", segment_host)
+    _check_http_url("SEGMENT_HOST", segment_host, "https://api.segment.io")
 
     secret = get("REFINER_WEBHOOK_SECRET")
     secrets = tuple(s.strip() for s in secret.split(",") if s.strip()) if secret else ()
@@ -87,7 +87,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         )
 
     refiner_api_url = (get("REFINER_API_URL") or "https://api.refiner.io/v1").rstrip("/")
-    _check_http_url("REFINER_API_URL", refiner_api_url)
+    _check_http_url("REFINER_API_URL", refiner_api_url, "https://api.refiner.io/v1")
 
     log_level = (get("LOG_LEVEL") or "INFO").upper()
     if log_level not in LOG_LEVELS:
@@ -132,10 +132,10 @@ def _int(get, name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-def _check_http_url(name: str, value: str) -> None:
+def _check_http_url(name: str, value: str, example: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{name} must be an http(s) URL such as https://api.segment.io, got {value!r}")
+        raise ConfigError(f"{name} must be an http(s) URL such as {example}, got {value!r}")
 
 
 def normalize_database_url(url: str) -> str:
@@ -150,6 +150,11 @@ def normalize_database_url(url: str) -> str:
         if rest in ("", "/", "/:memory:") or rest.startswith("/:memory:"):
             raise ConfigError(
                 "DATABASE_URL: an in-memory SQLite database would lose everything; give a file, such as sqlite:///refiner-source.db"
+            )
+        if not rest.startswith("/"):
+            raise ConfigError(
+                f"DATABASE_URL {url!r} names no file: SQLite URLs have three slashes before a relative path "
+                f"(sqlite:///{rest}) and four before an absolute one (sqlite:////var/data/refiner-source.db)"
             )
         return "sqlite://" + rest
     raise ConfigError(f"DATABASE_URL must start with sqlite:// or postgres:// (or postgresql://), got {scheme}://")

@@ -37,12 +37,31 @@ def is_retryable(status: int) -> bool:
 
 
 class RetryLater(Exception):
-    """Segment or the network said "not now"; `delay` is how long to wait (Retry-After if given)."""
+    """Segment or the network said "not now"; `delay` is how long to wait (Retry-After if given);
+    `status` is Segment's HTTP status when it answered, None when it could not be reached."""
 
-    def __init__(self, reason: str, delay: float | None) -> None:
+    def __init__(self, reason: str, delay: float | None, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay = delay
+        self.status = status
+
+
+class _DropLibraryErrors(logging.Filter):
+    """segment-analytics-python logs an ERROR of its own for some failed posts ("Unknown error: [503] ...");
+    the worker logs each of those answers itself, with what it will do about it, so the library's
+    copy is dropped. Its other records (warnings about Retry-After, debug) pass."""
+
+    DUPLICATES = ("Unknown error:", "Unexpected redirect")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.DUPLICATES))
+
+
+def quiet_library_duplicates() -> None:
+    library = logging.getLogger("segment")
+    if not any(isinstance(f, _DropLibraryErrors) for f in library.filters):
+        library.addFilter(_DropLibraryErrors())
 
 
 def pack(items: Sequence[Claimed], limit: int = BATCH_SIZE_LIMIT - BATCH_OVERHEAD) -> list[list[Claimed]]:
@@ -88,6 +107,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stop = threading.Event()
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
+        quiet_library_duplicates()
 
     def stop(self, *_args: object) -> None:
         self._stop.set()
@@ -139,9 +159,16 @@ class Worker:
             except RetryLater as exc:
                 delay = exc.delay if exc.delay is not None else self.backoff.delay(self._bump())
                 self.outbox.release(unsent, delay, exc.reason)
+                what = "Segment not reachable now" if exc.status is None else f"Segment answered HTTP {exc.status}"
                 log.warning(
-                    "Segment not reachable now; will retry",
-                    extra={"reason": exc.reason, "messages": len(unsent), "retry_in": round(delay, 2)},
+                    f"{what}; will retry",
+                    extra={
+                        "reason": exc.reason,
+                        "status": exc.status,
+                        "messages": len(unsent),
+                        "retry_in": round(delay, 2),
+                        "outcome": "retry",
+                    },
                 )
                 return delay
         self._failures = 0
@@ -158,8 +185,11 @@ class Worker:
         except APIError as exc:
             if is_retryable(exc.status):
                 if exc.status in CONFIGURATION_STATUSES:
-                    log.error("Segment rejected the request: check SEGMENT_WRITE_KEY and SEGMENT_HOST", extra={"status": exc.status})
-                raise RetryLater(f"HTTP {exc.status}: {exc.code}", retry_after(exc.response)) from exc
+                    log.error(
+                        "Segment rejected the request: check SEGMENT_WRITE_KEY and SEGMENT_HOST",
+                        extra={"status": exc.status, "outcome": "retry"},
+                    )
+                raise RetryLater(f"HTTP {exc.status}: {exc.code}", retry_after(exc.response), exc.status) from exc
             if len(chunk) > 1:
                 middle = len(chunk) // 2
                 self._send(chunk[:middle])
@@ -168,11 +198,11 @@ class Worker:
             self.outbox.mark_dead([chunk[0].id], f"HTTP {exc.status} {exc.code}: {exc.message}")
             log.error(
                 "Segment rejected a message; kept as a dead letter",
-                extra={"response_id": chunk[0].response_id, "status": exc.status, "code": exc.code},
+                extra={"response_id": chunk[0].response_id, "status": exc.status, "code": exc.code, "outcome": "dead"},
             )
             return
         except requests.RequestException as exc:
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
         self.outbox.mark_delivered([c.id for c in chunk])
         for response_id in dict.fromkeys(c.response_id for c in chunk):
-            log.info("delivered", extra={"response_id": response_id})
+            log.info("delivered", extra={"response_id": response_id, "outcome": "delivered"})

@@ -119,6 +119,11 @@ class StoreUnavailable(Exception):
     """The database did not answer (down, locked too long, connection cut): callers answer 503."""
 
 
+class StoreMisconfigured(StoreUnavailable):
+    """The database answers but cannot serve: no schema yet, a SQLite folder missing or not writable.
+    str() is the whole line for the operator, with the resolved path."""
+
+
 @dataclass(frozen=True)
 class Claimed:
     id: int
@@ -144,6 +149,7 @@ class Stats:
     delivered: int
     dead: int
     oldest_pending_age: float | None
+    last_delivered_age: float | None = None  # since the newest delivery still kept (see retention)
 
 
 def make_engine(url: str) -> Engine:
@@ -415,11 +421,14 @@ class Outbox:
         with self._guard(), self.engine.connect() as conn:
             counts = dict(conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status)).all())
             oldest = conn.execute(select(func.min(messages.c.created_at)).where(messages.c.status == PENDING)).scalar()
+            newest = conn.execute(select(func.max(messages.c.delivered_at)).where(messages.c.status == DELIVERED)).scalar()
+        now = time.time()
         return Stats(
             pending=counts.get(PENDING, 0),
             delivered=counts.get(DELIVERED, 0),
             dead=counts.get(DEAD, 0),
-            oldest_pending_age=None if oldest is None else max(0.0, time.time() - oldest),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            last_delivered_age=None if newest is None else max(0.0, now - newest),
         )
 
     def dead_letters(self, limit: int = 20) -> list[tuple[str, str, str | None]]:
@@ -464,7 +473,7 @@ class Outbox:
         self.engine.dispose()
 
     def _guard(self):
-        return _translate_errors()
+        return _translate_errors(self.engine)
 
 
 @dataclass
@@ -508,7 +517,7 @@ class _SqliteWriterLock:
                 try:
                     self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                 except OSError as exc:  # the database's folder is missing or not writable
-                    raise StoreUnavailable(f"cannot open {self.path}: {exc.strerror}") from exc
+                    raise StoreMisconfigured(_sqlite_file_problem(self.path.removesuffix("-writer.lock"), exc.strerror)) from exc
             deadline, pause = time.monotonic() + self.timeout, 0.0002
             while True:  # a writer stopped mid-commit (SIGSTOP) must give 503s, not a hang
                 try:
@@ -596,19 +605,51 @@ def _insert_ignoring_conflict(dialect: str, table: Table):
 
 
 class _translate_errors:
-    """Turn driver errors that mean "the store is not answering" into StoreUnavailable.
+    """Turn driver errors that mean "the store cannot serve now" into StoreUnavailable.
 
     Connection loss, a locked or missing SQLite file, a missing table: OperationalError and
     InterfaceError, and PostgreSQL's undefined_table (SQLite says OperationalError for that).
-    A DataError or IntegrityError is about what was written, and retrying would not help; it
-    propagates as the bug it is.
+    A missing schema and a SQLite file that cannot be opened are StoreMisconfigured, which says
+    which, with the resolved path. A DataError or IntegrityError is about what was written, and
+    retrying would not help; it propagates as the bug it is.
     """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        schema_missing = isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE
-        if isinstance(exc, (OperationalError, InterfaceError)) or schema_missing:
-            raise StoreUnavailable(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from exc
-        return False
+        if not isinstance(exc, (OperationalError, InterfaceError, ProgrammingError)):
+            return False
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        sqlite = self.engine.dialect.name == "sqlite"
+        if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE or (sqlite and reason.startswith("no such table")):
+            where = os.path.abspath(self.engine.url.database) if sqlite else self.engine.url.render_as_string(hide_password=True)
+            raise StoreMisconfigured(
+                f"the database at {where} has no refiner-source tables ({reason}): run `refiner-source init-db`, "
+                "or check that DATABASE_URL names the right database"
+            ) from exc
+        if sqlite and "unable to open database file" in reason:
+            raise StoreMisconfigured(_sqlite_file_problem(os.path.abspath(self.engine.url.database), reason)) from exc
+        if isinstance(exc, ProgrammingError):
+            return False
+        raise StoreUnavailable(reason) from exc
+
+
+def _sqlite_file_problem(path: str, reason: str) -> str:
+    """Why SQLite cannot open the file at `path`, as one line naming the folder at fault."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.exists(folder):
+        return f"the folder {folder} does not exist, so the SQLite database {path} cannot be created (check DATABASE_URL, or create it)"
+    if not os.path.isdir(folder):
+        return f"{folder} is not a folder, so the SQLite database {path} cannot be created there (check DATABASE_URL)"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (
+            f"the folder {folder} is not writable by this user, so the SQLite database {path} cannot be written "
+            "(SQLite writes -wal and -shm files beside it)"
+        )
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return f"the SQLite database {path} is not readable and writable by this user"
+    return f"cannot open the SQLite database {path}: {reason}"

@@ -18,6 +18,7 @@ from .intake import prepare
 from .mapping import MessageTooLarge, event_name
 from .outbox import Outbox, StoreUnavailable
 from .schemas import EnvelopeSchema, WebhookSchema, check_limits, error_fields, shape_of
+from .serve import worker_running
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ _webhook = WebhookSchema()
 class AppState:
     settings: Settings
     outbox: Outbox
+    delivery_pidfile: str | None = None  # under `refiner-source serve`: where the embedded worker's pid is
 
 
 def state() -> AppState:
@@ -182,10 +184,15 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
+    app_state = state()
     try:
-        state().outbox.ping()
+        app_state.outbox.ping()
     except StoreUnavailable:
         return error(503, "store_unavailable", "The store is not answering.")
+    if app_state.delivery_pidfile and not worker_running(app_state.delivery_pidfile):
+        return error(
+            503, "delivery_worker_down", "The embedded delivery worker is not running (refiner-source serve restarts it; see the log)."
+        )
     return jsonify({"status": "ready"})
 
 

@@ -291,7 +291,8 @@ def test_replay_by_time_range_and_events_past_retention(store_url, outbox, webho
 
     outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
     env = {"DATABASE_URL": store_url}
-    assert "0 response(s)" in run(["replay", "--since", "2026-11-19"], env).stdout
+    none = run(["replay", "--since", "2026-11-19"], env)
+    assert none.returncode == 1 and "nothing matched --since 2026-11-19 00:00:00" in none.stderr
     assert "1 response(s)" in run(["replay", "--since", "2026-11-18", "--until", "2026-11-19"], env).stdout
     outbox.purge(delivered_before=9e12, receipts_before=0)  # the answers are forgotten, the receipt kept
     result = run(["replay", "--response", webhook_body["response"]["uuid"]], env)
@@ -433,3 +434,40 @@ def test_replay_reads_and_queues_more_than_one_page_of_responses(outbox):
     outbox.store_many(entries)
     keys = [key for key, _event in outbox.replay_sources(form_uuid="form-1")]
     assert keys == [e.receipt_key for e in entries]  # all of them, once, in order, across pages of 500
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_e2e_ctrl_c_while_the_api_is_down_stops_at_once_and_each_retry_is_a_line(store_url, dry_run):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.service import command
+
+    with RefinerStub(total=10) as refiner:
+        refiner.script.extend([(503, {"Retry-After": "60"})] * 10)  # down, and asking for a minute between tries
+        env = {**os.environ, "DATABASE_URL": store_url, "REFINER_API_URL": refiner.url, "REFINER_API_KEY": "refiner-key"}
+        run = subprocess.Popen(
+            [*command(), "backfill", "--workers", "0", *(["--dry-run"] if dry_run else [])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while not refiner.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # now in the 60 s wait before the second try
+        stopped_at = time.monotonic()
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+    assert time.monotonic() - stopped_at < 5, "the wait between retries did not wake on Ctrl-C"
+    assert run.returncode == 130 and "Traceback" not in err
+    assert "Refiner's API: HTTP 503; retry 1 of 9 in 60.0 s" in err.splitlines()
+    assert len(refiner.requests) == 1
+    if dry_run:
+        assert "progress is saved" not in err and "resume" not in err
+    else:
+        assert "progress is saved" in err and "run the same command again to resume" in err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import tempfile
 
 import pytest
 
@@ -12,9 +14,14 @@ from refiner_source.outbox import Outbox
 from tests.service import command
 
 
-def run(args, env, timeout=60):
+def run(args, env, timeout=60, cwd=None):
+    """The command with `env` over a clean environment, run in `cwd` (a temporary folder by default, so
+    that a relative path never writes into the checkout)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SEGMENT_", "REFINER_", "DATABASE_URL"))}
-    return subprocess.run([*command(), *args], env={**full, **env}, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as scratch:
+        return subprocess.run(
+            [*command(), *args], env={**full, **env}, capture_output=True, text=True, timeout=timeout, cwd=cwd or scratch
+        )
 
 
 @pytest.mark.parametrize(
@@ -79,3 +86,89 @@ def test_purge_dead_deletes_dead_letters_on_request(store_url, outbox):
     gone = run(["purge-dead", "--yes"], {"DATABASE_URL": store_url})
     assert gone.returncode == 0 and "1 dead letter(s) deleted" in gone.stdout
     assert Outbox(store_url).stats().dead == 0
+
+
+# --- clear lines for the mistakes a new user makes (issue 9) -------------------------------------
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_sqlite_url_with_two_slashes_is_one_line_showing_the_right_one(tmp_path):
+    line = one_line_error(run(["status"], {"DATABASE_URL": "sqlite://refiner.db"}, cwd=tmp_path))
+    assert "DATABASE_URL" in line and "sqlite:///refiner.db" in line
+    assert not list(tmp_path.iterdir())  # nothing created on the way
+
+
+def test_store_without_schema_says_run_init_db_with_the_resolved_path(store_url, tmp_path):
+    url = f"sqlite:///{tmp_path}/never-initialised.db" if store_url.startswith("sqlite") else store_url
+    line = one_line_error(run(["status"], {"DATABASE_URL": url}, cwd=tmp_path))
+    assert "init-db" in line and "not answering" not in line
+    if url.startswith("sqlite"):
+        assert f"{tmp_path}/never-initialised.db" in line
+
+
+def test_sqlite_in_a_missing_folder_names_the_folder(tmp_path):
+    line = one_line_error(run(["init-db"], {"DATABASE_URL": "sqlite:///no/such/folder/x.db"}, cwd=tmp_path))
+    assert f"the folder {tmp_path}/no/such/folder does not exist" in line and "not answering" not in line
+
+
+def test_sqlite_in_an_unwritable_folder_names_the_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.access(folder, os.W_OK):  # root writes anywhere: make the folder immutable instead
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if not immutable:
+            pytest.skip("running as root on a file system without chattr +i: no folder can be made unwritable")
+    try:
+        line = one_line_error(run(["init-db"], {"DATABASE_URL": f"sqlite:///{folder}/x.db"}))
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+    assert f"the folder {folder} is not writable" in line and "not answering" not in line
+
+
+def test_refiner_api_url_error_suggests_refiners_url_not_segments(tmp_path):
+    line = one_line_error(run(["status"], {"REFINER_API_URL": "api.refiner.io/v1", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}))
+    assert "REFINER_API_URL" in line and "https://api.refiner.io/v1" in line and "segment" not in line.lower()
+
+
+def test_replay_of_an_unknown_response_says_nothing_matched(store_url, outbox):
+    result = run(["replay", "--response", "no-such-response"], {"DATABASE_URL": store_url})
+    line = one_line_error(result)
+    assert "nothing matched" in line and "--response no-such-response" in line
+
+
+@pytest.mark.parametrize("command_args", [["replay"], ["backfill"]])
+def test_reversed_since_until_is_refused(command_args, tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/x.db", "REFINER_API_KEY": "k", "REFINER_API_URL": "http://127.0.0.1:9"}
+    result = run([*command_args, "--since", "2026-11-15", "--until", "2026-11-01"], env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--since (2026-11-15 00:00:00) must be before --until (2026-11-01 00:00:00)" in result.stderr
+
+
+def test_status_says_when_nothing_is_delivered_while_messages_wait(store_url, outbox, monkeypatch):
+    import time
+
+    outbox.store("r\nE", "r", "E", [{"messageId": "m", "type": "track"}])
+    fresh = run(["status"], {"DATABASE_URL": store_url})
+    assert "nothing delivered" not in fresh.stdout
+    # The message has waited two minutes, and nothing was delivered since.
+    from sqlalchemy import update
+
+    from refiner_source.outbox import messages
+
+    with outbox.engine.begin() as conn:
+        conn.execute(update(messages).values(created_at=time.time() - 120))
+    stalled = run(["status"], {"DATABASE_URL": store_url})
+    assert re.search(r"nothing delivered for 12\ds while 1 message\(s\) wait", stalled.stdout), stalled.stdout
+    assert "delivery worker running" in stalled.stdout
+    assert json.loads(run(["status", "--json"], {"DATABASE_URL": store_url}).stdout)["stalled"] is True

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import time
 
 import pytest
 import requests
 import responses
+from sqlalchemy import update
 
 from refiner_source.backoff import Backoff
 from refiner_source.delivery import Worker, pack
-from refiner_source.outbox import Claimed
+from refiner_source.outbox import Claimed, messages
 
 HOST = "https://segment.test"
 URL = HOST + "/v1/batch"
@@ -178,3 +180,44 @@ def test_dead_letter_keeps_its_own_error_when_the_rest_of_its_batch_meets_an_out
     assert outbox.dead_letters() == [("r", "m-1", "HTTP 400 invalid_request: bad message")]
     stats = outbox.stats()
     assert stats.dead == 1 and stats.delivered + stats.pending == 7 and stats.pending > 0
+
+
+def delivery_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "refiner_source.delivery"]
+
+
+@responses.activate
+def test_every_delivery_log_line_carries_an_outcome(worker, outbox, caplog):
+    caplog.set_level(logging.INFO)
+    fill(outbox, 2)
+    responses.post(URL, status=503, json={"code": "unavailable", "message": "later"})
+    worker.run_once()
+    with outbox.engine.begin() as conn:  # due again now, not after the backoff
+        conn.execute(update(messages).values(available_at=0))
+    responses.replace(responses.POST, URL, json={"success": True})
+    worker.run_once()
+    outcomes = [getattr(r, "outcome", None) for r in delivery_records(caplog) if r.msg != "delivery worker started"]
+    assert outcomes and None not in outcomes
+    assert "retry" in outcomes and "delivered" in outcomes
+
+
+@responses.activate
+def test_a_401_is_logged_as_segment_answering_not_as_unreachable(worker, outbox, caplog):
+    caplog.set_level(logging.INFO)
+    responses.post(URL, status=401, json={"code": "unauthorized", "message": "bad key"})
+    fill(outbox, 1)
+    worker.run_once()
+    texts = [r.getMessage() for r in delivery_records(caplog)]
+    assert "Segment answered HTTP 401; will retry" in texts
+    assert not any("not reachable" in t for t in texts)
+
+
+@responses.activate
+def test_the_segment_librarys_own_error_for_a_failed_post_is_not_logged_twice(worker, outbox, caplog):
+    caplog.set_level(logging.INFO)
+    responses.post(URL, status=503, body="<html>Service Unavailable</html>")  # not JSON: the library logs "Unknown error"
+    fill(outbox, 1)
+    worker.run_once()
+    library = [r for r in caplog.records if r.name == "segment" and r.levelno >= logging.ERROR]
+    assert library == []
+    assert [r.getMessage() for r in delivery_records(caplog)] == ["Segment answered HTTP 503; will retry"]
