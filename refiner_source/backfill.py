@@ -69,7 +69,7 @@ class RefinerApi:
         self.backoff = backoff
         self.max_attempts = max_attempts
         self.stop = stop
-        self.sleep = sleep or (stop.wait if stop is not None else time.sleep)
+        self.sleep = sleep or self._sleep
         self.on_retry = on_retry
         self.page_length = page_length
 
@@ -102,10 +102,21 @@ class RefinerApi:
     def _pause(self, problem: str, seconds: float, attempt: int) -> None:
         if attempt + 1 >= self.max_attempts:
             return  # no retry follows
+        self._check_stop()
         self.on_retry(problem, seconds, attempt + 1, self.max_attempts - 1)
         self.sleep(seconds)
+        self._check_stop()
+
+    def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
             raise Interrupted
+
+    def _sleep(self, seconds: float) -> None:
+        # Short naps that look at `stop`, not stop.wait(): the stop is set from a signal handler,
+        # which could run while this thread holds the Event's own lock.
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not (self.stop is not None and self.stop.is_set()):
+            time.sleep(min(left, 0.1))
 
 
 def _page(answer: requests.Response, asked_page: int | None) -> Page:

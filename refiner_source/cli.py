@@ -68,13 +68,13 @@ def serve() -> None:
 
     settings = _settings("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET")
     configure_logging(settings.log_level)
+    try:
+        listener = bind(settings.port)  # first: a port in use is said at once, and creates nothing
+    except PortInUse as exc:
+        raise click.ClickException(str(exc)) from None
     outbox = _outbox(settings)
     outbox.init_schema()
     outbox.dispose()  # the children open their own connections
-    try:
-        listener = bind(settings.port)
-    except PortInUse as exc:
-        raise click.ClickException(str(exc)) from None
     sys.exit(Supervisor(listener).run())
 
 
@@ -84,16 +84,18 @@ def worker(exit_with_parent: bool) -> None:
     """Run only the delivery loop (a Heroku worker dyno)."""
     from .delivery import Worker
 
+    running: list[Worker] = []
+    if exit_with_parent:  # first, before anything slow: a supervisor killed meanwhile must still be noticed
+        from .serve import stop_when_orphaned
+
+        stop_when_orphaned(lambda: running[0].stop() if running else os._exit(0))
     settings = _settings("SEGMENT_WRITE_KEY")
     configure_logging(settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
     delivery = Worker(outbox, settings.segment_write_key, settings.segment_host, retention_days=settings.retention_days)
     delivery.install_signal_handlers()
-    if exit_with_parent:
-        from .serve import stop_when_orphaned
-
-        stop_when_orphaned(delivery.stop)
+    running.append(delivery)
     delivery.run()
 
 

@@ -32,8 +32,13 @@ PURGE_EVERY = 3600.0
 DEFAULT_BACKOFF = Backoff(base=0.5, cap=60.0)
 
 
+def is_configuration(status: int) -> bool:
+    # A 3xx reaching us is one requests would not follow: SEGMENT_HOST points at a proxy or redirector.
+    return status in CONFIGURATION_STATUSES or 300 <= status < 400
+
+
 def is_retryable(status: int) -> bool:
-    return status in (408, 429) or status >= 500 or status in CONFIGURATION_STATUSES
+    return status in (408, 429) or status >= 500 or is_configuration(status)
 
 
 class RetryLater(Exception):
@@ -48,11 +53,11 @@ class RetryLater(Exception):
 
 
 class _DropLibraryErrors(logging.Filter):
-    """segment-analytics-python logs an ERROR of its own for some failed posts ("Unknown error: [503] ...");
-    the worker logs each of those answers itself, with what it will do about it, so the library's
-    copy is dropped. Its other records (warnings about Retry-After, debug) pass."""
+    """segment-analytics-python logs an ERROR of its own for an answer that is not Segment's JSON
+    ("Unknown error: [503] ..."); the worker logs each answer itself, with what it will do about
+    it, so that copy is dropped. The library's other records (its redirect hint, Retry-After) pass."""
 
-    DUPLICATES = ("Unknown error:", "Unexpected redirect")
+    DUPLICATES = ("Unknown error:",)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg.startswith(self.DUPLICATES))
@@ -184,7 +189,7 @@ class Worker:
             post(self.write_key, self.host, gzip=True, timeout=self.timeout, batch=[c.message for c in chunk])
         except APIError as exc:
             if is_retryable(exc.status):
-                if exc.status in CONFIGURATION_STATUSES:
+                if is_configuration(exc.status):
                     log.error(
                         "Segment rejected the request: check SEGMENT_WRITE_KEY and SEGMENT_HOST",
                         extra={"status": exc.status, "outcome": "retry"},

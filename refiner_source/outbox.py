@@ -517,7 +517,7 @@ class _SqliteWriterLock:
                 try:
                     self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                 except OSError as exc:  # the database's folder is missing or not writable
-                    raise StoreMisconfigured(_sqlite_file_problem(self.path.removesuffix("-writer.lock"), exc.strerror)) from exc
+                    raise StoreMisconfigured(_sqlite_file_problem(self.path, exc.strerror, "writer lock file")) from exc
             deadline, pause = time.monotonic() + self.timeout, 0.0002
             while True:  # a writer stopped mid-commit (SIGSTOP) must give 503s, not a hang
                 try:
@@ -623,7 +623,7 @@ class _translate_errors:
     def __exit__(self, exc_type, exc, tb):
         if not isinstance(exc, (OperationalError, InterfaceError, ProgrammingError)):
             return False
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        reason = ((str(exc.orig) if exc.orig else str(exc)).strip().splitlines() or [repr(exc)])[0]
         sqlite = self.engine.dialect.name == "sqlite"
         if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE or (sqlite and reason.startswith("no such table")):
             where = os.path.abspath(self.engine.url.database) if sqlite else self.engine.url.render_as_string(hide_password=True)
@@ -638,18 +638,19 @@ class _translate_errors:
         raise StoreUnavailable(reason) from exc
 
 
-def _sqlite_file_problem(path: str, reason: str) -> str:
-    """Why SQLite cannot open the file at `path`, as one line naming the folder at fault."""
+def _sqlite_file_problem(path: str, reason: str, what: str = "SQLite database") -> str:
+    """Why the file at `path` (the database, or its writer lock beside it) cannot be opened, as one line
+    naming the folder or file at fault."""
     folder = os.path.dirname(path) or "."
     if not os.path.exists(folder):
-        return f"the folder {folder} does not exist, so the SQLite database {path} cannot be created (check DATABASE_URL, or create it)"
+        return f"the folder {folder} does not exist, so the {what} {path} cannot be created (check DATABASE_URL, or create it)"
     if not os.path.isdir(folder):
-        return f"{folder} is not a folder, so the SQLite database {path} cannot be created there (check DATABASE_URL)"
+        return f"{folder} is not a folder, so the {what} {path} cannot be created there (check DATABASE_URL)"
     if not os.access(folder, os.W_OK | os.X_OK):
         return (
-            f"the folder {folder} is not writable by this user, so the SQLite database {path} cannot be written "
-            "(SQLite writes -wal and -shm files beside it)"
+            f"the folder {folder} is not writable by this user, so the {what} {path} cannot be written "
+            "(SQLite writes its database, -wal, -shm and writer lock files there)"
         )
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-        return f"the SQLite database {path} is not readable and writable by this user"
-    return f"cannot open the SQLite database {path}: {reason}"
+        return f"the {what} {path} is not readable and writable by this user"
+    return f"cannot open the {what} {path}: {reason}"

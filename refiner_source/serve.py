@@ -24,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
-WATCHED = STOP_SIGNALS | {signal.SIGCHLD}
+WATCHED = STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}  # SIGHUP goes on to gunicorn: it reloads its workers
 STOP_SECONDS = 22.0  # from the stop signal to SIGKILL of what is left: under SPEC's 25 s, above gunicorn's 20
 STEADY_SECONDS = 10.0  # a worker that lived this long is restarted at once; quicker deaths back off
 MAX_RESTART_DELAY = 30.0
@@ -37,13 +37,15 @@ class PortInUse(Exception):
     """The port cannot be bound; str() is the one line to show."""
 
 
-def bind(port: int) -> socket.socket:
-    """The listening address, bound here so that a port in use is one clear line (gunicorn retries for
-    five seconds and prints each try); gunicorn takes the socket over as fd://."""
+def bind(port: int, backlog: int = 2048) -> socket.socket:
+    """The listening socket, made here so that a port in use is one clear line (gunicorn retries for
+    five seconds and prints each try); gunicorn takes it over as fd://. Listening at once: two
+    sockets with SO_REUSEADDR may both bind a port, only one may listen on it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("0.0.0.0", port))
+        sock.listen(backlog)  # gunicorn's default backlog; gunicorn does not listen() again
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -51,7 +53,6 @@ def bind(port: int) -> socket.socket:
         if exc.errno == errno.EACCES:
             raise PortInUse(f"PORT {port} needs privileges this user does not have: set PORT to 1024 or above") from None
         raise PortInUse(f"cannot listen on PORT {port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -60,7 +61,8 @@ class Supervisor:
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
-        self.runtime = Path(tempfile.mkdtemp(prefix="refiner-source-"))
+        # $XDG_RUNTIME_DIR where there is one: temporary-file cleaners leave it alone.
+        self.runtime = Path(tempfile.mkdtemp(prefix="refiner-source-", dir=os.environ.get("XDG_RUNTIME_DIR") or None))
         self.pidfile = self.runtime / "delivery.pid"
         self.gunicorn: int | None = None
         self.worker: int | None = None
@@ -74,9 +76,9 @@ class Supervisor:
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
         try:
-            self._start_worker()
             self._start_gunicorn()
-            self.listener.close()  # gunicorn holds it now
+            self.listener.close()  # gunicorn holds it now; the worker must not (it would keep the port open)
+            self._start_worker()
             while self.gunicorn is not None or self.worker is not None:
                 self._step()
         finally:
@@ -96,6 +98,9 @@ class Supervisor:
         if info is not None:
             if info.si_signo == signal.SIGCHLD:
                 self._reap()
+            elif info.si_signo == signal.SIGHUP:
+                if self.gunicorn is not None:
+                    _signal(self.gunicorn, signal.SIGHUP)
             else:
                 self._begin_stop(info.si_signo)
         now = time.monotonic()
@@ -112,15 +117,29 @@ class Supervisor:
         return os.posix_spawn(sys.executable, [sys.executable, *argv], env, setsigmask=())
 
     def _start_worker(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in (PIDFILE_ENV, PARENT_ENV)}
-        self.worker = self._spawn(["-m", "refiner_source", "worker", "--exit-with-parent"], env)
+        """Start the delivery worker; if that fails (no memory, a process limit), try again later."""
+        env = {k: v for k, v in os.environ.items() if k != PIDFILE_ENV}
+        env[PARENT_ENV] = str(os.getpid())
+        try:
+            self.worker = self._spawn(["-m", "refiner_source", "worker", "--exit-with-parent"], env)
+        except OSError as exc:
+            self.quick_deaths += 1
+            delay = min(MAX_RESTART_DELAY, 2.0 ** min(self.quick_deaths, 5))
+            log.error(f"cannot start the delivery worker ({exc.strerror}); trying again in {delay:g} s")
+            self.restart_at = time.monotonic() + delay
+            return
         self.worker_started = time.monotonic()
-        tmp = self.pidfile.with_suffix(".tmp")
-        tmp.write_text(str(self.worker))
-        os.replace(tmp, self.pidfile)
         log.info(f"delivery worker running as pid {self.worker}", extra={"pid": self.worker})
+        try:
+            self.runtime.mkdir(exist_ok=True)
+            tmp = self.pidfile.with_suffix(".tmp")
+            tmp.write_text(str(self.worker))
+            os.replace(tmp, self.pidfile)
+        except OSError as exc:  # /readyz will say the worker is down; delivery itself goes on
+            log.error(f"cannot write {self.pidfile} ({exc.strerror}): /readyz cannot see the delivery worker")
 
     def _start_gunicorn(self) -> None:
+        self.listener.set_inheritable(True)  # for this child alone: it is closed right after
         env = {**os.environ, PIDFILE_ENV: str(self.pidfile), PARENT_ENV: str(os.getpid())}
         argv = [
             "-m",
@@ -149,7 +168,7 @@ class Supervisor:
                 self.gunicorn = None
                 if self.stop_deadline is None:
                     log.error(f"web server (gunicorn) exited with {code}; stopping", extra={"code": code})
-                    self.exit_code = code
+                    self.exit_code = code if code >= 0 else 128 - code  # killed by a signal: as a shell says it
                     self._begin_stop(signal.SIGTERM)
 
     def _worker_exited(self, code: int) -> None:
@@ -223,14 +242,17 @@ def worker_running(pidfile: str) -> bool:
 
 
 def stop_when_orphaned(stop, parent: int | None = None) -> None:
-    """Call `stop()` once the parent process has gone (the supervisor was killed): nothing runs unsupervised."""
+    """Call `stop()` once the parent process has gone (the supervisor was killed), so that nothing runs
+    unsupervised. The parent is the supervisor's pid from the environment when there is one: one read
+    with getppid() after a slow start could already be init's."""
     import threading
 
-    parent = os.getppid() if parent is None else parent
+    if parent is None:
+        parent = int(os.environ.get(PARENT_ENV) or os.getppid())
 
     def watch() -> None:
         while os.getppid() == parent:
-            threading.Event().wait(1.0)
+            time.sleep(1.0)
         stop()
 
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()

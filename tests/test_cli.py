@@ -19,9 +19,7 @@ def run(args, env, timeout=60, cwd=None):
     that a relative path never writes into the checkout)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SEGMENT_", "REFINER_", "DATABASE_URL"))}
     with tempfile.TemporaryDirectory() as scratch:
-        return subprocess.run(
-            [*command(), *args], env={**full, **env}, capture_output=True, text=True, timeout=timeout, cwd=cwd or scratch
-        )
+        return subprocess.run([*command(), *args], env={**full, **env}, capture_output=True, text=True, timeout=timeout, cwd=cwd or scratch)
 
 
 @pytest.mark.parametrize(

@@ -221,3 +221,11 @@ def test_the_segment_librarys_own_error_for_a_failed_post_is_not_logged_twice(wo
     library = [r for r in caplog.records if r.name == "segment" and r.levelno >= logging.ERROR]
     assert library == []
     assert [r.getMessage() for r in delivery_records(caplog)] == ["Segment answered HTTP 503; will retry"]
+
+
+@responses.activate
+def test_a_redirect_is_a_host_problem_retried_not_a_dead_letter(worker, outbox):
+    responses.post(URL, status=304)  # one requests does not follow: SEGMENT_HOST points at a redirector
+    fill(outbox, 2)
+    worker.run_once()
+    assert outbox.stats().dead == 0 and outbox.stats().pending == 2

@@ -194,3 +194,26 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_naming_port(tmp_path):
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert "PORT" in lines[0] and str(port) in lines[0] and "in use" in lines[0]
+
+
+def test_serve_killed_alone_leaves_neither_gunicorn_nor_the_delivery_worker_running(start, segment):
+    service = start(WEB_CONCURRENCY="2")
+    one_worker(service)
+    os.kill(service.process.pid, signal.SIGKILL)  # the OOM killer, say: no chance to pass anything on
+    service.process.wait(5)
+    wait_until(lambda: not tree(service), 15, f"gunicorn and the worker notice and stop; left: {tree(service)}")
+
+
+def test_worker_running_reads_the_pidfile_the_supervisor_keeps(tmp_path):
+    from refiner_source.serve import worker_running
+
+    pidfile = tmp_path / "delivery.pid"
+    assert not worker_running(str(pidfile))  # no file: the worker is between two lives
+    pidfile.write_text(str(os.getpid()))
+    assert worker_running(str(pidfile))
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: the pid is free
+    pidfile.write_text(str(child.pid))
+    assert not worker_running(str(pidfile))
+    pidfile.write_text("garbage")
+    assert not worker_running(str(pidfile))
