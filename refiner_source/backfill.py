@@ -1,4 +1,4 @@
-"""Backfill: Refiner's REST API, page by page, through the webhook's own mapping into the outbox."""
+"""Backfill: Refiner's REST API, page by page, validated as webhooks are and stored as events, like them."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import requests
 from .backoff import Backoff, retry_after
 from .config import MappingRules
 from .intake import Entry, ignore_stop_signals, map_api_page
+from .mapping import map_event
 from .outbox import BackfillState, Outbox
+from .schemas import event_from_json
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +270,7 @@ def run_backfill(
                 entries, not_completed, invalid = future.result()
             except BrokenProcessPool:  # a mapping process died (killed, out of memory): map here
                 entries, not_completed, invalid = map_api_page(result.items, rules)
-            _store_page(outbox, run_key, result, entries, not_completed, invalid, progress, dry_run, sample_size)
+            _store_page(outbox, run_key, result, entries, not_completed, invalid, progress, dry_run, sample_size, rules)
             report(progress)
     finally:
         pool.shutdown(cancel_futures=True)
@@ -287,6 +289,7 @@ def _store_page(
     progress: Progress,
     dry_run: bool,
     sample_size: int,
+    rules: MappingRules,
 ) -> None:
     progress.pages += 1
     progress.seen += len(result.items)
@@ -298,7 +301,10 @@ def _store_page(
     if dry_run:
         new = len(entries) - len(outbox.known_receipts([e.receipt_key for e in entries]))
         for entry in entries:
-            progress.sample.extend(entry.messages[: sample_size - len(progress.sample)])
+            if len(progress.sample) >= sample_size:
+                break
+            messages = map_event(event_from_json(entry.event), rules, datetime.now(UTC))  # as delivery will map it
+            progress.sample.extend(messages[: sample_size - len(progress.sample)])
     else:
         new = outbox.store_many(entries, backfill=(run_key, saved))
     progress.stored += new

@@ -93,7 +93,9 @@ def worker(exit_with_parent: bool) -> None:
     configure_logging(settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
-    delivery = Worker(outbox, settings.segment_write_key, settings.segment_host, retention_days=settings.retention_days)
+    delivery = Worker(
+        outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules, retention_days=settings.retention_days
+    )
     delivery.install_signal_handlers()
     running.append(delivery)
     delivery.run()
@@ -113,7 +115,7 @@ def status(as_json: bool) -> None:
     click.echo(f"pending    {stats.pending}\ndelivered  {stats.delivered}\ndead       {stats.dead}\noldest pending age  {age}")
     if stalled is not None:
         click.echo(
-            f"\nnothing delivered for {stalled:.0f}s while {stats.pending} message(s) wait: is a delivery worker running "
+            f"\nnothing delivered for {stalled:.0f}s while {stats.pending} event(s) wait: is a delivery worker running "
             "(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach Segment (see its log)?"
         )
     if stats.dead:
@@ -154,36 +156,19 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
             raise click.UsageError("--new-ids goes with --response, --form, --since or --until")
         click.echo(f"{outbox.replay_dead()} dead letter(s) queued again")
         return
-    from .mapping import map_event
-    from .schemas import event_from_json
-
     now = datetime.now(UTC)
     generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
-    matched = replayed = forgotten = 0
-    pending: list[tuple[str, list[dict]]] = []  # queued 500 responses to a transaction
-    for _key, stored_event in outbox.replay_sources(response_id, form_uuid, _epoch(since), _epoch(until)):
-        matched += 1
-        if stored_event is None:
-            forgotten += 1
-            continue
-        event = event_from_json(stored_event)
-        messages = map_event(event, settings.rules, now, generation)
-        if messages:
-            pending.append((event.response_uuid, messages))
-            replayed += 1
-        if len(pending) >= 500:
-            outbox.enqueue(pending)
-            pending = []
-    outbox.enqueue(pending)
-    if not matched:
+    result = outbox.requeue(response_id, form_uuid, _epoch(since), _epoch(until), generation)
+    if not result.matched:
         chosen = {"--response": response_id, "--form": form_uuid, "--since": since, "--until": until}
         selection = " ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
         raise click.ClickException(f"nothing matched {selection}: no response received (by webhook or backfill) fits it")
     how = "with new messageIds" if new_ids else "with their original messageIds (Segment drops repeats it has; add --new-ids)"
-    click.echo(f"{replayed} response(s) queued again, {how}")
-    if forgotten:
+    click.echo(f"{result.queued} response(s) queued again, to be mapped with the current mapping file, {how}")
+    if result.forgotten:
         click.echo(
-            f"{forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, so they cannot be re-mapped"
+            f"{result.forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, "
+            "so they cannot be re-mapped"
         )
 
 

@@ -1,4 +1,4 @@
-"""The delivery worker: claim pending messages, post them to Segment in batches, retry, dead-letter."""
+"""The delivery worker to Segment: claim stored events, map them, post the messages in batches, retry, dead-letter."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import requests
 from segment.analytics.consumer import BATCH_SIZE_LIMIT
 from segment.analytics.request import APIError, post
 
 from .backoff import Backoff, retry_after
-from .outbox import Claimed, Outbox, StoreUnavailable
+from .config import MappingRules
+from .mapping import MessageTooLarge, map_event
+from .outbox import SEGMENT, Claimed, DeadLetter, Outbox, StoreUnavailable
+from .schemas import event_from_json
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +75,39 @@ def quiet_library_duplicates() -> None:
         library.addFilter(_DropLibraryErrors())
 
 
-def pack(items: Sequence[Claimed], limit: int = BATCH_SIZE_LIMIT - BATCH_OVERHEAD) -> list[list[Claimed]]:
-    """Split claimed messages into request bodies under Segment's 500 KB batch limit, in order."""
-    chunks: list[list[Claimed]] = []
+@dataclass(frozen=True)
+class Item:
+    """One message on its way: the event it belongs to, and its size as JSON in the request."""
+
+    event_id: int
+    response_id: str
+    message: dict[str, Any]
+    size: int
+
+
+def pack(items: Sequence[Item], limit: int = BATCH_SIZE_LIMIT - BATCH_OVERHEAD) -> list[list[Item]]:
+    """Split messages into request bodies under Segment's 500 KB batch limit, in order, an event's
+    messages in one request (an event is a few messages of 32 KB at most)."""
+    chunks: list[list[Item]] = []
     size = 0
-    for item in items:
-        item_size = (item.size or len(json.dumps(item.message))) + 2  # ", " between messages
-        if not chunks or size + item_size > limit:
+    for event in _by_event(items):
+        event_size = sum(item.size + 2 for item in event)  # ", " between messages
+        if not chunks or size + event_size > limit:
             chunks.append([])
             size = 0
-        chunks[-1].append(item)
-        size += item_size
+        chunks[-1].extend(event)
+        size += event_size
     return chunks
+
+
+def _by_event(items: Sequence[Item]) -> list[list[Item]]:
+    groups: list[list[Item]] = []
+    for item in items:
+        if groups and groups[-1][0].event_id == item.event_id:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 class Worker:
@@ -92,7 +119,8 @@ class Worker:
         write_key: str,
         host: str,
         *,
-        batch_size: int = 250,
+        rules: MappingRules = MappingRules(),  # noqa: B008 - frozen, shared safely
+        batch_size: int = 100,
         lease_seconds: float = 60.0,
         idle_poll: float = 0.2,
         backoff: Backoff = DEFAULT_BACKOFF,
@@ -102,7 +130,8 @@ class Worker:
         self.outbox = outbox
         self.write_key = write_key
         self.host = host
-        self.batch_size = batch_size
+        self.rules = rules
+        self.batch_size = batch_size  # events per claim (each one to three messages)
         self.lease_seconds = lease_seconds
         self.idle_poll = idle_poll
         self.backoff = backoff
@@ -135,58 +164,94 @@ class Worker:
         log.info("delivery worker stopped", extra={"worker": self.name})
 
     def purge_if_due(self) -> None:
-        """Hourly: drop delivered messages older than REFINER_RETENTION_DAYS (dead letters stay)."""
+        """Hourly: forget the answers of events delivered more than REFINER_RETENTION_DAYS ago, and
+        delete their rows (the receipts) after RECEIPT_RETENTION_DAYS. Pending and dead stay."""
         now = time.time()
         if now < self._next_purge:
             return
         self._next_purge = now + PURGE_EVERY
-        messages, receipts = self.outbox.purge(now - self.retention_days * DAY, now - RECEIPT_RETENTION_DAYS * DAY)
-        if messages or receipts:
-            log.info("purged", extra={"delivered_messages": messages, "receipts": receipts, "retention_days": self.retention_days})
+        forgotten, deleted = self.outbox.purge(now - self.retention_days * DAY, now - RECEIPT_RETENTION_DAYS * DAY)
+        if forgotten or deleted:
+            log.info("purged", extra={"forgotten_events": forgotten, "deleted_receipts": deleted, "retention_days": self.retention_days})
 
     def run_once(self) -> float:
-        """Claim and send one batch; return how long to sleep before the next (0: go on at once)."""
-        claimed = self.outbox.claim(self.batch_size, self.lease_seconds, self.name)
+        """Claim events, map them, send their messages; return how long to sleep before the next round."""
+        claimed = self.outbox.claim(SEGMENT, self.batch_size, self.lease_seconds, self.name)
         send_until = time.monotonic() + self.lease_seconds / 2
         if not claimed:
-            due = self.outbox.next_due_in()
+            due = self.outbox.next_due_in(SEGMENT)
             return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
-        chunks = pack(claimed)
+        items, dead = self._map(claimed)
+        outcome = _Outcome(dead=dead)
+        chunks = pack(items)
+        wait = 0.0 if len(claimed) >= self.batch_size else self.idle_poll
         for i, chunk in enumerate(chunks):
-            unsent = [item.id for later in chunks[i:] for item in later]
             # SIGTERM, or a slow Segment eating into the lease: the request in flight is finished,
             # the rest handed back before another worker could claim it too.
             if i and (self._stop.is_set() or time.monotonic() > send_until):
-                self.outbox.release(unsent, 0.0, "handed back unsent")
-                return 0.0
+                outcome.release(chunks[i:], 0.0, "handed back unsent")
+                wait = 0.0
+                break
             try:
-                self._send(chunk)
+                self._send(chunk, outcome)
             except RetryLater as exc:
                 delay = exc.delay if exc.delay is not None else self.backoff.delay(self._bump())
-                self.outbox.release(unsent, delay, exc.reason)
+                outcome.release(chunks[i:], delay, exc.reason)
                 what = "Segment not reachable now" if exc.status is None else f"Segment answered HTTP {exc.status}"
                 log.warning(
                     f"{what}; will retry",
                     extra={
                         "reason": exc.reason,
                         "status": exc.status,
-                        "messages": len(unsent),
+                        "messages": sum(len(c) for c in chunks[i:]),
                         "retry_in": round(delay, 2),
                         "outcome": "retry",
                     },
                 )
-                return delay
-        self._failures = 0
-        return 0.0 if len(claimed) >= self.batch_size else self.idle_poll
+                wait = delay
+                break
+        else:
+            self._failures = 0
+        outcome.settle(self.outbox, self.name, {c.id: c.response_id for c in claimed})
+        return wait
+
+    def _map(self, claimed: Sequence[Claimed]) -> tuple[list[Item], list[DeadLetter]]:
+        """The messages of the claimed events, mapped now with the current mapping file (stored messages
+        of an upgraded store are sent as they are). An event that cannot be mapped is dead at once."""
+        items: list[Item] = []
+        dead: list[DeadLetter] = []
+        for claim in claimed:
+            try:
+                if claim.messages is not None:
+                    messages = claim.messages
+                else:
+                    received = datetime.fromtimestamp(claim.created_at, UTC)
+                    messages = map_event(event_from_json(claim.event), self.rules, received, claim.generation)
+            except MessageTooLarge as exc:
+                dead.append(DeadLetter(claim.id, None, None, f"too large for Segment: {exc}"))
+                log.error(
+                    "an event too large for Segment; kept as a dead letter", extra={"response_id": claim.response_id, "outcome": "dead"}
+                )
+                continue
+            except Exception as exc:  # a bug, or an event stored by another version: keep it, say so
+                dead.append(DeadLetter(claim.id, None, None, f"cannot be mapped: {type(exc).__name__}: {exc}"))
+                log.exception(
+                    "an event could not be mapped; kept as a dead letter", extra={"response_id": claim.response_id, "outcome": "dead"}
+                )
+                continue
+            # Default separators, as segment-analytics-python's post() writes the batch: the length is
+            # then the message's exact size in the request.
+            items.extend(Item(claim.id, claim.response_id, m, len(json.dumps(m))) for m in messages)
+        return items, dead
 
     def _bump(self) -> int:
         self._failures += 1
         return self._failures - 1
 
-    def _send(self, chunk: list[Claimed]) -> None:
+    def _send(self, chunk: list[Item], outcome: _Outcome) -> None:
         """Deliver `chunk`, bisecting on a message-level rejection so only the culprit is dead-lettered."""
         try:
-            post(self.write_key, self.host, gzip=True, timeout=self.timeout, batch=[c.message for c in chunk])
+            post(self.write_key, self.host, gzip=True, timeout=self.timeout, batch=[i.message for i in chunk])
         except APIError as exc:
             if is_retryable(exc.status):
                 if is_configuration(exc.status):
@@ -197,17 +262,41 @@ class Worker:
                 raise RetryLater(f"HTTP {exc.status}: {exc.code}", retry_after(exc.response), exc.status) from exc
             if len(chunk) > 1:
                 middle = len(chunk) // 2
-                self._send(chunk[:middle])
-                self._send(chunk[middle:])
+                self._send(chunk[:middle], outcome)
+                self._send(chunk[middle:], outcome)
                 return
-            self.outbox.mark_dead([chunk[0].id], f"HTTP {exc.status} {exc.code}: {exc.message}")
+            item = chunk[0]
+            outcome.dead.append(
+                DeadLetter(
+                    item.event_id, item.message.get("messageId"), item.message.get("type"), f"HTTP {exc.status} {exc.code}: {exc.message}"
+                )
+            )
             log.error(
                 "Segment rejected a message; kept as a dead letter",
-                extra={"response_id": chunk[0].response_id, "status": exc.status, "code": exc.code, "outcome": "dead"},
+                extra={"response_id": item.response_id, "status": exc.status, "code": exc.code, "outcome": "dead"},
             )
             return
         except requests.RequestException as exc:
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
-        self.outbox.mark_delivered([c.id for c in chunk])
-        for response_id in dict.fromkeys(c.response_id for c in chunk):
-            log.info("delivered", extra={"response_id": response_id, "outcome": "delivered"})
+
+
+@dataclass
+class _Outcome:
+    """What became of one claim's events, written in one transaction at the end of the round."""
+
+    dead: list[DeadLetter] = field(default_factory=list)
+    released: dict[int, tuple[float, str]] = field(default_factory=dict)  # event -> (delay, error)
+
+    def release(self, chunks: Sequence[Sequence[Item]], delay: float, error: str) -> None:
+        for chunk in chunks:
+            for item in chunk:
+                self.released.setdefault(item.event_id, (delay, error))
+
+    def settle(self, outbox: Outbox, worker: str, claimed: dict[int, str]) -> None:
+        dead_ids = {d.event_id for d in self.dead}
+        released = [e for e in self.released if e not in dead_ids]
+        delivered = [e for e in claimed if e not in dead_ids and e not in self.released]
+        delay, error = next(iter(self.released.values()), (0.0, ""))
+        outbox.settle(worker, delivered=delivered, dead=self.dead, released=released, delay=delay, error=error)
+        for event_id in delivered:
+            log.info("delivered", extra={"response_id": claimed[event_id], "outcome": "delivered"})

@@ -1,38 +1,39 @@
-"""What the webhook and the backfill both do with a SurveyEvent: map it, and wrap it for the outbox.
+"""What the webhook and the backfill both do with a validated SurveyEvent: make the entry the store keeps.
 
-Pure (no database, no web framework), so a backfill can run it in worker processes.
+Pure (no database, no web framework), so a backfill can run it in worker processes. The event is
+stored as it is, normalised; the delivery worker maps it when it sends it.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from marshmallow import ValidationError
 
 from .config import MappingRules
-from .mapping import map_event
+from .mapping import message_count
 from .schemas import ApiResponseSchema, SurveyEvent, error_fields, event_to_json
 
 log = logging.getLogger(__name__)
 _api_item = ApiResponseSchema()
+SEGMENT = "segment"  # the destination of Refiner's events (outbox.SEGMENT; not imported: no SQL here)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One response event to store: its receipt and its Segment messages."""
+    """One accepted event to store: its receipt, what replay selects it by, and the event itself."""
 
     receipt_key: str
     response_id: str
     triggered_event: str
-    messages: Sequence[dict[str, Any]]
+    event: str  # the normalised event as JSON
+    message_count: int = 0  # what the webhook answers; the messages are made at delivery
     form_uuid: str | None = None
     occurred_at: float | None = None
-    event: str | None = None  # the normalised event as JSON, for replay
+    destination: str = SEGMENT
 
 
 def receipt_key(response_uuid: str, triggered_event: str) -> str:
@@ -40,18 +41,17 @@ def receipt_key(response_uuid: str, triggered_event: str) -> str:
     return f"{response_uuid}\n{triggered_event}"
 
 
-def prepare(event: SurveyEvent, rules: MappingRules, now: datetime) -> Entry:
-    """The event's Segment messages, with the receipt that makes a resend a duplicate and what
-    replay needs to map it again later."""
+def prepare(event: SurveyEvent, rules: MappingRules) -> Entry:
+    """The entry of an event: its receipt (a resend is a duplicate), what replay selects it by, the event."""
     occurred = event.completed_at or event.dismissed_at or event.received_at
     return Entry(
         receipt_key=receipt_key(event.response_uuid, event.triggered_event),
         response_id=event.response_uuid,
         triggered_event=event.triggered_event,
-        messages=map_event(event, rules, now),
+        event=event_to_json(event),
+        message_count=message_count(event, rules),
         form_uuid=event.form_uuid,
         occurred_at=occurred.timestamp() if occurred else None,
-        event=event_to_json(event),
     )
 
 
@@ -59,7 +59,6 @@ def map_api_page(items: list[Any], rules: MappingRules) -> tuple[list[Entry], in
     """(entries, not completed, invalid) of one page of Refiner's REST API."""
     entries: list[Entry] = []
     not_completed = invalid = 0
-    now = datetime.now(UTC)
     for item in items:
         try:
             event = _api_item.load(item)
@@ -72,7 +71,7 @@ def map_api_page(items: list[Any], rules: MappingRules) -> tuple[list[Entry], in
         if event.completed_at is None:
             not_completed += 1
             continue
-        entries.append(prepare(event, rules, now))
+        entries.append(prepare(event, rules))
     return entries, not_completed, invalid
 
 

@@ -107,6 +107,15 @@ def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, An
     return user, account
 
 
+def message_count(event: SurveyEvent, rules: MappingRules) -> int:
+    """How many messages map_event() will make of `event`, without making them (the webhook's answer)."""
+    if event_name(event.triggered_event, rules) is None:
+        return 0
+    if event.triggered_event != "Completed Survey":
+        return 1
+    return 3 if event.account and event.account.remote_id else 2
+
+
 def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation: str | None = None) -> list[dict[str, Any]]:
     """The Segment messages for one event, in the order they must be sent; [] when not forwarded."""
     name = event_name(event.triggered_event, rules)

@@ -1,4 +1,9 @@
-"""The outbox: SQLAlchemy Core tables and the only SQL in the project (store, claim, mark, stats)."""
+"""The store: SQLAlchemy Core tables and the only SQL in the project.
+
+One row per accepted event (its receipt, its destination, its state), written before the
+answer; what the event becomes is decided when it is sent (DESIGN.md, "Two directions, one
+store"). Store, claim, mark, replay, stats, retention, and where each backfill stands.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +26,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
+    and_,
     create_engine,
     delete,
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -36,30 +44,59 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
 if TYPE_CHECKING:
-    from .intake import Entry  # only a type here: the outbox itself never imports the mapping
+    from .intake import Entry  # only a type here: the store never imports the mapping
 
-SCHEMA_VERSION = 2
-PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+SCHEMA_VERSION = 3
+PENDING, DELIVERED, DEAD, PURGED = "pending", "delivered", "dead", "purged"
+SEGMENT = "segment"  # the destination of Refiner's events
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
 
 metadata = MetaData()
 
-# One row per (response, Refiner event) ever accepted: what makes a resent webhook a duplicate.
-receipts = Table(
-    "refiner_receipts",
+# One row per accepted event and destination. The row is the receipt that makes a resent
+# webhook a duplicate (kept 90 days), the event as received, normalised (`event`, the answers:
+# forgotten REFINER_RETENTION_DAYS after delivery), and the delivery state; `available_at` is both
+# the retry time and the claim lease.
+events = Table(
+    "refiner_events",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("receipt_key", String(600), nullable=False, unique=True),
+    Column("destination", String(32), nullable=False),
+    Column("receipt_key", String(600), nullable=False),
     Column("response_id", String(255), nullable=False),
     Column("triggered_event", String(255), nullable=False),
-    Column("messages", Integer, nullable=False),
-    Column("created_at", Float, nullable=False),
-    # v2: what replay needs to re-map a response with the current mapping file. `event` holds
-    # answers, so it is cleared with the delivered messages after REFINER_RETENTION_DAYS.
     Column("form_uuid", String(255)),
     Column("occurred_at", Float),
     Column("event", Text),
-    Index("ix_refiner_receipts_response", "response_id"),
+    # Messages built before version 3 (a store upgraded with messages still to send): sent as they
+    # are, since a version 1 store kept no event to map again.
+    Column("messages", Text),
+    Column("message_count", Integer, nullable=False, default=0),
+    Column("generation", String(32)),  # replay --new-ids: a suffix for the messageIds
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("available_at", Float, nullable=False),
+    Column("claimed_by", String(64)),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    UniqueConstraint("destination", "receipt_key", name="uq_refiner_events_receipt"),
+    Index("ix_refiner_events_due", "destination", "status", "available_at"),
+    Index("ix_refiner_events_response", "response_id"),
+)
+
+# The messages a destination refused for a reason of their own, one row each (an event's other
+# messages are delivered); kept until replayed or purged.
+dead_letters = Table(
+    "refiner_dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("event_id", Integer, nullable=False),
+    Column("message_id", String(100)),
+    Column("call", String(32)),
+    Column("error", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_refiner_dead_letters_event", "event_id"),
 )
 
 # Where each backfill (one per --since/--until/--form) stands: the next page to ask for.
@@ -77,42 +114,19 @@ backfills = Table(
     Column("updated_at", Float, nullable=False),
 )
 
-# Upgrades of tables that exist already; create_all() makes new tables and new installs whole.
-MIGRATIONS: dict[int, list[str]] = {
-    2: [
-        "ALTER TABLE refiner_receipts ADD COLUMN form_uuid VARCHAR(255)",
-        "ALTER TABLE refiner_receipts ADD COLUMN occurred_at FLOAT",
-        "ALTER TABLE refiner_receipts ADD COLUMN event TEXT",
-        "CREATE INDEX IF NOT EXISTS ix_refiner_receipts_response ON refiner_receipts (response_id)",
-    ],
-}
-
-# One row per Segment message; `available_at` is both the retry time and the claim lease.
-messages = Table(
-    "refiner_messages",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("message_id", String(100), nullable=False),
-    Column("response_id", String(255), nullable=False),
-    Column("call", String(16), nullable=False),
-    Column("payload", Text, nullable=False),
-    Column("status", String(16), nullable=False, default=PENDING),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("available_at", Float, nullable=False),
-    Column("claimed_by", String(64)),
-    Column("last_error", Text),
-    Column("created_at", Float, nullable=False),
-    Column("delivered_at", Float),
-    Index("ix_refiner_messages_status_available", "status", "available_at"),
-    Index("ix_refiner_messages_response", "response_id"),
-)
-
 schema_info = Table(
     "refiner_schema",
     metadata,
     Column("id", Integer, primary_key=True),
     Column("version", Integer, nullable=False),
 )
+
+# Tables of versions 1 and 2, read once by the upgrade to version 3 and then dropped.
+V2_ALTERATIONS = [
+    "ALTER TABLE refiner_receipts ADD COLUMN form_uuid VARCHAR(255)",
+    "ALTER TABLE refiner_receipts ADD COLUMN occurred_at FLOAT",
+    "ALTER TABLE refiner_receipts ADD COLUMN event TEXT",
+]
 
 
 class StoreUnavailable(Exception):
@@ -126,11 +140,23 @@ class StoreMisconfigured(StoreUnavailable):
 
 @dataclass(frozen=True)
 class Claimed:
+    """An event claimed for delivery: what its destination's mapping needs."""
+
     id: int
-    message: dict[str, Any]
-    attempts: int
     response_id: str
-    size: int = 0  # bytes of the message as JSON (its stored payload)
+    event: str | None  # the stored event as JSON
+    messages: list[dict[str, Any]] | None  # messages built before version 3, sent as they are
+    generation: str | None
+    created_at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    event_id: int
+    message_id: str | None
+    call: str | None
+    error: str
 
 
 @dataclass(frozen=True)
@@ -145,11 +171,20 @@ class BackfillState:
 
 @dataclass(frozen=True)
 class Stats:
+    """Counts of events (one per accepted webhook or backfilled response), not of messages."""
+
     pending: int
     delivered: int
     dead: int
     oldest_pending_age: float | None
     last_delivered_age: float | None = None  # since the newest delivery still kept (see retention)
+
+
+@dataclass(frozen=True)
+class Requeued:
+    matched: int  # events the selection found
+    queued: int  # put back in line
+    forgotten: int  # past retention: their answers are gone, they cannot be mapped again
 
 
 def make_engine(url: str) -> Engine:
@@ -191,7 +226,7 @@ def make_engine(url: str) -> Engine:
 
 
 class Outbox:
-    """Durable queue of Segment messages. Every method is one short transaction."""
+    """The durable store of accepted events. Every method is one short transaction."""
 
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         self.url = url
@@ -201,6 +236,7 @@ class Outbox:
         self._leader_lock = threading.Lock()
         self._waiting_lock = threading.Lock()
         self._waiting: list[_Waiting] = []
+        self._insert = _insert_ignoring_conflict(self.engine.dialect.name, events).returning(events.c.receipt_key)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -216,11 +252,9 @@ class Outbox:
                 conn.execute(text("SELECT pg_advisory_xact_lock(8127349)"))
             existing = conn.dialect.has_table(conn, schema_info.name)
             version = conn.execute(select(schema_info.c.version)).scalar() if existing else None
-            for target in sorted(MIGRATIONS):
-                if version is not None and version < target:
-                    for statement in MIGRATIONS[target]:
-                        conn.execute(text(statement))
             metadata.create_all(conn, checkfirst=True)
+            if version is not None and version < 3:
+                _upgrade_to_v3(conn, version)
             if version is None:
                 conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
             elif version < SCHEMA_VERSION:
@@ -234,28 +268,24 @@ class Outbox:
         with self._guard(), self.engine.connect() as conn:
             conn.execute(select(1))
 
-    def store(self, receipt_key: str, response_id: str, triggered_event: str, batch: Sequence[dict[str, Any]], **extra: Any) -> bool:
-        """Commit one event's messages with its receipt; False (nothing written) when seen before."""
-        from .intake import Entry
-
-        return self.store_many([Entry(receipt_key, response_id, triggered_event, batch, **extra)]) == 1
+    # --- storing -------------------------------------------------------------------------------
 
     def store_many(self, entries: Sequence[Entry], backfill: tuple[str, BackfillState] | None = None) -> int:
         """Commit the entries not seen before, and where a backfill stands, in one transaction.
 
         `backfill` is (run key, state after this page, its `stored` counting what came before);
-        the entries found new here are added to it. Returns how many were new. Only a receipt's
+        the entries found new here are added to it. Returns how many were new. Only the receipt's
         ON CONFLICT makes an entry "seen before": any other integrity error is a bug to surface,
         never a reason to drop a response.
         """
         now = time.time()
-        receipt_rows, message_rows = _rows(entries, now)  # prepared before the write lock
+        rows = _rows(entries, now)  # prepared before the write lock
         with self._write() as conn:
-            new_keys = _insert(conn, receipt_rows, message_rows)
+            new = len(self._insert_rows(conn, rows))
             if backfill is not None:
                 run_key, state = backfill
-                self._save_backfill(conn, run_key, replace(state, stored=state.stored + len(new_keys)), now)
-        return len(new_keys)
+                self._save_backfill(conn, run_key, replace(state, stored=state.stored + new), now)
+        return new
 
     def store_grouped(self, entry: Entry) -> bool:
         """Store one entry (True: new), committed together with whatever other threads of this
@@ -266,7 +296,7 @@ class Outbox:
         arrived while the previous commit was syncing goes into this one. Each caller still
         gets its own answer, or the error.
         """
-        waiting = _Waiting(entry, _rows([entry], time.time()))
+        waiting = _Waiting(entry, _row(entry, time.time()))
         with self._waiting_lock:
             self._waiting.append(waiting)
         with self._leader_lock:  # one leader per process at a time; the others queue here
@@ -277,14 +307,11 @@ class Outbox:
                         with self._waiting_lock:
                             group, self._waiting = self._waiting, []
                         # The same receipt twice in one group (a webhook resent at once): only the
-                        # first one's rows are written, and only it can be new.
-                        first = list({w.entry.receipt_key: w for w in reversed(group)}.values())
-                        receipt_rows = [row for w in first for row in w.rows[0]]
-                        message_rows = [row for w in first for row in w.rows[1]]
-                        new_keys = _insert(conn, receipt_rows, message_rows)
+                        # first one's row is written, and only it can be new.
+                        first = {(w.row["destination"], w.row["receipt_key"]): w for w in reversed(group)}
+                        new_keys = self._insert_rows(conn, [w.row for w in first.values()])
                     for w in group:
-                        w.result = w.entry.receipt_key in new_keys
-                        new_keys.discard(w.entry.receipt_key)
+                        w.result = w is first.get((w.row["destination"], w.row["receipt_key"])) and w.row["receipt_key"] in new_keys
                 except BaseException as exc:
                     if not group:  # failed before taking the group: this entry alone fails, and
                         with self._waiting_lock:  # must not be committed later by another leader
@@ -300,13 +327,24 @@ class Outbox:
             raise waiting.error
         return waiting.result
 
-    def known_receipts(self, keys: Sequence[str]) -> set[str]:
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert the rows whose receipt is new; their receipt keys."""
+        if not rows:
+            return set()
+        # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one cached
+        # compilation ("insertmanyvalues"). A row back means inserted (rowcount is -1 on psycopg here).
+        return set(conn.execute(self._insert, rows).scalars())
+
+    def known_receipts(self, keys: Sequence[str], destination: str = SEGMENT) -> set[str]:
         """Which of these receipts exist already (for a dry run)."""
         found: set[str] = set()
         with self._guard(), self.engine.connect() as conn:
             for chunk in _chunks(keys, 500):
-                found.update(conn.execute(select(receipts.c.receipt_key).where(receipts.c.receipt_key.in_(chunk))).scalars())
+                stmt = select(events.c.receipt_key).where(events.c.destination == destination, events.c.receipt_key.in_(chunk))
+                found.update(conn.execute(stmt).scalars())
         return found
+
+    # --- backfill progress -----------------------------------------------------------------------
 
     def backfill_state(self, run_key: str) -> BackfillState | None:
         with self._guard(), self.engine.connect() as conn:
@@ -328,100 +366,103 @@ class Outbox:
         if conn.execute(update(backfills).where(backfills.c.run_key == run_key).values(**values)).rowcount == 0:
             conn.execute(insert(backfills).values(run_key=run_key, **values))
 
-    def replay_sources(
-        self, response_id: str | None = None, form_uuid: str | None = None, since: float | None = None, until: float | None = None
-    ) -> Iterator[tuple[str, str | None]]:
-        """(receipt key, stored event JSON or None once purged) of the receipts a replay selects,
-        read 500 at a time in short transactions: a whole form's answers never sit in memory."""
-        stmt = select(receipts.c.id, receipts.c.receipt_key, receipts.c.event).order_by(receipts.c.id).limit(500)
-        if response_id is not None:
-            stmt = stmt.where(receipts.c.response_id == response_id)
-        if form_uuid is not None:
-            stmt = stmt.where(receipts.c.form_uuid == form_uuid)
-        if since is not None:
-            stmt = stmt.where(receipts.c.occurred_at >= since)
-        if until is not None:
-            stmt = stmt.where(receipts.c.occurred_at < until)
-        after = 0
-        while True:
-            with self._guard(), self.engine.connect() as conn:
-                rows = conn.execute(stmt.where(receipts.c.id > after)).all()
-            yield from ((r.receipt_key, r.event) for r in rows)
-            if len(rows) < 500:
-                return
-            after = rows[-1].id
+    # --- delivery --------------------------------------------------------------------------------
 
-    def enqueue(self, batch: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> None:
-        """Queue (response id, messages) of responses already received (replay): no receipt check."""
-        now = time.time()
-        rows = [_message_row(m, response_id, now) for response_id, messages in batch for m in messages]
-        if not rows:
-            return
-        with self._write() as conn:
-            conn.execute(insert(messages), rows)
-
-    def claim(self, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
-        """Take up to `limit` due messages for `lease_seconds`; no other worker gets them meanwhile.
+    def claim(self, destination: str, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
+        """Take up to `limit` due events for `lease_seconds`; no other worker gets them meanwhile.
 
         PostgreSQL: the row locks of FOR UPDATE SKIP LOCKED make concurrent claims disjoint.
         SQLite: BEGIN IMMEDIATE serialises writers. A worker that dies lets its lease run out.
         """
         now = time.time()
-        due = (
-            select(messages.c.id)
-            .where(messages.c.status == PENDING, messages.c.available_at <= now)
-            .order_by(messages.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        due = and_(events.c.destination == destination, events.c.status == PENDING, events.c.available_at <= now)
+        ids = select(events.c.id).where(due).order_by(events.c.id).limit(limit).with_for_update(skip_locked=True)
         stmt = (
-            update(messages)
-            .where(messages.c.id.in_(due.scalar_subquery()), messages.c.status == PENDING, messages.c.available_at <= now)
+            update(events)
+            .where(events.c.id.in_(ids.scalar_subquery()), due)
             .values(available_at=now + lease_seconds, claimed_by=worker)
-            .returning(messages.c.id, messages.c.payload, messages.c.attempts, messages.c.response_id)
+            .returning(
+                events.c.id,
+                events.c.response_id,
+                events.c.event,
+                events.c.messages,
+                events.c.generation,
+                events.c.created_at,
+                events.c.attempts,
+            )
         )
         with self._write() as conn:
             rows = conn.execute(stmt).all()
         rows.sort(key=lambda r: r.id)
-        return [Claimed(r.id, json.loads(r.payload), r.attempts, r.response_id, len(r.payload)) for r in rows]
+        return [
+            Claimed(r.id, r.response_id, r.event, json.loads(r.messages) if r.messages else None, r.generation, r.created_at, r.attempts)
+            for r in rows
+        ]
 
-    def mark_delivered(self, ids: Sequence[int]) -> None:
-        self._set(ids, status=DELIVERED, delivered_at=time.time(), claimed_by=None, last_error=None)
+    def settle(
+        self,
+        worker: str,
+        delivered: Sequence[int] = (),
+        dead: Sequence[DeadLetter] = (),
+        released: Sequence[int] = (),
+        delay: float = 0.0,
+        error: str = "",
+    ) -> None:
+        """Record, in one transaction, what became of claimed events: delivered; dead (with the
+        letters of the messages at fault); or released for another try after `delay`.
 
-    def release(self, ids: Sequence[int], delay: float, error: str) -> None:
-        """Give messages back for a later attempt (retryable failure); delivered or dead ones stay so."""
-        self._set(
-            ids,
-            only_pending=True,
-            available_at=time.time() + delay,
-            claimed_by=None,
-            attempts=messages.c.attempts + 1,
-            last_error=error[:2000],
-        )
-
-    def mark_dead(self, ids: Sequence[int], error: str) -> None:
-        self._set(ids, status=DEAD, claimed_by=None, attempts=messages.c.attempts + 1, last_error=error[:2000])
-
-    def _set(self, ids: Sequence[int], only_pending: bool = False, **values: Any) -> None:
-        if not ids:
-            return
-        stmt = update(messages).where(messages.c.id.in_(list(ids)))
-        if only_pending:
-            stmt = stmt.where(messages.c.status == PENDING)
+        Only while `worker` still holds them: an event replayed meanwhile (claim cleared) is sent again.
+        """
+        now = time.time()
+        mine = and_(events.c.claimed_by == worker, events.c.status == PENDING)
+        dead_ids = sorted({d.event_id for d in dead})
         with self._write() as conn:
-            conn.execute(stmt.values(**values))
+            if delivered:
+                conn.execute(
+                    update(events)
+                    .where(events.c.id.in_(list(delivered)), mine)
+                    .values(status=DELIVERED, delivered_at=now, claimed_by=None, last_error=None, attempts=events.c.attempts + 1)
+                )
+            still_mine: set[int] = set()
+            for event_id in dead_ids:
+                first_error = next(d.error for d in dead if d.event_id == event_id)
+                marked = conn.execute(
+                    update(events)
+                    .where(events.c.id == event_id, mine)
+                    .values(status=DEAD, claimed_by=None, attempts=events.c.attempts + 1, last_error=first_error[:2000])
+                ).rowcount
+                if marked:
+                    still_mine.add(event_id)
+            if dead:
+                letters = [
+                    {"event_id": d.event_id, "message_id": d.message_id, "call": d.call, "error": d.error[:2000], "created_at": now}
+                    for d in dead
+                    if d.event_id in still_mine
+                ]
+                if letters:
+                    conn.execute(insert(dead_letters), letters)
+            if released:
+                conn.execute(
+                    update(events)
+                    .where(events.c.id.in_(list(released)), mine)
+                    .values(available_at=now + delay, claimed_by=None, attempts=events.c.attempts + 1, last_error=error[:2000])
+                )
 
-    def next_due_in(self) -> float | None:
-        """Seconds until the next pending message is due (0 if one is due now), None if none is pending."""
+    def next_due_in(self, destination: str) -> float | None:
+        """Seconds until the next pending event is due (0 if one is due now), None if none is pending."""
+        stmt = select(func.min(events.c.available_at)).where(events.c.destination == destination, events.c.status == PENDING)
         with self._guard(), self.engine.connect() as conn:
-            first = conn.execute(select(func.min(messages.c.available_at)).where(messages.c.status == PENDING)).scalar()
+            first = conn.execute(stmt).scalar()
         return None if first is None else max(0.0, first - time.time())
 
-    def stats(self) -> Stats:
+    # --- what the operator sees and does ---------------------------------------------------------
+
+    def stats(self, destination: str = SEGMENT) -> Stats:
+        mine = events.c.destination == destination
         with self._guard(), self.engine.connect() as conn:
-            counts = dict(conn.execute(select(messages.c.status, func.count()).group_by(messages.c.status)).all())
-            oldest = conn.execute(select(func.min(messages.c.created_at)).where(messages.c.status == PENDING)).scalar()
-            newest = conn.execute(select(func.max(messages.c.delivered_at)).where(messages.c.status == DELIVERED)).scalar()
+            counts = dict(conn.execute(select(events.c.status, func.count()).where(mine).group_by(events.c.status)).all())
+            oldest = conn.execute(select(func.min(events.c.created_at)).where(mine, events.c.status == PENDING)).scalar()
+            newest = conn.execute(select(func.max(events.c.delivered_at)).where(mine, events.c.status == DELIVERED)).scalar()
         now = time.time()
         return Stats(
             pending=counts.get(PENDING, 0),
@@ -431,43 +472,89 @@ class Outbox:
             last_delivered_age=None if newest is None else max(0.0, now - newest),
         )
 
-    def dead_letters(self, limit: int = 20) -> list[tuple[str, str, str | None]]:
+    def dead_letters(self, limit: int = 20, destination: str = SEGMENT) -> list[tuple[str, str, str]]:
         """(response id, message id, error) of the newest dead letters."""
         stmt = (
-            select(messages.c.response_id, messages.c.message_id, messages.c.last_error)
-            .where(messages.c.status == DEAD)
-            .order_by(messages.c.id.desc())
+            select(events.c.response_id, dead_letters.c.message_id, dead_letters.c.error)
+            .join(events, events.c.id == dead_letters.c.event_id)
+            .where(events.c.destination == destination, events.c.status == DEAD)
+            .order_by(dead_letters.c.id.desc())
             .limit(limit)
         )
         with self._guard(), self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(stmt).all()]
+            return [(r.response_id, r.message_id or "-", r.error) for r in conn.execute(stmt).all()]
 
-    def replay_dead(self) -> int:
-        """Put every dead letter back in line; returns how many."""
-        stmt = (
-            update(messages).where(messages.c.status == DEAD).values(status=PENDING, available_at=time.time(), attempts=0, claimed_by=None)
-        )
+    def replay_dead(self, destination: str = SEGMENT) -> int:
+        """Put every dead event back in line, to be mapped again with the current mapping; how many."""
         with self._write() as conn:
-            return conn.execute(stmt).rowcount
+            ids = list(conn.execute(select(events.c.id).where(events.c.destination == destination, events.c.status == DEAD)).scalars())
+            for chunk in _chunks(ids, 500):
+                self._requeue(conn, chunk, generation=None)
+        return len(ids)
+
+    def requeue(
+        self,
+        response_id: str | None = None,
+        form_uuid: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        generation: str | None = None,
+        destination: str = SEGMENT,
+    ) -> Requeued:
+        """Put the events a replay selects back in line, to be mapped again (with `generation`, new
+        messageIds). Events past retention are counted, not queued: their answers are gone."""
+        chosen = [events.c.destination == destination, events.c.status != PURGED]
+        if response_id is not None:
+            chosen.append(events.c.response_id == response_id)
+        if form_uuid is not None:
+            chosen.append(events.c.form_uuid == form_uuid)
+        if since is not None:
+            chosen.append(events.c.occurred_at >= since)
+        if until is not None:
+            chosen.append(events.c.occurred_at < until)
+        kept = or_(events.c.event.is_not(None), events.c.messages.is_not(None))
+        with self._write() as conn:
+            matched = conn.execute(select(func.count()).select_from(events).where(*chosen)).scalar()
+            ids = list(conn.execute(select(events.c.id).where(*chosen, kept)).scalars())
+            for chunk in _chunks(ids, 500):
+                self._requeue(conn, chunk, generation)
+        return Requeued(matched=matched, queued=len(ids), forgotten=matched - len(ids))
+
+    def _requeue(self, conn: Connection, ids: Sequence[int], generation: str | None) -> None:
+        conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(ids)))
+        values: dict[str, Any] = {"status": PENDING, "available_at": time.time(), "attempts": 0, "claimed_by": None, "last_error": None}
+        if generation is not None:
+            values["generation"] = generation
+        # Messages kept from before version 3 are dropped where the event itself is kept: mapped anew.
+        conn.execute(update(events).where(events.c.id.in_(list(ids)), events.c.event.is_not(None)).values(messages=None, **values))
+        conn.execute(update(events).where(events.c.id.in_(list(ids)), events.c.event.is_(None)).values(**values))
 
     def purge(self, delivered_before: float, receipts_before: float) -> tuple[int, int]:
-        """Delete delivered messages and old receipts, and forget old events (they hold answers).
-
-        Dead and pending messages are never touched.
-        """
+        """Forget the answers of events delivered before `delivered_before`; delete the rows of events
+        received before `receipts_before` (their receipts: a resend is then accepted anew).
+        (forgotten, deleted). Pending and dead events are never touched."""
+        done = events.c.status.in_([DELIVERED, PURGED])
         with self._write() as conn:
-            messages_gone = conn.execute(
-                delete(messages).where(messages.c.status == DELIVERED, messages.c.delivered_at < delivered_before)
+            forgotten = conn.execute(
+                update(events)
+                .where(done, events.c.delivered_at < delivered_before, or_(events.c.event.is_not(None), events.c.messages.is_not(None)))
+                .values(event=None, messages=None)
             ).rowcount
-            receipts_gone = conn.execute(delete(receipts).where(receipts.c.created_at < receipts_before)).rowcount
-            conn.execute(update(receipts).where(receipts.c.created_at < delivered_before, receipts.c.event.is_not(None)).values(event=None))
-        return messages_gone, receipts_gone
+            deleted = conn.execute(delete(events).where(done, events.c.created_at < receipts_before)).rowcount
+        return forgotten, deleted
 
-    def purge_dead(self, before: float) -> int:
-        """Delete dead letters that died before `before` (an operator's decision, by command)."""
-        stmt = delete(messages).where(messages.c.status == DEAD, messages.c.created_at < before)
+    def purge_dead(self, before: float, destination: str = SEGMENT) -> int:
+        """Give up on dead events that arrived before `before` (an operator's decision, by command):
+        their letters and answers are deleted; the receipt stays, so a resend is still a duplicate."""
+        chosen = and_(events.c.destination == destination, events.c.status == DEAD, events.c.created_at < before)
         with self._write() as conn:
-            return conn.execute(stmt).rowcount
+            ids = list(conn.execute(select(events.c.id).where(chosen)).scalars())
+            for chunk in _chunks(ids, 500):
+                conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(chunk)))
+                conn.execute(
+                    update(events).where(events.c.id.in_(chunk)).values(status=PURGED, event=None, messages=None, delivered_at=time.time())
+                )
+        return len(ids)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -476,12 +563,105 @@ class Outbox:
         return _translate_errors(self.engine)
 
 
+def _row(entry: Entry, now: float) -> dict[str, Any]:
+    return {
+        "destination": entry.destination,
+        "receipt_key": entry.receipt_key,
+        "response_id": entry.response_id,
+        "triggered_event": entry.triggered_event,
+        "form_uuid": entry.form_uuid,
+        "occurred_at": entry.occurred_at,
+        "event": entry.event,
+        "messages": None,
+        "message_count": entry.message_count,
+        "generation": None,
+        "status": PENDING,
+        "attempts": 0,
+        "available_at": now,
+        "claimed_by": None,
+        "last_error": None,
+        "created_at": now,
+        "delivered_at": None,
+    }
+
+
+def _rows(entries: Sequence[Entry], now: float) -> list[dict[str, Any]]:
+    """Rows of the entries, ready to insert; an entry whose receipt comes twice is written once."""
+    unique = {(e.destination, e.receipt_key): e for e in reversed(entries)}
+    return [_row(e, now) for e in reversed(unique.values())]
+
+
+def _upgrade_to_v3(conn: Connection, version: int) -> None:
+    """Versions 1 and 2 kept a receipt per event and a row per Segment message. Each receipt becomes
+    an event row (delivered: it is the receipt, and replay's source); the messages not yet
+    delivered become event rows of their own, one per response and state, which send exactly the
+    stored messages (pending) or hold them as dead letters with their errors (dead). Then the old
+    tables go, in the same transaction."""
+    if version < 2:
+        for statement in V2_ALTERATIONS:
+            conn.execute(text(statement))
+    conn.execute(
+        text(
+            "INSERT INTO refiner_events (destination, receipt_key, response_id, triggered_event, form_uuid, occurred_at, event,"
+            " message_count, status, attempts, available_at, created_at, delivered_at)"
+            " SELECT :segment, receipt_key, response_id, triggered_event, form_uuid, occurred_at, event,"
+            " messages, :delivered, 0, created_at, created_at, created_at FROM refiner_receipts"
+        ),
+        {"segment": SEGMENT, "delivered": DELIVERED},
+    )
+    has_messages = conn.dialect.has_table(conn, "refiner_messages")
+    legacy = (
+        conn.execute(
+            text(
+                "SELECT id, message_id, response_id, call, payload, status, attempts, last_error, created_at"
+                " FROM refiner_messages WHERE status IN (:pending, :dead) ORDER BY id"
+            ),
+            {"pending": PENDING, "dead": DEAD},
+        ).all()
+        if has_messages
+        else []
+    )
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for row in legacy:
+        groups.setdefault((row.response_id, row.status), []).append(row)
+    now = time.time()
+    for (response_id, status), rows in groups.items():
+        event_id = conn.execute(
+            insert(events)
+            .values(
+                destination=SEGMENT,
+                receipt_key=f"v2 {status} messages\n{response_id}",
+                response_id=response_id,
+                triggered_event="(messages kept from before version 3)",
+                messages="[" + ",".join(r.payload for r in rows) + "]",
+                message_count=len(rows),
+                status=status,
+                attempts=max(r.attempts for r in rows),
+                available_at=now,
+                created_at=min(r.created_at for r in rows),
+                last_error=rows[-1].last_error,
+            )
+            .returning(events.c.id)
+        ).scalar_one()
+        if status == DEAD:
+            conn.execute(
+                insert(dead_letters),
+                [
+                    {"event_id": event_id, "message_id": r.message_id, "call": r.call, "error": r.last_error or "dead", "created_at": now}
+                    for r in rows
+                ],
+            )
+    if has_messages:
+        conn.execute(text("DROP TABLE refiner_messages"))
+    conn.execute(text("DROP TABLE refiner_receipts"))
+
+
 @dataclass
 class _Waiting:
     """One thread's entry in store_grouped(): filled in by whichever thread commits its group."""
 
     entry: Entry
-    rows: tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]
+    row: dict[str, Any]
     done: bool = False
     result: bool = False
     error: BaseException | None = None
@@ -541,56 +721,6 @@ class _SqliteWriterLock:
 
 def _writer_lock(engine: Engine) -> _SqliteWriterLock:
     return _SqliteWriterLock(os.path.abspath(engine.url.database) + "-writer.lock")
-
-
-def _rows(entries: Sequence[Entry], now: float) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
-    """(receipt rows, (receipt key, message row) pairs) of entries, ready to insert; an entry whose
-    receipt comes twice is written once."""
-    entries = list({e.receipt_key: e for e in reversed(entries)}.values())[::-1]
-    receipt_rows = [
-        {
-            "receipt_key": e.receipt_key,
-            "response_id": e.response_id,
-            "triggered_event": e.triggered_event,
-            "messages": len(e.messages),
-            "created_at": now,
-            "form_uuid": e.form_uuid,
-            "occurred_at": e.occurred_at,
-            "event": e.event,
-        }
-        for e in entries
-    ]
-    return receipt_rows, [(e.receipt_key, _message_row(m, e.response_id, now)) for e in entries for m in e.messages]
-
-
-def _insert(conn: Connection, receipt_rows: list[dict[str, Any]], message_rows: list[tuple[str, dict[str, Any]]]) -> set[str]:
-    """Insert the receipts not seen before and their messages; their receipt keys."""
-    if not receipt_rows:
-        return set()
-    # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one cached
-    # compilation ("insertmanyvalues"); a literal multi-VALUES insert would be compiled afresh
-    # each time. A row back means inserted (rowcount is -1 on psycopg for this statement).
-    stmt = _insert_ignoring_conflict(conn.dialect.name, receipts).returning(receipts.c.receipt_key)
-    new_keys = set(conn.execute(stmt, receipt_rows).scalars())
-    rows = [row for key, row in message_rows if key in new_keys]
-    if rows:
-        conn.execute(insert(messages), rows)
-    return new_keys
-
-
-def _message_row(message: dict[str, Any], response_id: str, now: float) -> dict[str, Any]:
-    return {
-        "message_id": message["messageId"],
-        "response_id": response_id,
-        "call": message["type"],
-        # Default separators, as segment-analytics-python's post() writes the batch: the stored
-        # length is then the message's exact size in the request (delivery.pack relies on it).
-        "payload": json.dumps(message),
-        "status": PENDING,
-        "attempts": 0,
-        "available_at": now,
-        "created_at": now,
-    }
 
 
 def _chunks(items: Sequence[Any], size: int):

@@ -6,7 +6,6 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -15,16 +14,15 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .config import Settings
 from .intake import prepare
-from .mapping import MessageTooLarge, event_name
+from .mapping import event_name
 from .outbox import Outbox, StoreUnavailable
-from .schemas import EnvelopeSchema, WebhookSchema, check_limits, error_fields, shape_of
+from .schemas import MAX_ID_LENGTH, WebhookSchema, check_limits, error_fields, shape_of, storable
 from .serve import worker_running
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 bp = Blueprint("refiner_source", __name__)
-_envelope = EnvelopeSchema()
 _webhook = WebhookSchema()
 
 
@@ -92,37 +90,31 @@ def receive_webhook():
     if isinstance(body.get("response"), dict) and isinstance(body["response"].get("uuid"), str):
         g.response_id = body["response"]["uuid"]
 
-    try:
-        envelope = _envelope.load(body)
-    except ValidationError as exc:
-        return _unprocessable(exc, body)
     rules = app_state.settings.rules
-    triggered_event = envelope["triggered_event"]
-    if event_name(triggered_event, rules) is None:
+    triggered_event = body.get("triggered_event")
+    # Not forwarded: answered without validating the rest (SPEC section 3). A name that is not a
+    # valid one (empty, too long, NUL) goes on to validation, which says so with a 422.
+    well_formed = isinstance(triggered_event, str) and 0 < len(triggered_event) <= MAX_ID_LENGTH and storable(triggered_event)
+    if well_formed and event_name(triggered_event, rules) is None:
         reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"
         log.info("ignored", extra={"triggered_event": triggered_event[:100], "outcome": "ignored"})
         return jsonify({"status": "ignored", "reason": f"triggered_event {triggered_event!r}: {reason}"}), 200
 
     try:
-        event = _webhook.load(body)
+        event = _webhook.load(body)  # the one validation pass
     except ValidationError as exc:
         return _unprocessable(exc, body)
+    entry = prepare(event, rules)
     try:
-        prepared = prepare(event, rules, now=datetime.now(UTC))
-    except MessageTooLarge as exc:
-        return error(422, "too_large_for_segment", str(exc), fields={"response.data": [str(exc)]})
-    messages = prepared.messages
-
-    try:
-        stored = app_state.outbox.store_grouped(prepared)
+        stored = app_state.outbox.store_grouped(entry)
     except StoreUnavailable as exc:
         log.error("store unavailable", extra={"response_id": event.response_uuid, "error": str(exc), "outcome": "unavailable"})
         return error(503, "store_unavailable", "The store is not answering; please retry.")
     if not stored:
         log.info("duplicate", extra={"response_id": event.response_uuid, "outcome": "duplicate"})
         return jsonify({"status": "duplicate", "response_id": event.response_uuid, "messages": 0}), 200
-    log.info("accepted", extra={"response_id": event.response_uuid, "messages": len(messages), "outcome": "accepted"})
-    return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": len(messages)}), 202
+    log.info("accepted", extra={"response_id": event.response_uuid, "messages": entry.message_count, "outcome": "accepted"})
+    return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": entry.message_count}), 202
 
 
 def _read_body() -> bytes | None:

@@ -112,3 +112,22 @@ def post_webhook(client):
         return client.post(url, data=data, content_type="application/json", **kwargs)
 
     return post
+
+
+def survey_body(i: int | str, event: str = "Completed Survey", answer: str = "Product Manager") -> dict:
+    """The example webhook body as response `r<i>` (contact `user-<i>`), with `event` and one answer changed."""
+    body = copy.deepcopy(load_fixture("webhook_completed_survey.json"))
+    body["response"]["uuid"] = f"r{i}"
+    body["remote_id"] = f"user-{i}"
+    body["triggered_event"] = event
+    body["response"]["data"]["what_is_your_job_role"] = answer
+    return body
+
+
+def entry_for(i: int | str, event: str = "Completed Survey", answer: str = "Product Manager", rules=None):
+    """The store's entry for survey_body(i, ...), as the webhook makes it."""
+    from refiner_source.config import MappingRules
+    from refiner_source.intake import prepare
+    from refiner_source.schemas import WebhookSchema
+
+    return prepare(WebhookSchema().load(survey_body(i, event, answer)), rules or MappingRules())

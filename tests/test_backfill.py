@@ -10,8 +10,9 @@ import responses
 
 from refiner_source.backfill import BackfillError, RefinerApi, filters, run_backfill
 from refiner_source.config import MappingRules
-from refiner_source.intake import prepare
-from refiner_source.outbox import Outbox
+from refiner_source.intake import Entry, prepare
+from refiner_source.mapping import map_event
+from refiner_source.outbox import SEGMENT, Outbox
 from refiner_source.schemas import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
 from tests.conftest import load_fixture
 from tests.refiner_stub import RefinerStub, api_item
@@ -27,6 +28,11 @@ def api(**kwargs) -> RefinerApi:
     client = RefinerApi(API, "key-123", sleep=sleeps.append, **kwargs)
     client.sleeps = sleeps  # type: ignore[attr-defined]
     return client
+
+
+def mapped(entry) -> list[dict]:
+    """The messages the delivery worker will make of a stored entry."""
+    return map_event(event_from_json(entry.event), RULES, NOW)
 
 
 def page(items, **pagination) -> dict:
@@ -117,11 +123,11 @@ def test_filters_are_the_spec_names_in_refiners_format():
 def test_api_item_maps_to_the_same_trait_names_and_message_ids_as_the_webhook():
     item = load_fixture("api_responses_page.json")["items"][0]
     webhook = load_fixture("webhook_completed_survey.json")
-    from_api = prepare(ApiResponseSchema().load(item), RULES, NOW)
-    from_webhook = prepare(WebhookSchema().load(webhook), RULES, NOW)
+    from_api = prepare(ApiResponseSchema().load(item), RULES)
+    from_webhook = prepare(WebhookSchema().load(webhook), RULES)
     assert from_api.receipt_key == from_webhook.receipt_key
-    api_msgs = {m["type"]: m for m in from_api.messages}
-    hook_msgs = {m["type"]: m for m in from_webhook.messages}
+    api_msgs = {m["type"]: m for m in mapped(from_api)}
+    hook_msgs = {m["type"]: m for m in mapped(from_webhook)}
     assert {t: m["messageId"] for t, m in api_msgs.items()} == {t: m["messageId"] for t, m in hook_msgs.items()}
     assert api_msgs["track"]["timestamp"] == hook_msgs["track"]["timestamp"]  # API times are UTC
     for name in api_msgs["track"]["properties"]:
@@ -133,7 +139,7 @@ def test_api_item_maps_to_the_same_trait_names_and_message_ids_as_the_webhook():
     "kwargs, calls", [({}, ["identify", "group", "track"]), ({"account": False}, ["identify", "track"]), ({"remote_id": False}, None)]
 )
 def test_items_with_and_without_account_or_remote_id(kwargs, calls):
-    messages = prepare(ApiResponseSchema().load(api_item(1, **kwargs)), RULES, NOW).messages
+    messages = mapped(prepare(ApiResponseSchema().load(api_item(1, **kwargs)), RULES))
     if calls:
         assert [m["type"] for m in messages] == calls and messages[0]["userId"] == "user-1"
     else:
@@ -157,7 +163,7 @@ def refiner():
 def test_backfill_stores_every_completed_response_once(outbox, refiner):
     progress = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
     assert (progress.pages, progress.seen, progress.stored, progress.duplicates) == (3, 230, 230, 0)
-    assert outbox.stats().pending == 230 * 3
+    assert outbox.stats().pending == 230
 
 
 def test_backfill_by_page_numbers_when_there_is_no_cursor(outbox):
@@ -171,17 +177,17 @@ def test_second_run_sends_nothing_new(outbox, refiner):
     run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
     again = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
     assert (again.seen, again.stored, again.duplicates) == (230, 0, 230)
-    assert outbox.stats().pending == 230 * 3
+    assert outbox.stats().pending == 230
 
 
 def test_response_already_received_by_webhook_is_not_sent_again(outbox):
-    webhook = prepare(WebhookSchema().load(load_fixture("webhook_completed_survey.json")), RULES, NOW)
+    webhook = prepare(WebhookSchema().load(load_fixture("webhook_completed_survey.json")), RULES)
     outbox.store_many([webhook])
     item = load_fixture("api_responses_page.json")["items"][0]
     with RefinerStub(total=1, make=lambda i: item) as stub:
         progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
     assert (progress.stored, progress.duplicates) == (0, 1)
-    assert outbox.stats().pending == 3
+    assert outbox.stats().pending == 1
 
 
 def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
@@ -200,7 +206,7 @@ def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
     assert resumed.resumed and resumed.pages == 3 and resumed.stored == 230
     assert len(refiner.requests) == asked + 1  # only the third page was asked for again
     assert "page_cursor" in refiner.requests[-1]["query"]
-    assert outbox.stats().pending == 230 * 3
+    assert outbox.stats().pending == 230
 
 
 def test_runs_with_other_filters_keep_their_own_progress(outbox, refiner):
@@ -256,8 +262,9 @@ def test_init_db_upgrades_a_version_1_store(store_url):
         conn.execute(text("INSERT INTO refiner_receipts VALUES (1, 'old\nE', 'old', 'E', 3, 0)"))
     box.init_schema()
     box.init_schema()
-    assert box.schema_version() == 2
-    assert list(box.replay_sources(response_id="old")) == [("old\nE", None)]
+    assert box.schema_version() == 3
+    assert box.requeue(response_id="old").forgotten == 1  # a version 1 receipt kept no event to map again
+    assert box.store_many([Entry("old\nE", "old", "E", "{}")]) == 0  # but it still makes a resend a duplicate
     box.dispose()
 
 
@@ -267,33 +274,42 @@ def test_init_db_upgrades_a_version_1_store(store_url):
 def test_replay_response_resends_it_remapped_with_its_original_message_ids(store_url, outbox, webhook_body, tmp_path):
     from tests.test_cli import run
 
-    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
+    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
     mapping = tmp_path / "mapping.toml"
     mapping.write_text('[traits]\n"what_is_your_job_role" = "job_role"\n')
     env = {"DATABASE_URL": store_url, "REFINER_MAPPING_FILE": str(mapping)}
+    deliver_all(outbox)
     result = run(["replay", "--response", webhook_body["response"]["uuid"]], env)
     assert result.returncode == 0, result.stderr
-    assert "1 response(s) queued again, with their original messageIds" in result.stdout
-    claimed = outbox.claim(10, 60, "t")
-    ids = [c.message["messageId"] for c in claimed]
-    assert len(ids) == 6 and len(set(ids)) == 3
-    assert claimed[-1].message["properties"]["job_role"] == "Product Manager"  # the current mapping file
+    assert "1 response(s) queued again, to be mapped with the current mapping file, with their original messageIds" in result.stdout
+    (claimed,) = outbox.claim(SEGMENT, 10, 60, "t")
+    assert claimed.generation is None
+    ids = [m["messageId"] for m in map_event(event_from_json(claimed.event), RULES, NOW)]
+    assert ids == [m["messageId"] for m in mapped(prepare(WebhookSchema().load(webhook_body), RULES))]
+    outbox.settle("t", delivered=[claimed.id])
 
     fresh = run(["replay", "--form", webhook_body["form"]["uuid"], "--new-ids"], env)
     assert fresh.returncode == 0 and "with new messageIds" in fresh.stdout
-    new_ids = [c.message["messageId"] for c in outbox.claim(10, 60, "t")]
+    (again,) = outbox.claim(SEGMENT, 10, 60, "t")
+    new_ids = [m["messageId"] for m in map_event(event_from_json(again.event), RULES, NOW, again.generation)]
     assert len(new_ids) == 3 and not set(new_ids) & set(ids)
     assert all(len(i) <= 100 for i in new_ids)
+
+
+def deliver_all(outbox) -> None:
+    while claimed := outbox.claim(SEGMENT, 500, 60, "t"):
+        outbox.settle("t", delivered=[c.id for c in claimed])
 
 
 def test_replay_by_time_range_and_events_past_retention(store_url, outbox, webhook_body):
     from tests.test_cli import run
 
-    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
+    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
     env = {"DATABASE_URL": store_url}
     none = run(["replay", "--since", "2026-11-19"], env)
     assert none.returncode == 1 and "nothing matched --since 2026-11-19 00:00:00" in none.stderr
     assert "1 response(s)" in run(["replay", "--since", "2026-11-18", "--until", "2026-11-19"], env).stdout
+    deliver_all(outbox)
     outbox.purge(delivered_before=9e12, receipts_before=0)  # the answers are forgotten, the receipt kept
     result = run(["replay", "--response", webhook_body["response"]["uuid"]], env)
     assert "0 response(s) queued" in result.stdout and "older than REFINER_RETENTION_DAYS" in result.stdout
@@ -307,8 +323,9 @@ def test_replay_new_ids_alone_is_a_usage_error(store_url, outbox):
 
 
 def test_event_json_holds_the_answers_so_purge_forgets_it(outbox, webhook_body):
-    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES, NOW)])
-    ((_, stored),) = outbox.replay_sources()
+    outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
+    ((claimed),) = outbox.claim(SEGMENT, 10, 60, "t")
+    stored = claimed.event
     assert "Product Manager" in json.loads(stored)["data"].values()
 
 
@@ -405,10 +422,10 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
             run_backfill(api, outbox, RULES, {}, workers=2)
         state = outbox.backfill_state(json.dumps({}, sort_keys=True))
         assert state is not None and state.pages == 2 and not state.done
-        assert outbox.stats().pending == 200 * 3
+        assert outbox.stats().pending == 200
         refiner.page = real_page
         resumed = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, workers=2)
-    assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500 * 3
+    assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500
 
 
 def test_mapping_processes_import_neither_the_web_app_nor_the_database():
@@ -430,10 +447,11 @@ def test_mapping_processes_import_neither_the_web_app_nor_the_database():
 
 
 def test_replay_reads_and_queues_more_than_one_page_of_responses(outbox):
-    entries = [prepare(ApiResponseSchema().load(api_item(i)), RULES, NOW) for i in range(1203)]
+    entries = [prepare(ApiResponseSchema().load(api_item(i)), RULES) for i in range(1203)]
     outbox.store_many(entries)
-    keys = [key for key, _event in outbox.replay_sources(form_uuid="form-1")]
-    assert keys == [e.receipt_key for e in entries]  # all of them, once, in order, across pages of 500
+    deliver_all(outbox)
+    assert outbox.requeue(form_uuid="form-1").queued == 1203  # all of them, in chunks of 500
+    assert outbox.stats().pending == 1203
 
 
 @pytest.mark.parametrize("dry_run", [False, True])

@@ -10,7 +10,8 @@ import tempfile
 
 import pytest
 
-from refiner_source.outbox import Outbox
+from refiner_source.outbox import SEGMENT, DeadLetter, Outbox
+from tests.conftest import entry_for
 from tests.service import command
 
 
@@ -46,11 +47,9 @@ def test_init_db_creates_the_schema_and_is_safe_twice(store_url):
 
 
 def test_status_prints_pending_delivered_dead_and_oldest_age(store_url, outbox):
-    outbox.store("r\nE", "r", "E", [{"messageId": f"m{i}", "type": "track"} for i in range(3)])
-    a, b, _c = outbox.claim(3, 60, "w")
-    outbox.mark_delivered([a.id])
-    outbox.mark_dead([b.id], "HTTP 400 invalid: nope")
-    outbox.release([_c.id], 0, "retry")
+    outbox.store_many([entry_for(i) for i in range(3)])
+    a, b, c = outbox.claim(SEGMENT, 3, 60, "w")
+    outbox.settle("w", delivered=[a.id], dead=[DeadLetter(b.id, "m1", "track", "HTTP 400 invalid: nope")], released=[c.id])
     text = run(["status"], {"DATABASE_URL": store_url})
     assert text.returncode == 0, text.stderr
     assert "pending    1" in text.stdout and "delivered  1" in text.stdout and "dead       1" in text.stdout
@@ -59,10 +58,14 @@ def test_status_prints_pending_delivered_dead_and_oldest_age(store_url, outbox):
     assert (data["pending"], data["delivered"], data["dead"]) == (1, 1, 1) and data["oldest_pending_age"] >= 0
 
 
+def dead_one(outbox) -> None:
+    outbox.store_many([entry_for(1)])
+    (claimed,) = outbox.claim(SEGMENT, 1, 60, "w")
+    outbox.settle("w", dead=[DeadLetter(claimed.id, "m", "track", "HTTP 400")])
+
+
 def test_replay_puts_dead_letters_back_in_line(store_url, outbox):
-    outbox.store("r\nE", "r", "E", [{"messageId": "m", "type": "track"}])
-    (claimed,) = outbox.claim(1, 60, "w")
-    outbox.mark_dead([claimed.id], "HTTP 400")
+    dead_one(outbox)
     result = run(["replay"], {"DATABASE_URL": store_url})
     assert result.returncode == 0 and "1 dead letter(s) queued again" in result.stdout
     assert Outbox(store_url).stats().pending == 1
@@ -76,9 +79,7 @@ def test_status_with_an_unreachable_store_says_so_in_one_line():
 
 
 def test_purge_dead_deletes_dead_letters_on_request(store_url, outbox):
-    outbox.store("r\nE", "r", "E", [{"messageId": "m", "type": "track"}])
-    (claimed,) = outbox.claim(1, 60, "w")
-    outbox.mark_dead([claimed.id], "HTTP 400")
+    dead_one(outbox)
     kept = run(["purge-dead", "--older-than", "1", "--yes"], {"DATABASE_URL": store_url})
     assert kept.returncode == 0 and "0 dead letter(s) deleted" in kept.stdout
     gone = run(["purge-dead", "--yes"], {"DATABASE_URL": store_url})
@@ -156,17 +157,17 @@ def test_reversed_since_until_is_refused(command_args, tmp_path):
 def test_status_says_when_nothing_is_delivered_while_messages_wait(store_url, outbox, monkeypatch):
     import time
 
-    outbox.store("r\nE", "r", "E", [{"messageId": "m", "type": "track"}])
+    outbox.store_many([entry_for(1)])
     fresh = run(["status"], {"DATABASE_URL": store_url})
     assert "nothing delivered" not in fresh.stdout
     # The message has waited two minutes, and nothing was delivered since.
     from sqlalchemy import update
 
-    from refiner_source.outbox import messages
+    from refiner_source.outbox import events
 
     with outbox.engine.begin() as conn:
-        conn.execute(update(messages).values(created_at=time.time() - 120))
+        conn.execute(update(events).values(created_at=time.time() - 120))
     stalled = run(["status"], {"DATABASE_URL": store_url})
-    assert re.search(r"nothing delivered for 12\ds while 1 message\(s\) wait", stalled.stdout), stalled.stdout
+    assert re.search(r"nothing delivered for 12\ds while 1 event\(s\) wait", stalled.stdout), stalled.stdout
     assert "delivery worker running" in stalled.stdout
     assert json.loads(run(["status", "--json"], {"DATABASE_URL": store_url}).stdout)["stalled"] is True

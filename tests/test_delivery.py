@@ -1,4 +1,4 @@
-"""The delivery worker's handling of Segment's answers (responses mocks the HTTP), SPEC section 4."""
+"""The delivery worker: stored events mapped at delivery, and Segment's answers (responses mocks the HTTP), SPEC section 4."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import responses
 from sqlalchemy import update
 
 from refiner_source.backoff import Backoff
-from refiner_source.delivery import Worker, pack
-from refiner_source.outbox import Claimed, messages
+from refiner_source.config import MappingRules
+from refiner_source.delivery import Item, Worker, pack
+from refiner_source.outbox import SEGMENT, events
+from tests.conftest import entry_for
 
 HOST = "https://segment.test"
 URL = HOST + "/v1/batch"
@@ -24,13 +26,23 @@ def message(i: int, size: int = 10) -> dict:
     return {"messageId": f"m-{i}", "type": "track", "event": "E", "userId": "u", "properties": {"x": "y" * size}}
 
 
+def mid(i: int, call: str = "track") -> str:
+    return f"refiner-r{i}-completed-survey-{call}"
+
+
 @pytest.fixture
 def worker(outbox):
     return Worker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
 
 
 def fill(outbox, n: int, size: int = 10) -> None:
-    outbox.store("r\nE", "r", "E", [message(i, size) for i in range(n)])
+    """n Completed Survey events, r0 to r<n-1>: three messages each, an answer of `size` characters in two of them."""
+    outbox.store_many([entry_for(i, answer="y" * size) for i in range(n)])
+
+
+def make_due(outbox) -> None:
+    with outbox.engine.begin() as conn:  # due again now, not after the backoff
+        conn.execute(update(events).values(available_at=0))
 
 
 def sent_batches() -> list[list[dict]]:
@@ -40,14 +52,27 @@ def sent_batches() -> list[list[dict]]:
 @responses.activate
 def test_batch_is_posted_gzipped_with_the_write_key_and_marked_delivered(worker, outbox):
     responses.post(URL, json={"success": True})
-    fill(outbox, 3)
+    fill(outbox, 2)
     worker.run_once()
     (call,) = responses.calls
     assert call.request.headers["Content-Encoding"] == "gzip"
     assert call.request.headers["Authorization"].startswith("Basic ")
     body = json.loads(gzip.decompress(call.request.body))
-    assert body["writeKey"] == "wk" and [m["messageId"] for m in body["batch"]] == ["m-0", "m-1", "m-2"]
-    assert outbox.stats().delivered == 3
+    expected = [mid(r, call) for r in range(2) for call in ("identify", "group", "track")]
+    assert body["writeKey"] == "wk" and [m["messageId"] for m in body["batch"]] == expected  # in order, mapped at delivery
+    assert outbox.stats().delivered == 2
+
+
+@responses.activate
+def test_events_are_mapped_with_the_mapping_file_in_force_when_they_are_sent(outbox):
+    responses.post(URL, json={"success": True})
+    fill(outbox, 1)
+    renamed = MappingRules(traits={"what_is_your_job_role": "job_role"}, events={"Completed Survey": "Feedback Given"})
+    Worker(outbox, "wk", HOST, rules=renamed).run_once()
+    (batch,) = sent_batches()
+    identify, _group, track = batch
+    assert identify["traits"]["job_role"] == "y" * 10 and track["event"] == "Feedback Given"
+    assert identify["integrations"] == {"Refiner": False}
 
 
 @responses.activate
@@ -73,7 +98,7 @@ def test_retry_after_is_honoured(worker, outbox):
     responses.post(URL, status=429, headers={"Retry-After": "7"}, json={"code": "rate_limited", "message": "slow down"})
     fill(outbox, 1)
     assert worker.run_once() == 7
-    assert 6.5 < outbox.next_due_in() <= 7
+    assert 6.5 < outbox.next_due_in(SEGMENT) <= 7
 
 
 @responses.activate
@@ -95,7 +120,7 @@ def test_backoff_is_capped_exponential_with_jitter():
 def test_4xx_splits_the_batch_and_dead_letters_only_the_bad_message(worker, outbox):
     def answer(request):
         batch = json.loads(gzip.decompress(request.body))["batch"]
-        if any(m["messageId"] == "m-5" for m in batch):
+        if any(m["messageId"] == mid(5) for m in batch):
             return 400, {}, json.dumps({"code": "invalid_request", "message": "bad message"})
         return 200, {}, json.dumps({"success": True})
 
@@ -103,10 +128,11 @@ def test_4xx_splits_the_batch_and_dead_letters_only_the_bad_message(worker, outb
     fill(outbox, 8)
     worker.run_once()
     stats = outbox.stats()
-    assert (stats.delivered, stats.dead) == (7, 1)
-    assert outbox.dead_letters() == [("r", "m-5", "HTTP 400 invalid_request: bad message")]
-    delivered = [m["messageId"] for batch in sent_batches() for m in batch if "m-5" not in [x["messageId"] for x in batch]]
-    assert sorted(set(delivered)) == sorted(f"m-{i}" for i in range(8) if i != 5)
+    assert (stats.delivered, stats.dead) == (7, 1)  # events: r5 is dead, for its track alone
+    assert outbox.dead_letters() == [("r5", mid(5), "HTTP 400 invalid_request: bad message")]
+    accepted = {m["messageId"] for batch in sent_batches() for m in batch if mid(5) not in [x["messageId"] for x in batch]}
+    everything = {mid(r, call) for r in range(8) for call in ("identify", "group", "track")}
+    assert accepted == everything - {mid(5)}  # the event's other messages were delivered
 
 
 @responses.activate
@@ -118,12 +144,16 @@ def test_rejected_write_key_is_retried_not_dead_lettered(worker, outbox, status)
     assert outbox.stats().dead == 0 and outbox.stats().pending == 4
 
 
-def test_pack_keeps_every_request_under_500_kb_and_in_order():
-    items = [Claimed(i, message(i, size=30_000), 0, "r") for i in range(40)]
+def test_pack_keeps_every_request_under_500_kb_in_order_and_an_events_messages_together():
+    items = [Item(i // 3, f"r{i // 3}", message(i, size=30_000), len(json.dumps(message(i, size=30_000)))) for i in range(45)]
     chunks = pack(items)
-    assert [c.id for chunk in chunks for c in chunk] == list(range(40))
+    assert [item.message["messageId"] for chunk in chunks for item in chunk] == [f"m-{i}" for i in range(45)]
     assert all(
         len(json.dumps({"batch": [c.message for c in chunk], "sentAt": "x" * 32, "writeKey": "k" * 64})) < 500_000 for chunk in chunks
+    )
+    assert all(
+        len({item.event_id for item in chunk} & {item.event_id for item in other}) == 0
+        for chunk, other in zip(chunks, chunks[1:], strict=False)
     )
     assert len(chunks) == 3
 
@@ -131,9 +161,9 @@ def test_pack_keeps_every_request_under_500_kb_and_in_order():
 @responses.activate
 def test_large_claim_is_sent_in_several_requests(worker, outbox):
     responses.post(URL, json={"success": True})
-    fill(outbox, 40, size=30_000)
+    fill(outbox, 20, size=30_000)  # two answers of 30 KB an event
     worker.run_once()
-    assert len(responses.calls) == 3 and outbox.stats().delivered == 40
+    assert len(responses.calls) == 3 and outbox.stats().delivered == 20
 
 
 @responses.activate
@@ -143,22 +173,27 @@ def test_stop_finishes_the_request_in_flight_and_hands_back_the_rest(worker, out
         return 200, {}, json.dumps({"success": True})
 
     responses.add_callback(responses.POST, URL, callback=answer)
-    fill(outbox, 40, size=30_000)
+    fill(outbox, 20, size=30_000)
     worker.run_once()
     stats = outbox.stats()
-    assert len(responses.calls) == 1 and stats.delivered > 0 and stats.pending == 40 - stats.delivered
-    assert outbox.next_due_in() == 0  # given back at once for the next worker
+    assert len(responses.calls) == 1 and stats.delivered > 0 and stats.pending == 20 - stats.delivered
+    assert outbox.next_due_in(SEGMENT) == 0  # given back at once for the next worker
 
 
-def test_worker_purges_delivered_messages_after_retention_days(outbox, monkeypatch):
+def test_worker_forgets_answers_after_retention_days_and_receipts_after_90(outbox, monkeypatch):
     worker = Worker(outbox, "wk", HOST, retention_days=7)
     fill(outbox, 2)
-    (a, b) = outbox.claim(2, 60, "w")
-    outbox.mark_delivered([a.id, b.id])
+    (a, b) = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", delivered=[a.id, b.id])
     worker.purge_if_due()
-    assert outbox.stats().delivered == 2  # younger than 7 days
+    assert outbox.requeue(response_id="r0").forgotten == 0  # younger than 7 days: kept
+    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 2, 60, "w")])
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 8 * 86400)
+    worker._next_purge = 0
+    worker.purge_if_due()
+    assert outbox.requeue(response_id="r1").forgotten == 1 and outbox.stats().delivered == 2
+    monkeypatch.setattr(time, "time", lambda: now + 91 * 86400)
     worker._next_purge = 0
     worker.purge_if_due()
     assert outbox.stats().delivered == 0
@@ -168,16 +203,16 @@ def test_worker_purges_delivered_messages_after_retention_days(outbox, monkeypat
 def test_dead_letter_keeps_its_own_error_when_the_rest_of_its_batch_meets_an_outage(worker, outbox):
     def answer(request):
         ids = [m["messageId"] for m in json.loads(gzip.decompress(request.body))["batch"]]
-        if "m-1" in ids:
+        if mid(1) in ids:
             return 400, {}, json.dumps({"code": "invalid_request", "message": "bad message"})
-        if "m-6" in ids:
+        if mid(6) in ids:
             return 503, {}, json.dumps({"code": "unavailable", "message": "down"})
         return 200, {}, json.dumps({"success": True})
 
     responses.add_callback(responses.POST, URL, callback=answer)
     fill(outbox, 8)
     worker.run_once()
-    assert outbox.dead_letters() == [("r", "m-1", "HTTP 400 invalid_request: bad message")]
+    assert outbox.dead_letters() == [("r1", mid(1), "HTTP 400 invalid_request: bad message")]
     stats = outbox.stats()
     assert stats.dead == 1 and stats.delivered + stats.pending == 7 and stats.pending > 0
 
@@ -192,8 +227,7 @@ def test_every_delivery_log_line_carries_an_outcome(worker, outbox, caplog):
     fill(outbox, 2)
     responses.post(URL, status=503, json={"code": "unavailable", "message": "later"})
     worker.run_once()
-    with outbox.engine.begin() as conn:  # due again now, not after the backoff
-        conn.execute(update(messages).values(available_at=0))
+    make_due(outbox)
     responses.replace(responses.POST, URL, json={"success": True})
     worker.run_once()
     outcomes = [getattr(r, "outcome", None) for r in delivery_records(caplog) if r.msg != "delivery worker started"]
@@ -229,3 +263,52 @@ def test_a_redirect_is_a_host_problem_retried_not_a_dead_letter(worker, outbox):
     fill(outbox, 2)
     worker.run_once()
     assert outbox.stats().dead == 0 and outbox.stats().pending == 2
+
+
+@responses.activate
+def test_a_message_that_cannot_be_shrunk_under_32_kb_is_a_dead_letter_with_its_reason(worker, outbox, monkeypatch):
+    from refiner_source import delivery
+    from refiner_source.mapping import MessageTooLarge
+
+    real_map = delivery.map_event
+
+    def mapping(event, *args, **kwargs):  # what the mapping raises when nothing is left to shorten
+        if event.response_uuid == "r1":
+            raise MessageTooLarge("identify for response r1 is over 32 KB with nothing left to shorten")
+        return real_map(event, *args, **kwargs)
+
+    monkeypatch.setattr(delivery, "map_event", mapping)
+    responses.post(URL, json={"success": True})
+    fill(outbox, 2)
+    worker.run_once()
+    assert (outbox.stats().dead, outbox.stats().delivered) == (1, 1)
+    assert outbox.dead_letters() == [
+        ("r1", "-", "too large for Segment: identify for response r1 is over 32 KB with nothing left to shorten")
+    ]
+    assert {m["userId"] for batch in sent_batches() for m in batch} == {"user-0"}
+
+
+@responses.activate
+def test_replay_sends_an_event_again_mapped_anew_with_new_ids(worker, outbox):
+    responses.post(URL, json={"success": True})
+    fill(outbox, 1)
+    worker.run_once()
+    assert outbox.requeue(response_id="r0", generation="r1700000000000").queued == 1
+    worker.run_once()
+    first, second = sent_batches()
+    assert [m["messageId"] for m in second] == [f"{m['messageId']}-r1700000000000" for m in first]
+
+
+@responses.activate
+def test_messages_kept_from_a_version_2_store_are_sent_exactly_as_stored(store_url):
+    from tests.test_outbox import make_v2_store
+
+    responses.post(URL, json={"success": True})
+    payloads = make_v2_store(store_url)
+    box = __import__("refiner_source.outbox").outbox.Outbox(store_url)
+    box.init_schema()
+    Worker(box, "wk", HOST).run_once()
+    (batch,) = sent_batches()
+    assert [{k: v for k, v in m.items() if k != "sentAt"} for m in batch] == payloads["rwaiting"]
+    assert box.stats().pending == 0
+    box.dispose()

@@ -19,7 +19,7 @@ import requests
 
 from refiner_source.config import load_settings
 from refiner_source.outbox import Outbox
-from tests.conftest import SECRET
+from tests.conftest import SECRET, entry_for
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
 from tests.tcp_proxy import TcpProxy
@@ -103,18 +103,15 @@ def _env(store_url: str, segment: SegmentStub, **extra: str) -> dict[str, str]:
 def test_several_worker_processes_deliver_thousands_of_messages_exactly_once(store_url, segment, tmp_path):
     outbox = Outbox(store_url)
     outbox.init_schema()
-    total = 0
-    for r in range(600):
-        batch = [{"messageId": f"r{r}-{i}", "type": "track", "event": "E", "userId": f"u{r}"} for i in range(5)]
-        outbox.store(f"r{r}\nE", f"r{r}", "E", batch)
-        total += len(batch)
+    outbox.store_many([entry_for(r) for r in range(1000)])
+    total = 1000 * 3  # messages: each event is an identify, a group and a track
     workers = [Service(["worker"], _env(store_url, segment), tmp_path / f"worker-{i}.log").start() for i in range(3)]
     try:
         received = segment.wait_for(lambda r: len(r) >= total, timeout=120)
         time.sleep(1.0)  # anything sent twice would arrive now
         counts = Counter(m["messageId"] for m in segment.received())
         assert len(counts) == total and set(counts.values()) == {1}, counts.most_common(3)
-        assert outbox.stats().delivered == total
+        assert outbox.stats().delivered == 1000
         assert len({r["headers"].get("User-Agent") for r in segment.requests}) == 1
         assert len(received) == total
     finally:

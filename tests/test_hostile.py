@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refiner_source import create_app
-from refiner_source.config import ConfigError, load_settings
-from refiner_source.schemas import MAX_ANSWERS, MAX_ATTRIBUTES, MAX_DEPTH, MAX_ID_LENGTH
+from refiner_source.config import ConfigError, MappingRules, load_settings
+from refiner_source.mapping import map_event
+from refiner_source.outbox import SEGMENT
+from refiner_source.schemas import MAX_ANSWERS, MAX_ATTRIBUTES, MAX_DEPTH, MAX_ID_LENGTH, event_from_json
 from tests.conftest import SECRET, load_fixture
 
 # --- limits, each with its own answer ------------------------------------------------------
@@ -219,10 +222,13 @@ def test_a_message_no_text_cut_can_shrink_is_still_accepted_and_fits(post_webhoo
     webhook_body["response"]["data"] = {"k" * 40_000: "v", "numbers": list(range(10_000)), "essay": "x" * 5_000}
     response = post_webhook(webhook_body)
     assert response.status_code == 202 and response.json["messages"] == 3
-    for claimed in outbox.claim(10, 60, "t"):
-        assert len(json.dumps(claimed.message).encode()) <= 32 * 1024
-        body = claimed.message.get("traits") or claimed.message.get("properties")
+    (claimed,) = outbox.claim(SEGMENT, 10, 60, "t")
+    messages = map_event(event_from_json(claimed.event), MappingRules(), datetime.now(UTC))  # as the worker maps it
+    assert len(messages) == 3
+    for message in messages:
+        assert len(json.dumps(message).encode()) <= 32 * 1024
+        body = message.get("traits") or message.get("properties")
         assert all(len(name) <= 100 for name in body)
-        if claimed.message["type"] != "group":
+        if message["type"] != "group":
             assert body["refiner_essay"] == "x" * 5_000  # untouched: the lists made the room
             assert body["refiner_numbers"].startswith("… (omitted")

@@ -1,52 +1,62 @@
-"""The outbox on SQLite and PostgreSQL: store, duplicates, exclusive claims, leases, dead letters."""
+"""The store on SQLite and PostgreSQL: one row per event, duplicates, exclusive claims, leases, dead letters,
+replay, retention, and the upgrade of a version 2 store."""
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 
-from refiner_source.outbox import Outbox
+import pytest
+
+from refiner_source.config import MappingRules
+from refiner_source.intake import Entry
+from refiner_source.outbox import SEGMENT, DeadLetter, Outbox, StoreUnavailable
+from tests.conftest import entry_for
 
 
-def msgs(response: str, n: int = 3) -> list[dict]:
-    return [{"messageId": f"{response}-{i}", "type": "track", "event": "E", "userId": "u"} for i in range(n)]
+def store(outbox: Outbox, *ids) -> None:
+    assert outbox.store_many([entry_for(i) for i in ids]) == len(ids)
 
 
-def test_store_commits_messages_with_receipt(outbox):
-    assert outbox.store("r1\nCompleted Survey", "r1", "Completed Survey", msgs("r1")) is True
+def test_store_commits_one_row_per_event_with_its_receipt(outbox):
+    assert outbox.store_grouped(entry_for(1)) is True
     stats = outbox.stats()
-    assert (stats.pending, stats.delivered, stats.dead) == (3, 0, 0)
+    assert (stats.pending, stats.delivered, stats.dead) == (1, 0, 0)
     assert stats.oldest_pending_age is not None and stats.oldest_pending_age < 60
+    with outbox.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM refiner_events").scalar() == 1
 
 
 def test_store_of_a_receipt_seen_before_writes_nothing(outbox):
-    outbox.store("r1\nE", "r1", "E", msgs("r1"))
-    assert outbox.store("r1\nE", "r1", "E", msgs("r1")) is False
-    assert outbox.stats().pending == 3
+    store(outbox, 1)
+    assert outbox.store_grouped(entry_for(1)) is False
+    assert outbox.store_many([entry_for(1)]) == 0
+    assert outbox.stats().pending == 1
 
 
 def test_claim_is_exclusive_until_the_lease_runs_out(outbox, monkeypatch):
-    outbox.store("r1\nE", "r1", "E", msgs("r1"))
-    first = outbox.claim(10, lease_seconds=60, worker="a")
-    assert [c.message["messageId"] for c in first] == ["r1-0", "r1-1", "r1-2"]
-    assert outbox.claim(10, 60, "b") == []
+    store(outbox, 1, 2)
+    first = outbox.claim(SEGMENT, 10, lease_seconds=60, worker="a")
+    assert [c.response_id for c in first] == ["r1", "r2"] and all(c.event for c in first)
+    assert outbox.claim(SEGMENT, 10, 60, "b") == []
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 61)  # worker "a" died: its lease runs out
-    assert len(outbox.claim(10, 60, "b")) == 3
+    assert len(outbox.claim(SEGMENT, 10, 60, "b")) == 2
+    assert outbox.claim("elsewhere", 10, 60, "c") == []  # claims are per destination
 
 
-def test_concurrent_claims_never_share_a_message(outbox, settings):
-    for r in range(60):
-        outbox.store(f"r{r}\nE", f"r{r}", "E", msgs(f"r{r}", 5))
+def test_concurrent_claims_never_share_an_event(outbox, settings):
+    store(outbox, *range(300))
     seen: list[int] = []
     lock = threading.Lock()
 
     def claimer(name: str) -> None:
         box = Outbox(settings.database_url)
-        while batch := box.claim(7, 60, name):
+        while batch := box.claim(SEGMENT, 7, 60, name):
             with lock:
                 seen.extend(c.id for c in batch)
-            box.mark_delivered([c.id for c in batch])
+            box.settle(name, delivered=[c.id for c in batch])
         box.dispose()
 
     threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
@@ -58,35 +68,61 @@ def test_concurrent_claims_never_share_a_message(outbox, settings):
     assert outbox.stats().delivered == 300
 
 
-def test_release_makes_messages_due_again_after_the_delay(outbox, monkeypatch):
-    outbox.store("r1\nE", "r1", "E", msgs("r1", 1))
-    (claimed,) = outbox.claim(10, 60, "a")
-    outbox.release([claimed.id], delay=30, error="HTTP 503")
-    assert outbox.claim(10, 60, "a") == []
-    assert 25 < outbox.next_due_in() <= 30
+def test_release_makes_events_due_again_after_the_delay(outbox, monkeypatch):
+    store(outbox, 1)
+    (claimed,) = outbox.claim(SEGMENT, 10, 60, "a")
+    outbox.settle("a", released=[claimed.id], delay=30, error="HTTP 503")
+    assert outbox.claim(SEGMENT, 10, 60, "a") == []
+    assert 25 < outbox.next_due_in(SEGMENT) <= 30
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 31)
-    (again,) = outbox.claim(10, 60, "a")
+    (again,) = outbox.claim(SEGMENT, 10, 60, "a")
     assert again.attempts == 1
 
 
-def test_dead_letters_are_kept_and_replay_puts_them_back(outbox):
-    outbox.store("r1\nE", "r1", "E", msgs("r1", 2))
-    a, b = outbox.claim(10, 60, "w")
-    outbox.mark_dead([a.id], "HTTP 400 invalid: bad message")
-    outbox.mark_delivered([b.id])
+def test_settle_only_while_the_worker_still_holds_the_claim(outbox, monkeypatch):
+    store(outbox, 1)
+    (claimed,) = outbox.claim(SEGMENT, 10, 60, "slow")
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 61)
+    (taken,) = outbox.claim(SEGMENT, 10, 60, "other")  # the lease ran out: another worker has it
+    outbox.settle("slow", delivered=[claimed.id])  # late: changes nothing
+    assert outbox.stats().pending == 1
+    outbox.settle("other", delivered=[taken.id])
+    assert outbox.stats().delivered == 1
+
+
+def test_dead_letters_are_kept_and_replay_puts_their_events_back(outbox):
+    store(outbox, 1, 2)
+    a, b = outbox.claim(SEGMENT, 10, 60, "w")
+    outbox.settle("w", delivered=[b.id], dead=[DeadLetter(a.id, "refiner-r1-completed-survey-group", "group", "HTTP 400 invalid: bad")])
     stats = outbox.stats()
     assert (stats.pending, stats.delivered, stats.dead) == (0, 1, 1)
-    assert outbox.dead_letters() == [("r1", "r1-0", "HTTP 400 invalid: bad message")]
+    assert outbox.dead_letters() == [("r1", "refiner-r1-completed-survey-group", "HTTP 400 invalid: bad")]
     assert outbox.replay_dead() == 1
-    (again,) = outbox.claim(10, 60, "w")
-    assert again.message["messageId"] == "r1-0"
+    assert outbox.dead_letters() == []
+    (again,) = outbox.claim(SEGMENT, 10, 60, "w")
+    assert again.id == a.id and again.attempts == 0
+
+
+def test_requeue_selects_by_response_form_and_time_with_a_new_generation(outbox):
+    store(outbox, 1, 2)
+    for claimed in outbox.claim(SEGMENT, 10, 60, "w"):
+        outbox.settle("w", delivered=[claimed.id])
+    result = outbox.requeue(response_id="r2", generation="r123")
+    assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)
+    (again,) = outbox.claim(SEGMENT, 10, 60, "w")
+    assert again.response_id == "r2" and again.generation == "r123"
+    assert outbox.requeue(response_id="nobody").matched == 0
+    occurred = entry_for(1).occurred_at
+    assert outbox.requeue(since=occurred + 1).matched == 0
+    assert outbox.requeue(since=occurred, until=occurred + 1).matched == 2
 
 
 def test_init_schema_is_safe_to_run_twice(outbox):
     outbox.init_schema()
     outbox.init_schema()
-    assert outbox.stats().pending == 0
+    assert outbox.stats().pending == 0 and outbox.schema_version() == 3
 
 
 def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
@@ -109,63 +145,51 @@ def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
     assert errors == []
 
 
-def test_purge_drops_old_delivered_messages_and_receipts_but_never_pending_or_dead(outbox):
-    outbox.store("r1\nE", "r1", "E", msgs("r1", 3))
-    delivered, dead, _pending = outbox.claim(3, 60, "w")
-    outbox.mark_delivered([delivered.id])
-    outbox.mark_dead([dead.id], "HTTP 400")
+def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(outbox):
+    store(outbox, "delivered", "dead", "pending")
+    delivered, dead, _pending = outbox.claim(SEGMENT, 3, 60, "w")
+    outbox.settle("w", delivered=[delivered.id], dead=[DeadLetter(dead.id, None, None, "HTTP 400")], released=[_pending.id])
     assert outbox.purge(delivered_before=time.time() - 60, receipts_before=time.time() - 60) == (0, 0)
-    assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() + 1) == (1, 1)
+    assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() - 60) == (1, 0)  # answers forgotten
+    assert outbox.requeue(response_id="rdelivered").forgotten == 1
+    assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() + 1) == (0, 1)  # receipt gone
+    assert outbox.store_many([entry_for("delivered")]) == 1  # so a resend is new again
     stats = outbox.stats()
-    assert (stats.delivered, stats.dead, stats.pending) == (0, 1, 1)
+    assert (stats.dead, stats.pending) == (1, 2)
     assert outbox.purge_dead(before=time.time() + 1) == 1
-    assert outbox.stats().dead == 0
+    assert outbox.stats().dead == 0 and outbox.dead_letters() == []
+    assert outbox.store_many([entry_for("dead")]) == 0  # given up on, but still a duplicate
 
 
-def test_store_raises_on_a_broken_message_instead_of_calling_it_a_duplicate(outbox):
-    import pytest
+def test_store_raises_on_a_broken_entry_instead_of_calling_it_a_duplicate(outbox):
     from sqlalchemy.exc import IntegrityError
 
+    good = entry_for(1)
+    broken = Entry(good.receipt_key, None, good.triggered_event, good.event)  # type: ignore[arg-type]
     with pytest.raises(IntegrityError):
-        outbox.store("r1\nE", "r1", "E", [{"messageId": None, "type": "track"}])
-    assert outbox.store("r1\nE", "r1", "E", msgs("r1")) is True  # nothing half-written, receipt included
+        outbox.store_many([broken])
+    assert outbox.store_many([good]) == 1  # nothing half-written, receipt included
 
 
 def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox):
     from concurrent.futures import ThreadPoolExecutor
 
-    from refiner_source.intake import Entry
-
-    def entry(i: int) -> Entry:
-        return Entry(f"r{i}\nE", f"r{i}", "E", msgs(f"r{i}", 3))
-
     keys = [i % 40 for i in range(120)]  # 40 distinct responses, each sent three times at once
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: outbox.store_grouped(entry(i)), keys))
+        answers = list(pool.map(lambda i: outbox.store_grouped(entry_for(i)), keys))
     assert sum(answers) == 40  # exactly one "new" per response, whatever the grouping
-    assert outbox.stats().pending == 40 * 3
-    assert outbox.store_grouped(entry(0)) is False
+    assert outbox.stats().pending == 40
+    assert outbox.store_grouped(entry_for(0)) is False
 
 
 def test_store_grouped_gives_every_waiting_thread_the_error(store_url):
-    from refiner_source.intake import Entry
-
     box = Outbox(store_url)  # no schema: the store fails
-    import pytest
-
-    from refiner_source.outbox import StoreUnavailable
-
     with pytest.raises(StoreUnavailable):
-        box.store_grouped(Entry("k", "r", "E", msgs("r", 1)))
+        box.store_grouped(entry_for(1))
     box.dispose()
 
 
 def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monkeypatch):
-    import pytest
-
-    from refiner_source.intake import Entry
-    from refiner_source.outbox import StoreUnavailable
-
     real_write = outbox._write
 
     def failing_once():
@@ -174,42 +198,36 @@ def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monke
 
     monkeypatch.setattr(outbox, "_write", failing_once)
     with pytest.raises(StoreUnavailable):
-        outbox.store_grouped(Entry("failed\nE", "failed", "E", msgs("failed", 3)))
-    assert outbox.store_grouped(Entry("next\nE", "next", "E", msgs("next", 3))) is True
-    assert outbox.known_receipts(["failed\nE", "next\nE"]) == {"next\nE"}  # the 503 one was not stored
-    assert outbox.store_grouped(Entry("failed\nE", "failed", "E", msgs("failed", 3))) is True  # Refiner's retry
+        outbox.store_grouped(entry_for("failed"))
+    assert outbox.store_grouped(entry_for("next")) is True
+    failed, following = entry_for("failed").receipt_key, entry_for("next").receipt_key
+    assert outbox.known_receipts([failed, following]) == {following}  # the 503 one was not stored
+    assert outbox.store_grouped(entry_for("failed")) is True  # Refiner's retry
 
 
 def test_same_receipt_twice_in_one_group_is_stored_once(outbox):
-    import time as clock
+    from refiner_source.outbox import _row, _Waiting
 
-    from refiner_source.intake import Entry
-    from refiner_source.outbox import _rows, _Waiting
-
-    entry = Entry("r1\nE", "r1", "E", msgs("r1", 3))
-    queued = _Waiting(entry, _rows([entry], clock.time()))
+    entry = entry_for(1)
+    queued = _Waiting(entry, _row(entry, time.time()))
     outbox._waiting.append(queued)  # another thread's copy, waiting for a leader
     answer = outbox.store_grouped(entry)
     assert sorted([answer, queued.result]) == [False, True] and queued.done
-    assert outbox.stats().pending == 3
-    assert outbox.store_many([entry, entry]) == 0 and outbox.stats().pending == 3
+    assert outbox.stats().pending == 1
+    assert outbox.store_many([entry, entry]) == 0 and outbox.stats().pending == 1
 
 
-def test_store_many_with_a_receipt_twice_writes_one_set(outbox):
-    from refiner_source.intake import Entry
-
-    entry = Entry("r2\nE", "r2", "E", msgs("r2", 3))
+def test_store_many_with_a_receipt_twice_writes_one_row(outbox):
+    entry = entry_for(2)
     assert outbox.store_many([entry, entry]) == 1
-    assert outbox.stats().pending == 3
+    assert outbox.stats().pending == 1
 
 
 def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tmp_path):
     import fcntl
     import os
 
-    import pytest
-
-    from refiner_source.outbox import StoreUnavailable, _SqliteWriterLock
+    from refiner_source.outbox import _SqliteWriterLock
 
     path = str(tmp_path / "x.db-writer.lock")
     other = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -224,3 +242,92 @@ def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tm
     with lock:  # and the turn comes once it is released; the thread lock was given back
         pass
     os.close(other)
+
+
+_NOW = datetime(2026, 11, 20, tzinfo=UTC)
+V2_TABLES = [
+    "CREATE TABLE refiner_receipts (id INTEGER PRIMARY KEY, receipt_key VARCHAR(600) NOT NULL UNIQUE,"
+    " response_id VARCHAR(255) NOT NULL, triggered_event VARCHAR(255) NOT NULL, messages INTEGER NOT NULL,"
+    " created_at FLOAT NOT NULL, form_uuid VARCHAR(255), occurred_at FLOAT, event TEXT)",
+    "CREATE TABLE refiner_messages (id INTEGER PRIMARY KEY, message_id VARCHAR(100) NOT NULL, response_id VARCHAR(255) NOT NULL,"
+    " call VARCHAR(16) NOT NULL, payload TEXT NOT NULL, status VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL,"
+    " available_at FLOAT NOT NULL, claimed_by VARCHAR(64), last_error TEXT, created_at FLOAT NOT NULL, delivered_at FLOAT)",
+    "CREATE TABLE refiner_backfills (id INTEGER PRIMARY KEY, run_key VARCHAR(600) NOT NULL UNIQUE, next_cursor TEXT,"
+    " next_page INTEGER, done INTEGER NOT NULL, pages INTEGER NOT NULL, seen INTEGER NOT NULL, stored INTEGER NOT NULL,"
+    " updated_at FLOAT NOT NULL)",
+    "CREATE TABLE refiner_schema (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)",
+    "INSERT INTO refiner_schema VALUES (1, 2)",
+]
+
+
+def make_v2_store(url: str) -> dict[str, list[dict]]:
+    """A store as version 2 left it: three responses received; r-sent delivered, r-waiting's messages
+    pending (one Segment outage), r-refused's track dead. Returns the stored payloads by response."""
+    import json
+
+    from sqlalchemy import text
+
+    from refiner_source.mapping import map_event
+    from refiner_source.schemas import event_from_json
+
+    box = Outbox(url)
+    payloads: dict[str, list[dict]] = {}
+    with box.engine.begin() as conn:
+        for statement in V2_TABLES:
+            conn.execute(text(statement))
+        message_id = 0
+        for n, (response, state) in enumerate([("sent", "delivered"), ("waiting", "pending"), ("refused", "dead")], start=1):
+            entry = entry_for(response)
+            messages = map_event(event_from_json(entry.event), MappingRules(), _NOW)
+            payloads[entry.response_id] = messages
+            conn.execute(
+                text("INSERT INTO refiner_receipts VALUES (:id, :key, :rid, :ev, 3, :at, :form, :occurred, :event)"),
+                {
+                    "id": n,
+                    "key": entry.receipt_key,
+                    "rid": entry.response_id,
+                    "ev": entry.triggered_event,
+                    "at": time.time() - 60,
+                    "form": entry.form_uuid,
+                    "occurred": entry.occurred_at,
+                    "event": entry.event,
+                },
+            )
+            for message in messages:
+                message_id += 1
+                status = "dead" if state == "dead" and message["type"] == "track" else ("delivered" if state == "dead" else state)
+                conn.execute(
+                    text("INSERT INTO refiner_messages VALUES (:id, :mid, :rid, :call, :payload, :status, 1, 0, NULL, :error, :at, NULL)"),
+                    {
+                        "id": message_id,
+                        "mid": message["messageId"],
+                        "rid": entry.response_id,
+                        "call": message["type"],
+                        "payload": json.dumps(message),
+                        "status": status,
+                        "at": time.time() - 60,
+                        "error": "HTTP 400 invalid: too many properties" if status == "dead" else None,
+                    },
+                )
+    box.dispose()
+    return payloads
+
+
+def test_init_db_upgrades_a_version_2_store_losing_no_pending_message(store_url):
+    payloads = make_v2_store(store_url)
+    box = Outbox(store_url)
+    box.init_schema()
+    box.init_schema()  # and again: nothing more happens
+    assert box.schema_version() == 3
+    stats = box.stats()
+    assert (stats.pending, stats.dead) == (1, 1)
+    (waiting,) = box.claim(SEGMENT, 10, 60, "w")
+    assert waiting.response_id == "rwaiting" and waiting.messages == payloads["rwaiting"]  # exactly as stored
+    assert box.dead_letters() == [("rrefused", payloads["rrefused"][-1]["messageId"], "HTTP 400 invalid: too many properties")]
+    # Every receipt still makes its resend a duplicate, and replay still finds the stored events.
+    assert box.store_many([entry_for("sent"), entry_for("waiting"), entry_for("refused")]) == 0
+    assert box.requeue(response_id="rsent").queued == 1
+    with box.engine.connect() as conn:
+        names = set(box.engine.dialect.get_table_names(conn))
+    assert "refiner_messages" not in names and "refiner_receipts" not in names
+    box.dispose()
