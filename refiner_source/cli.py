@@ -165,6 +165,8 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
         raise click.ClickException(f"nothing matched {selection}: no response received (by webhook or backfill) fits it")
     how = "with new messageIds" if new_ids else "with their original messageIds (Segment drops repeats it has; add --new-ids)"
     click.echo(f"{result.queued} response(s) queued again, to be mapped with the current mapping file, {how}")
+    if result.pending:
+        click.echo(f"{result.pending} response(s) not sent yet: left in line as they are (they are mapped when sent)")
     if result.forgotten:
         click.echo(
             f"{result.forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, "

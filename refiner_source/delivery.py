@@ -58,6 +58,10 @@ class RetryLater(Exception):
         self.status = status
 
 
+class HandBack(Exception):
+    """Out of time for this claim (SIGTERM, or the lease running out): give back what is not settled."""
+
+
 class _DropLibraryErrors(logging.Filter):
     """segment-analytics-python logs an ERROR of its own for an answer that is not Segment's JSON
     ("Unknown error: [503] ..."); the worker logs each answer itself, with what it will do about
@@ -141,6 +145,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stop = threading.Event()
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
+        self._send_until = 0.0
         quiet_library_duplicates()
 
     def stop(self, *_args: object) -> None:
@@ -159,6 +164,9 @@ class Worker:
             except StoreUnavailable as exc:
                 log.error("store unavailable; retrying", extra={"error": str(exc)})
                 wait = self.backoff.delay(self._bump())
+            except Exception:  # a bug must not end delivery: its claim was handed back, try again later
+                log.exception("a delivery round failed; retrying")
+                wait = self.backoff.delay(self._bump())
             if wait:
                 self._stop.wait(wait)
         log.info("delivery worker stopped", extra={"worker": self.name})
@@ -170,7 +178,9 @@ class Worker:
         if now < self._next_purge:
             return
         self._next_purge = now + PURGE_EVERY
-        forgotten, deleted = self.outbox.purge(now - self.retention_days * DAY, now - RECEIPT_RETENTION_DAYS * DAY)
+        forgotten, deleted = self.outbox.purge(
+            now - self.retention_days * DAY, now - max(RECEIPT_RETENTION_DAYS, self.retention_days) * DAY
+        )
         if forgotten or deleted:
             log.info("purged", extra={"forgotten_events": forgotten, "deleted_receipts": deleted, "retention_days": self.retention_days})
 
@@ -185,35 +195,43 @@ class Worker:
         outcome = _Outcome(dead=dead)
         chunks = pack(items)
         wait = 0.0 if len(claimed) >= self.batch_size else self.idle_poll
-        for i, chunk in enumerate(chunks):
-            # SIGTERM, or a slow Segment eating into the lease: the request in flight is finished,
-            # the rest handed back before another worker could claim it too.
-            if i and (self._stop.is_set() or time.monotonic() > send_until):
-                outcome.release(chunks[i:], 0.0, "handed back unsent")
-                wait = 0.0
-                break
-            try:
+        self._send_until = send_until
+        i = 0
+        try:
+            for i, chunk in enumerate(chunks):
+                # SIGTERM, or a slow Segment eating into the lease: the request in flight is finished,
+                # the rest handed back before another worker could claim it too.
+                if i and self._out_of_time():
+                    raise HandBack
                 self._send(chunk, outcome)
-            except RetryLater as exc:
-                delay = exc.delay if exc.delay is not None else self.backoff.delay(self._bump())
-                outcome.release(chunks[i:], delay, exc.reason)
-                what = "Segment not reachable now" if exc.status is None else f"Segment answered HTTP {exc.status}"
-                log.warning(
-                    f"{what}; will retry",
-                    extra={
-                        "reason": exc.reason,
-                        "status": exc.status,
-                        "messages": sum(len(c) for c in chunks[i:]),
-                        "retry_in": round(delay, 2),
-                        "outcome": "retry",
-                    },
-                )
-                wait = delay
-                break
-        else:
             self._failures = 0
+        except HandBack:
+            outcome.release(chunks[i:], 0.0, "handed back unsent")
+            wait = 0.0
+        except RetryLater as exc:
+            delay = exc.delay if exc.delay is not None else self.backoff.delay(self._bump())
+            outcome.release(chunks[i:], delay, exc.reason)
+            what = "Segment not reachable now" if exc.status is None else f"Segment answered HTTP {exc.status}"
+            log.warning(
+                f"{what}; will retry",
+                extra={
+                    "reason": exc.reason,
+                    "status": exc.status,
+                    "messages": sum(len(c) for c in chunks[i:]),
+                    "retry_in": round(delay, 2),
+                    "outcome": "retry",
+                },
+            )
+            wait = delay
+        except BaseException as exc:  # whatever it is, what was learnt is kept and the rest handed back
+            outcome.release(chunks[i:], 0.0, f"handed back: {type(exc).__name__}")
+            outcome.settle(self.outbox, self.name, {c.id: c.response_id for c in claimed})
+            raise
         outcome.settle(self.outbox, self.name, {c.id: c.response_id for c in claimed})
         return wait
+
+    def _out_of_time(self) -> bool:
+        return self._stop.is_set() or time.monotonic() > self._send_until
 
     def _map(self, claimed: Sequence[Claimed]) -> tuple[list[Item], list[DeadLetter]]:
         """The messages of the claimed events, mapped now with the current mapping file (stored messages
@@ -262,8 +280,10 @@ class Worker:
                 raise RetryLater(f"HTTP {exc.status}: {exc.code}", retry_after(exc.response), exc.status) from exc
             if len(chunk) > 1:
                 middle = len(chunk) // 2
-                self._send(chunk[:middle], outcome)
-                self._send(chunk[middle:], outcome)
+                for half in (chunk[:middle], chunk[middle:]):
+                    if self._out_of_time():  # bisecting may take many requests: the lease and SIGTERM still hold
+                        raise HandBack from exc
+                    self._send(half, outcome)
                 return
             item = chunk[0]
             outcome.dead.append(

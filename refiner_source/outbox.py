@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 3
 PENDING, DELIVERED, DEAD, PURGED = "pending", "delivered", "dead", "purged"
 SEGMENT = "segment"  # the destination of Refiner's events
+LEGACY_EVENT = "(messages kept from before version 3)"  # the rows an upgrade makes of waiting messages
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
 
 metadata = MetaData()
@@ -67,21 +68,25 @@ events = Table(
     Column("triggered_event", String(255), nullable=False),
     Column("form_uuid", String(255)),
     Column("occurred_at", Float),
-    Column("event", Text),
-    # Messages built before version 3 (a store upgraded with messages still to send): sent as they
-    # are, since a version 1 store kept no event to map again.
-    Column("messages", Text),
     Column("message_count", Integer, nullable=False, default=0),
     Column("generation", String(32)),  # replay --new-ids: a suffix for the messageIds
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("available_at", Float, nullable=False),
-    Column("claimed_by", String(64)),
-    Column("last_error", Text),
+    Column("claimed_by", String(255)),
     Column("created_at", Float, nullable=False),
+    Column("queued_at", Float, nullable=False),  # received, or put back in line by replay: what "waiting" counts from
     Column("delivered_at", Float),
+    # The long texts last: SQLite reads a row's columns in order, and the scans of stats and
+    # retention stop before them.
+    Column("last_error", Text),
+    Column("event", Text),
+    # Messages built before version 3 (a store upgraded with messages still to send): sent as they
+    # are, since a version 1 store kept no event to map again.
+    Column("messages", Text),
     UniqueConstraint("destination", "receipt_key", name="uq_refiner_events_receipt"),
     Index("ix_refiner_events_due", "destination", "status", "available_at"),
+    Index("ix_refiner_events_settled", "status", "delivered_at"),
     Index("ix_refiner_events_response", "response_id"),
 )
 
@@ -185,6 +190,11 @@ class Requeued:
     matched: int  # events the selection found
     queued: int  # put back in line
     forgotten: int  # past retention: their answers are gone, they cannot be mapped again
+    pending: int = 0  # not sent yet: left in line as they are
+
+
+# What replay can send again: an event kept, or a dead row of messages kept from before version 3.
+_KEPT = or_(events.c.event.is_not(None), and_(events.c.messages.is_not(None), events.c.status == DEAD))
 
 
 def make_engine(url: str) -> Engine:
@@ -236,7 +246,7 @@ class Outbox:
         self._leader_lock = threading.Lock()
         self._waiting_lock = threading.Lock()
         self._waiting: list[_Waiting] = []
-        self._insert = _insert_ignoring_conflict(self.engine.dialect.name, events).returning(events.c.receipt_key)
+        self._insert = _insert_ignoring_conflict(self.engine.dialect.name, events).returning(events.c.destination, events.c.receipt_key)
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -253,8 +263,10 @@ class Outbox:
             existing = conn.dialect.has_table(conn, schema_info.name)
             version = conn.execute(select(schema_info.c.version)).scalar() if existing else None
             metadata.create_all(conn, checkfirst=True)
-            if version is not None and version < 3:
-                _upgrade_to_v3(conn, version)
+            # By the tables, not only by the version: an older release started again (a rollback)
+            # makes its tables anew and fills them; rolling forward takes in what they hold.
+            if conn.dialect.has_table(conn, "refiner_receipts"):
+                _upgrade_to_v3(conn, version or 1)
             if version is None:
                 conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
             elif version < SCHEMA_VERSION:
@@ -308,10 +320,10 @@ class Outbox:
                             group, self._waiting = self._waiting, []
                         # The same receipt twice in one group (a webhook resent at once): only the
                         # first one's row is written, and only it can be new.
-                        first = {(w.row["destination"], w.row["receipt_key"]): w for w in reversed(group)}
+                        first = {_key(w.row): w for w in reversed(group)}
                         new_keys = self._insert_rows(conn, [w.row for w in first.values()])
                     for w in group:
-                        w.result = w is first.get((w.row["destination"], w.row["receipt_key"])) and w.row["receipt_key"] in new_keys
+                        w.result = w is first.get(_key(w.row)) and _key(w.row) in new_keys
                 except BaseException as exc:
                     if not group:  # failed before taking the group: this entry alone fails, and
                         with self._waiting_lock:  # must not be committed later by another leader
@@ -327,13 +339,13 @@ class Outbox:
             raise waiting.error
         return waiting.result
 
-    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
-        """Insert the rows whose receipt is new; their receipt keys."""
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        """Insert the rows whose receipt is new; their (destination, receipt key)."""
         if not rows:
             return set()
         # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one cached
         # compilation ("insertmanyvalues"). A row back means inserted (rowcount is -1 on psycopg here).
-        return set(conn.execute(self._insert, rows).scalars())
+        return {(r.destination, r.receipt_key) for r in conn.execute(self._insert, rows)}
 
     def known_receipts(self, keys: Sequence[str], destination: str = SEGMENT) -> set[str]:
         """Which of these receipts exist already (for a dry run)."""
@@ -376,10 +388,11 @@ class Outbox:
         """
         now = time.time()
         due = and_(events.c.destination == destination, events.c.status == PENDING, events.c.available_at <= now)
-        ids = select(events.c.id).where(due).order_by(events.c.id).limit(limit).with_for_update(skip_locked=True)
+        # In the order of the due index, which then stops at the limit (by id, it read every due row).
+        ids = select(events.c.id).where(due).order_by(events.c.available_at, events.c.id).limit(limit).with_for_update(skip_locked=True)
         stmt = (
             update(events)
-            .where(events.c.id.in_(ids.scalar_subquery()), due)
+            .where(events.c.id.in_(ids.scalar_subquery()), events.c.status == PENDING, events.c.available_at <= now)
             .values(available_at=now + lease_seconds, claimed_by=worker)
             .returning(
                 events.c.id,
@@ -421,7 +434,10 @@ class Outbox:
                 conn.execute(
                     update(events)
                     .where(events.c.id.in_(list(delivered)), mine)
-                    .values(status=DELIVERED, delivered_at=now, claimed_by=None, last_error=None, attempts=events.c.attempts + 1)
+                    # Messages kept from before version 3 are done with once delivered: never sent again.
+                    .values(
+                        status=DELIVERED, delivered_at=now, claimed_by=None, last_error=None, attempts=events.c.attempts + 1, messages=None
+                    )
                 )
             still_mine: set[int] = set()
             for event_id in dead_ids:
@@ -461,7 +477,7 @@ class Outbox:
         mine = events.c.destination == destination
         with self._guard(), self.engine.connect() as conn:
             counts = dict(conn.execute(select(events.c.status, func.count()).where(mine).group_by(events.c.status)).all())
-            oldest = conn.execute(select(func.min(events.c.created_at)).where(mine, events.c.status == PENDING)).scalar()
+            oldest = conn.execute(select(func.min(events.c.queued_at)).where(mine, events.c.status == PENDING)).scalar()
             newest = conn.execute(select(func.max(events.c.delivered_at)).where(mine, events.c.status == DELIVERED)).scalar()
         now = time.time()
         return Stats(
@@ -486,11 +502,9 @@ class Outbox:
 
     def replay_dead(self, destination: str = SEGMENT) -> int:
         """Put every dead event back in line, to be mapped again with the current mapping; how many."""
-        with self._write() as conn:
+        with self._guard(), self.engine.connect() as conn:
             ids = list(conn.execute(select(events.c.id).where(events.c.destination == destination, events.c.status == DEAD)).scalars())
-            for chunk in _chunks(ids, 500):
-                self._requeue(conn, chunk, generation=None)
-        return len(ids)
+        return self._requeue(ids, generation=None)
 
     def requeue(
         self,
@@ -501,38 +515,57 @@ class Outbox:
         generation: str | None = None,
         destination: str = SEGMENT,
     ) -> Requeued:
-        """Put the events a replay selects back in line, to be mapped again (with `generation`, new
-        messageIds). Events past retention are counted, not queued: their answers are gone."""
-        chosen = [events.c.destination == destination, events.c.status != PURGED]
+        """Put the delivered or dead events a replay selects back in line, to be mapped again (with
+        `generation`, new messageIds). Pending events are left as they are: they will be mapped when
+        sent anyway, and one in flight must not go out twice. Events past retention are counted, not
+        queued: their answers are gone."""
+        selection = [events.c.destination == destination]
         if response_id is not None:
-            chosen.append(events.c.response_id == response_id)
+            selection.append(events.c.response_id == response_id)
         if form_uuid is not None:
-            chosen.append(events.c.form_uuid == form_uuid)
+            selection.append(events.c.form_uuid == form_uuid)
         if since is not None:
-            chosen.append(events.c.occurred_at >= since)
+            selection.append(events.c.occurred_at >= since)
         if until is not None:
-            chosen.append(events.c.occurred_at < until)
-        kept = or_(events.c.event.is_not(None), events.c.messages.is_not(None))
-        with self._write() as conn:
-            matched = conn.execute(select(func.count()).select_from(events).where(*chosen)).scalar()
-            ids = list(conn.execute(select(events.c.id).where(*chosen, kept)).scalars())
-            for chunk in _chunks(ids, 500):
-                self._requeue(conn, chunk, generation)
-        return Requeued(matched=matched, queued=len(ids), forgotten=matched - len(ids))
+            selection.append(events.c.occurred_at < until)
+        with self._guard(), self.engine.connect() as conn:  # a read: no write lock while it scans
+            already = conn.execute(select(func.count()).select_from(events).where(*selection, events.c.status == PENDING)).scalar()
+            settled = or_(events.c.status == DEAD, and_(events.c.status == DELIVERED, events.c.triggered_event != LEGACY_EVENT))
+            rows = conn.execute(select(events.c.id, _KEPT).where(*selection, settled)).all()
+        ids = [r[0] for r in rows if r[1]]
+        queued = self._requeue(ids, generation)
+        return Requeued(matched=len(rows) + already, queued=queued, forgotten=len(rows) - len(ids), pending=already)
 
-    def _requeue(self, conn: Connection, ids: Sequence[int], generation: str | None) -> None:
-        conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(ids)))
-        values: dict[str, Any] = {"status": PENDING, "available_at": time.time(), "attempts": 0, "claimed_by": None, "last_error": None}
-        if generation is not None:
-            values["generation"] = generation
-        # Messages kept from before version 3 are dropped where the event itself is kept: mapped anew.
-        conn.execute(update(events).where(events.c.id.in_(list(ids)), events.c.event.is_not(None)).values(messages=None, **values))
-        conn.execute(update(events).where(events.c.id.in_(list(ids)), events.c.event.is_(None)).values(**values))
+    def _requeue(self, ids: Sequence[int], generation: str | None) -> int:
+        """Back in line, 500 to a transaction (webhooks keep their turns at the write lock)."""
+        queued = 0
+        for chunk in _chunks(list(ids), 500):
+            now = time.time()
+            values: dict[str, Any] = {
+                "status": PENDING,
+                "available_at": now,
+                "queued_at": now,
+                "attempts": 0,
+                "claimed_by": None,
+                "last_error": None,
+            }
+            if generation is not None:
+                values["generation"] = generation
+            with self._write() as conn:
+                # Still delivered or dead, and still kept (a purge may have come in between). A dead
+                # row of messages kept from before version 3 is sent again as it is; an event is mapped anew.
+                stmt = update(events).where(events.c.id.in_(chunk), events.c.status.in_([DELIVERED, DEAD]), _KEPT)
+                queued += conn.execute(stmt.values(**values)).rowcount
+                requeued = select(events.c.id).where(events.c.id.in_(chunk), events.c.status == PENDING)
+                conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(requeued)))
+        return queued
 
     def purge(self, delivered_before: float, receipts_before: float) -> tuple[int, int]:
         """Forget the answers of events delivered before `delivered_before`; delete the rows of events
-        received before `receipts_before` (their receipts: a resend is then accepted anew).
-        (forgotten, deleted). Pending and dead events are never touched."""
+        received and settled before `receipts_before` (their receipts: a resend is then accepted
+        anew), never before their answers are forgotten. (forgotten, deleted). Pending and dead
+        events are never touched."""
+        receipts_before = min(receipts_before, delivered_before)
         done = events.c.status.in_([DELIVERED, PURGED])
         with self._write() as conn:
             forgotten = conn.execute(
@@ -540,7 +573,9 @@ class Outbox:
                 .where(done, events.c.delivered_at < delivered_before, or_(events.c.event.is_not(None), events.c.messages.is_not(None)))
                 .values(event=None, messages=None)
             ).rowcount
-            deleted = conn.execute(delete(events).where(done, events.c.created_at < receipts_before)).rowcount
+            deleted = conn.execute(
+                delete(events).where(done, events.c.delivered_at < receipts_before, events.c.created_at < receipts_before)
+            ).rowcount
         return forgotten, deleted
 
     def purge_dead(self, before: float, destination: str = SEGMENT) -> int:
@@ -563,6 +598,10 @@ class Outbox:
         return _translate_errors(self.engine)
 
 
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["destination"], row["receipt_key"]
+
+
 def _row(entry: Entry, now: float) -> dict[str, Any]:
     return {
         "destination": entry.destination,
@@ -581,13 +620,14 @@ def _row(entry: Entry, now: float) -> dict[str, Any]:
         "claimed_by": None,
         "last_error": None,
         "created_at": now,
+        "queued_at": now,
         "delivered_at": None,
     }
 
 
 def _rows(entries: Sequence[Entry], now: float) -> list[dict[str, Any]]:
     """Rows of the entries, ready to insert; an entry whose receipt comes twice is written once."""
-    unique = {(e.destination, e.receipt_key): e for e in reversed(entries)}
+    unique = {(e.destination, e.receipt_key): e for e in reversed(entries)}  # the first of each wins
     return [_row(e, now) for e in reversed(unique.values())]
 
 
@@ -596,16 +636,18 @@ def _upgrade_to_v3(conn: Connection, version: int) -> None:
     an event row (delivered: it is the receipt, and replay's source); the messages not yet
     delivered become event rows of their own, one per response and state, which send exactly the
     stored messages (pending) or hold them as dead letters with their errors (dead). Then the old
-    tables go, in the same transaction."""
+    tables go, in the same transaction. Safe to repeat: what is there already is kept."""
     if version < 2:
         for statement in V2_ALTERATIONS:
             conn.execute(text(statement))
     conn.execute(
         text(
             "INSERT INTO refiner_events (destination, receipt_key, response_id, triggered_event, form_uuid, occurred_at, event,"
-            " message_count, status, attempts, available_at, created_at, delivered_at)"
+            " message_count, status, attempts, available_at, created_at, queued_at, delivered_at)"
             " SELECT :segment, receipt_key, response_id, triggered_event, form_uuid, occurred_at, event,"
-            " messages, :delivered, 0, created_at, created_at, created_at FROM refiner_receipts"
+            " messages, :delivered, 0, created_at, created_at, created_at, created_at FROM refiner_receipts"
+            " WHERE 1 = 1"  # SQLite reads ON CONFLICT after a bare FROM as a join's; the WHERE ends the SELECT
+            " ON CONFLICT (destination, receipt_key) DO NOTHING"
         ),
         {"segment": SEGMENT, "delivered": DELIVERED},
     )
@@ -627,23 +669,24 @@ def _upgrade_to_v3(conn: Connection, version: int) -> None:
     now = time.time()
     for (response_id, status), rows in groups.items():
         event_id = conn.execute(
-            insert(events)
+            _insert_ignoring_conflict(conn.dialect.name, events)
             .values(
                 destination=SEGMENT,
-                receipt_key=f"v2 {status} messages\n{response_id}",
+                receipt_key=f"v2 {status} messages\n{response_id}\n{rows[0].id}",
                 response_id=response_id,
-                triggered_event="(messages kept from before version 3)",
+                triggered_event=LEGACY_EVENT,
                 messages="[" + ",".join(r.payload for r in rows) + "]",
                 message_count=len(rows),
                 status=status,
                 attempts=max(r.attempts for r in rows),
                 available_at=now,
                 created_at=min(r.created_at for r in rows),
+                queued_at=min(r.created_at for r in rows),
                 last_error=rows[-1].last_error,
             )
             .returning(events.c.id)
-        ).scalar_one()
-        if status == DEAD:
+        ).scalar()
+        if status == DEAD and event_id is not None:
             conn.execute(
                 insert(dead_letters),
                 [

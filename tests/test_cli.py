@@ -166,7 +166,7 @@ def test_status_says_when_nothing_is_delivered_while_messages_wait(store_url, ou
     from refiner_source.outbox import events
 
     with outbox.engine.begin() as conn:
-        conn.execute(update(events).values(created_at=time.time() - 120))
+        conn.execute(update(events).values(created_at=time.time() - 120, queued_at=time.time() - 120))
     stalled = run(["status"], {"DATABASE_URL": store_url})
     assert re.search(r"nothing delivered for 12\ds while 1 event\(s\) wait", stalled.stdout), stalled.stdout
     assert "delivery worker running" in stalled.stdout

@@ -312,3 +312,31 @@ def test_messages_kept_from_a_version_2_store_are_sent_exactly_as_stored(store_u
     assert [{k: v for k, v in m.items() if k != "sentAt"} for m in batch] == payloads["rwaiting"]
     assert box.stats().pending == 0
     box.dispose()
+
+
+@responses.activate
+def test_sigterm_while_bisecting_hands_the_claim_back_instead_of_going_on(worker, outbox):
+    def answer(request):
+        worker.stop()  # SIGTERM during the first request, which Segment rejects
+        return 400, {}, json.dumps({"code": "invalid_request", "message": "bad message"})
+
+    responses.add_callback(responses.POST, URL, callback=answer)
+    fill(outbox, 8)
+    worker.run_once()
+    assert len(responses.calls) == 1  # no bisecting after the stop
+    stats = outbox.stats()
+    assert (stats.pending, stats.dead) == (8, 0) and outbox.next_due_in(SEGMENT) == 0
+
+
+@responses.activate
+def test_an_unexpected_error_in_a_round_hands_the_claim_back(worker, outbox, monkeypatch):
+    from refiner_source import delivery
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(delivery, "post", broken)
+    fill(outbox, 3)
+    with pytest.raises(RuntimeError):
+        worker.run_once()
+    assert len(outbox.claim(SEGMENT, 10, 60, "next")) == 3  # due again at once, not after the lease

@@ -260,7 +260,7 @@ V2_TABLES = [
 ]
 
 
-def make_v2_store(url: str) -> dict[str, list[dict]]:
+def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
     """A store as version 2 left it: three responses received; r-sent delivered, r-waiting's messages
     pending (one Segment outage), r-refused's track dead. Returns the stored payloads by response."""
     import json
@@ -273,7 +273,7 @@ def make_v2_store(url: str) -> dict[str, list[dict]]:
     box = Outbox(url)
     payloads: dict[str, list[dict]] = {}
     with box.engine.begin() as conn:
-        for statement in V2_TABLES:
+        for statement in V2_TABLES if version == 2 else V2_TABLES[:2]:  # a rollback finds refiner_schema there
             conn.execute(text(statement))
         message_id = 0
         for n, (response, state) in enumerate([("sent", "delivered"), ("waiting", "pending"), ("refused", "dead")], start=1):
@@ -330,4 +330,61 @@ def test_init_db_upgrades_a_version_2_store_losing_no_pending_message(store_url)
     with box.engine.connect() as conn:
         names = set(box.engine.dialect.get_table_names(conn))
     assert "refiner_messages" not in names and "refiner_receipts" not in names
+    box.dispose()
+
+
+def test_replay_leaves_pending_events_alone_so_one_in_flight_is_not_sent_twice(outbox):
+    store(outbox, 1)
+    (in_flight,) = outbox.claim(SEGMENT, 10, 60, "w")
+    result = outbox.requeue(response_id="r1", generation="r1")
+    assert (result.matched, result.queued, result.pending) == (1, 0, 1)
+    outbox.settle("w", delivered=[in_flight.id])  # the worker still holds it: its answer counts
+    assert outbox.stats().delivered == 1
+
+
+def test_oldest_pending_age_counts_from_the_replay_not_from_the_first_receipt(outbox, monkeypatch):
+    store(outbox, 1)
+    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")])
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 30 * 86400)  # a month later
+    outbox.requeue(response_id="r1")
+    assert outbox.stats().oldest_pending_age < 60
+
+
+def test_a_receipt_outlives_a_late_delivery_by_the_full_receipt_retention(outbox, monkeypatch):
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now - 100 * 86400)  # received 100 days ago...
+    store(outbox, 1)
+    monkeypatch.setattr(time, "time", lambda: now)
+    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")])  # ...delivered today
+    assert outbox.purge(delivered_before=now - 7 * 86400, receipts_before=now - 90 * 86400) == (0, 0)
+    assert outbox.store_many([entry_for(1)]) == 0
+
+
+def test_an_older_release_started_again_is_taken_in_when_rolling_forward(store_url):
+    box = Outbox(store_url)
+    box.init_schema()  # version 3
+    box.store_many([entry_for("before")])
+    box.dispose()
+    payloads = make_v2_store(store_url, version=3)  # a rollback: version 2's code makes its tables anew
+    box = Outbox(store_url)
+    box.init_schema()
+    assert box.store_many([entry_for(r) for r in ("before", "sent", "waiting", "refused")]) == 0
+    stats = box.stats()
+    assert (stats.pending, stats.dead) == (2, 1)  # "before", and the messages v2 left waiting
+    waiting = [c for c in box.claim(SEGMENT, 10, 60, "w") if c.messages is not None]
+    assert [c.messages for c in waiting] == [payloads["rwaiting"]]
+    box.dispose()
+
+
+def test_replay_of_an_upgraded_response_does_not_send_its_old_messages_again(store_url):
+    make_v2_store(store_url)
+    box = Outbox(store_url)
+    box.init_schema()
+    (legacy,) = box.claim(SEGMENT, 10, 60, "w")
+    box.settle("w", delivered=[legacy.id])
+    result = box.requeue(response_id="rwaiting", generation="r9")
+    assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)  # the event, mapped anew; not the old copy
+    (again,) = box.claim(SEGMENT, 10, 60, "w")
+    assert again.messages is None and again.event is not None
     box.dispose()
