@@ -78,9 +78,6 @@ def serve() -> None:
     sys.exit(Supervisor(listener).run())
 
 
-EMBEDDED_NICENESS = 10
-
-
 @main.command()
 @click.option("--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent (serve's supervisor) goes away.")
 def worker(exit_with_parent: bool) -> None:
@@ -92,9 +89,6 @@ def worker(exit_with_parent: bool) -> None:
         from .serve import stop_when_orphaned
 
         stop_when_orphaned(lambda: running[0].stop() if running else os._exit(0))
-        # Beside gunicorn on the same CPUs: a burst of webhooks is acknowledged first, delivered
-        # right after (the stored events wait safely). A worker dyno of its own keeps full priority.
-        os.nice(EMBEDDED_NICENESS)
     settings = _settings("SEGMENT_WRITE_KEY")
     configure_logging(settings.log_level)
     outbox = _outbox(settings)

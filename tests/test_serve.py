@@ -218,14 +218,3 @@ def test_worker_running_reads_the_pidfile_the_supervisor_keeps(tmp_path):
     pidfile.write_text("garbage")
     assert not worker_running(str(pidfile))
 
-
-def test_the_embedded_delivery_worker_yields_the_cpu_to_the_web_workers(start, segment):
-    service = start(WEB_CONCURRENCY="1")
-    worker = one_worker(service)
-
-    def niceness(pid: int) -> int:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-        return int(stat[stat.rindex(")") + 2 :].split()[16])  # field 19 of proc(5)
-
-    wait_until(lambda: niceness(worker) == 10, 10, "the worker lowers its priority")
-    assert niceness(gunicorn_master(service)) == 0
