@@ -389,10 +389,21 @@ class Outbox:
         now = time.time()
         due = and_(events.c.destination == destination, events.c.status == PENDING, events.c.available_at <= now)
         # In the order of the due index, which then stops at the limit (by id, it read every due row).
-        ids = select(events.c.id).where(due).order_by(events.c.available_at, events.c.id).limit(limit).with_for_update(skip_locked=True)
+        # A CTE, materialized: PostgreSQL runs it once, so the rows it locked (skipping those another
+        # worker holds) are exactly the rows updated; as an IN subquery the planner may run it again.
+        ids = (
+            select(events.c.id)
+            .where(due)
+            .order_by(events.c.available_at, events.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due_events")
+        )
+        if self.engine.dialect.name == "postgresql":
+            ids = ids.prefix_with("MATERIALIZED")
         stmt = (
             update(events)
-            .where(events.c.id.in_(ids.scalar_subquery()), events.c.status == PENDING, events.c.available_at <= now)
+            .where(events.c.id.in_(select(ids.c.id)), events.c.status == PENDING, events.c.available_at <= now)
             .values(available_at=now + lease_seconds, claimed_by=worker)
             .returning(
                 events.c.id,

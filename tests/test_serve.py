@@ -217,4 +217,3 @@ def test_worker_running_reads_the_pidfile_the_supervisor_keeps(tmp_path):
     assert not worker_running(str(pidfile))
     pidfile.write_text("garbage")
     assert not worker_running(str(pidfile))
-
