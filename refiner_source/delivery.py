@@ -145,7 +145,6 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stop = threading.Event()
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
-        self._send_until = 0.0
         quiet_library_duplicates()
 
     def stop(self, *_args: object) -> None:
@@ -187,21 +186,20 @@ class Worker:
     def run_once(self) -> float:
         """Claim events, map them, send their messages; return how long to sleep before the next round."""
         claimed = self.outbox.claim(SEGMENT, self.batch_size, self.lease_seconds, self.name)
-        send_until = time.monotonic() + self.lease_seconds / 2
         if not claimed:
             due = self.outbox.next_due_in(SEGMENT)
             return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
+        send_until = time.monotonic() + self.lease_seconds / 2
         items, dead = self._map(claimed)
-        outcome = _Outcome(dead=dead)
+        outcome = _Round({c.id: c.response_id for c in claimed}, send_until, dead=dead)
         chunks = pack(items)
         wait = 0.0 if len(claimed) >= self.batch_size else self.idle_poll
-        self._send_until = send_until
         i = 0
         try:
             for i, chunk in enumerate(chunks):
                 # SIGTERM, or a slow Segment eating into the lease: the request in flight is finished,
                 # the rest handed back before another worker could claim it too.
-                if i and self._out_of_time():
+                if i and self._out_of_time(outcome):
                     raise HandBack
                 self._send(chunk, outcome)
             self._failures = 0
@@ -225,13 +223,13 @@ class Worker:
             wait = delay
         except BaseException as exc:  # whatever it is, what was learnt is kept and the rest handed back
             outcome.release(chunks[i:], 0.0, f"handed back: {type(exc).__name__}")
-            outcome.settle(self.outbox, self.name, {c.id: c.response_id for c in claimed})
             raise
-        outcome.settle(self.outbox, self.name, {c.id: c.response_id for c in claimed})
+        finally:
+            outcome.settle(self.outbox, self.name)
         return wait
 
-    def _out_of_time(self) -> bool:
-        return self._stop.is_set() or time.monotonic() > self._send_until
+    def _out_of_time(self, outcome: _Round) -> bool:
+        return self._stop.is_set() or time.monotonic() > outcome.send_until
 
     def _map(self, claimed: Sequence[Claimed]) -> tuple[list[Item], list[DeadLetter]]:
         """The messages of the claimed events, mapped now with the current mapping file (stored messages
@@ -266,7 +264,7 @@ class Worker:
         self._failures += 1
         return self._failures - 1
 
-    def _send(self, chunk: list[Item], outcome: _Outcome) -> None:
+    def _send(self, chunk: list[Item], outcome: _Round) -> None:
         """Deliver `chunk`, bisecting on a message-level rejection so only the culprit is dead-lettered."""
         try:
             post(self.write_key, self.host, gzip=True, timeout=self.timeout, batch=[i.message for i in chunk])
@@ -281,7 +279,7 @@ class Worker:
             if len(chunk) > 1:
                 middle = len(chunk) // 2
                 for half in (chunk[:middle], chunk[middle:]):
-                    if self._out_of_time():  # bisecting may take many requests: the lease and SIGTERM still hold
+                    if self._out_of_time(outcome):  # bisecting may take many requests: the lease and SIGTERM still hold
                         raise HandBack from exc
                     self._send(half, outcome)
                 return
@@ -301,9 +299,12 @@ class Worker:
 
 
 @dataclass
-class _Outcome:
-    """What became of one claim's events, written in one transaction at the end of the round."""
+class _Round:
+    """One claim: its events (id -> response id), when it must stop sending, and what became of its
+    events, written in one transaction at the end."""
 
+    claimed: dict[int, str]
+    send_until: float  # time.monotonic()
     dead: list[DeadLetter] = field(default_factory=list)
     released: dict[int, tuple[float, str]] = field(default_factory=dict)  # event -> (delay, error)
 
@@ -312,11 +313,11 @@ class _Outcome:
             for item in chunk:
                 self.released.setdefault(item.event_id, (delay, error))
 
-    def settle(self, outbox: Outbox, worker: str, claimed: dict[int, str]) -> None:
+    def settle(self, outbox: Outbox, worker: str) -> None:
         dead_ids = {d.event_id for d in self.dead}
         released = [e for e in self.released if e not in dead_ids]
-        delivered = [e for e in claimed if e not in dead_ids and e not in self.released]
+        delivered = [e for e in self.claimed if e not in dead_ids and e not in self.released]
         delay, error = next(iter(self.released.values()), (0.0, ""))
         outbox.settle(worker, delivered=delivered, dead=self.dead, released=released, delay=delay, error=error)
         for event_id in delivered:
-            log.info("delivered", extra={"response_id": claimed[event_id], "outcome": "delivered"})
+            log.info("delivered", extra={"response_id": self.claimed[event_id], "outcome": "delivered"})

@@ -14,7 +14,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from .config import MappingRules
-from .mapping import message_count
+from .mapping import calls
 from .schemas import ApiResponseSchema, SurveyEvent, error_fields, event_to_json
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def prepare(event: SurveyEvent, rules: MappingRules) -> Entry:
         response_id=event.response_uuid,
         triggered_event=event.triggered_event,
         event=event_to_json(event),
-        message_count=message_count(event, rules),
+        message_count=len(calls(event, rules)),
         form_uuid=event.form_uuid,
         occurred_at=occurred.timestamp() if occurred else None,
     )

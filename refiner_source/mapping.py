@@ -15,7 +15,7 @@ from segment.analytics.consumer import MAX_MSG_SIZE
 from slugify import slugify
 
 from .config import RESERVED_PROPERTIES, MappingRules
-from .schemas import SurveyEvent
+from .schemas import COMPLETED, SurveyEvent
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +113,21 @@ def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, An
     return user, account
 
 
-def message_count(event: SurveyEvent, rules: MappingRules) -> int:
-    """How many messages map_event() will make of `event`, without making them (the webhook's answer)."""
+def calls(event: SurveyEvent, rules: MappingRules) -> tuple[str, ...]:
+    """The calls map_event() makes of `event`, in order; cheap, so the webhook can count them."""
     if event_name(event.triggered_event, rules) is None:
-        return 0
-    if event.triggered_event != "Completed Survey":
-        return 1
-    return 3 if event.account and event.account.remote_id else 2
+        return ()
+    if event.triggered_event != COMPLETED:
+        return ("track",)
+    return ("identify", "group", "track") if event.account and event.account.remote_id else ("identify", "track")
 
 
 def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation: str | None = None) -> list[dict[str, Any]]:
     """The Segment messages for one event, in the order they must be sent; [] when not forwarded."""
-    name = event_name(event.triggered_event, rules)
-    if name is None:
+    wanted = calls(event, rules)
+    if not wanted:
         return []
+    name = event_name(event.triggered_event, rules)
 
     account_attrs = {k: v for k, v in (event.account.attributes if event.account else {}).items() if v is not None}
     names = trait_names([*event.data, *account_attrs], rules, reserved=RESERVED_PROPERTIES | {rules.prefix + "email"})
@@ -141,17 +142,17 @@ def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation
         "timestamp": event.completed_at or event.dismissed_at or event.received_at or now,
         "integrations": dict(INTEGRATIONS),
     }
-    ids = {call: message_id(event.response_uuid, event.triggered_event, call, generation) for call in ("identify", "group", "track")}
+    ids = {call: message_id(event.response_uuid, event.triggered_event, call, generation) for call in wanted}
     survey = {"survey_id": event.form_uuid, "survey_name": event.form_name, "response_id": event.response_uuid}
 
-    if event.triggered_event != "Completed Survey":
+    if wanted == ("track",):
         return [_build("track", event, common, ids["track"], event=name, properties=survey)]
 
     traits = named(user_answers)
     if event.email:
         traits[rules.prefix + "email"] = event.email
     messages = [_build("identify", event, common, ids["identify"], traits=traits)]
-    if event.account and event.account.remote_id:
+    if "group" in wanted:
         group_traits = {**named(account_attrs), **named(account_answers)}
         messages.append(_build("group", event, common, ids["group"], group_id=event.account.remote_id, traits=group_traits))
     properties = {

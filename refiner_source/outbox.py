@@ -320,7 +320,7 @@ class Outbox:
                             group, self._waiting = self._waiting, []
                         # The same receipt twice in one group (a webhook resent at once): only the
                         # first one's row is written, and only it can be new.
-                        first = {_key(w.row): w for w in reversed(group)}
+                        first = _first_of_each(group, lambda w: _key(w.row))
                         new_keys = self._insert_rows(conn, [w.row for w in first.values()])
                     for w in group:
                         w.result = w is first.get(_key(w.row)) and _key(w.row) in new_keys
@@ -638,8 +638,15 @@ def _row(entry: Entry, now: float) -> dict[str, Any]:
 
 def _rows(entries: Sequence[Entry], now: float) -> list[dict[str, Any]]:
     """Rows of the entries, ready to insert; an entry whose receipt comes twice is written once."""
-    unique = {(e.destination, e.receipt_key): e for e in reversed(entries)}  # the first of each wins
-    return [_row(e, now) for e in reversed(unique.values())]
+    return list(_first_of_each([_row(e, now) for e in entries], _key).values())
+
+
+def _first_of_each(items: Sequence[Any], key) -> dict[Any, Any]:
+    """key -> the first item with that key, in the order the keys first appear."""
+    first: dict[Any, Any] = {}
+    for item in items:
+        first.setdefault(key(item), item)
+    return first
 
 
 def _upgrade_to_v3(conn: Connection, version: int) -> None:

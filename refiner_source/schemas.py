@@ -138,6 +138,19 @@ class EnvelopeSchema(_Lenient):
     triggered_event = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_ID_LENGTH), _storable_text])
 
 
+_TRIGGERED_EVENT = EnvelopeSchema().fields["triggered_event"]
+
+
+def well_formed_event_name(value: Any) -> bool:
+    """Whether `value` passes EnvelopeSchema's own triggered_event field, without a schema pass (the
+    webhook answers an event it does not forward before validating the rest)."""
+    try:
+        _TRIGGERED_EVENT.deserialize(value)
+    except ValidationError:
+        return False
+    return True
+
+
 class ContactSchema(_Lenient):
     """The contact: at the top level of a webhook, under `contact` in the REST API."""
 

@@ -16,7 +16,7 @@ from .config import Settings
 from .intake import prepare
 from .mapping import event_name
 from .outbox import Outbox, StoreUnavailable
-from .schemas import MAX_ID_LENGTH, WebhookSchema, check_limits, error_fields, shape_of, storable
+from .schemas import WebhookSchema, check_limits, error_fields, shape_of, well_formed_event_name
 from .serve import worker_running
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,7 @@ def receive_webhook():
     triggered_event = body.get("triggered_event")
     # Not forwarded: answered without validating the rest (SPEC section 3). A name that is not a
     # valid one (empty, too long, NUL) goes on to validation, which says so with a 422.
-    well_formed = isinstance(triggered_event, str) and 0 < len(triggered_event) <= MAX_ID_LENGTH and storable(triggered_event)
-    if well_formed and event_name(triggered_event, rules) is None:
+    if well_formed_event_name(triggered_event) and event_name(triggered_event, rules) is None:
         reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"
         log.info("ignored", extra={"triggered_event": triggered_event[:100], "outcome": "ignored"})
         return jsonify({"status": "ignored", "reason": f"triggered_event {triggered_event!r}: {reason}"}), 200
