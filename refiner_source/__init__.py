@@ -27,16 +27,18 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     from .config import settings_from
     from .logs import configure_logging
     from .outbox import Outbox
+    from .segment_webhook import segment_bp
     from .serve import PIDFILE_ENV
-    from .webhook import MAX_BODY_BYTES, AppState, bp
+    from .webhook import LARGEST_BODY_BYTES, AppState, bp
 
     settings = settings_from(config)
     configure_logging(settings.log_level)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1  # see webhook._read_body
+    app.config["MAX_CONTENT_LENGTH"] = LARGEST_BODY_BYTES + 1  # each route has its own limit: see webhook.read_body
     app.json.sort_keys = False
     app.extensions["refiner_source"] = AppState(
         settings=settings, outbox=Outbox(settings.database_url), delivery_pidfile=os.environ.get(PIDFILE_ENV)
     )
     app.register_blueprint(bp)
+    app.register_blueprint(segment_bp)
     return app

@@ -7,7 +7,6 @@ import logging
 import multiprocessing
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,124 +16,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
-
-from .backoff import Backoff, retry_after
 from .config import MappingRules
 from .intake import Entry, ignore_stop_signals, map_api_page
 from .mapping import map_event
 from .outbox import BackfillState, Outbox
+from .refiner_api import BackfillError, Interrupted, Page, RefinerApi
 from .schemas import event_from_json
 
 log = logging.getLogger(__name__)
-
-
-class BackfillError(Exception):
-    """Refiner's API cannot be used (key refused, unexpected answer); str() is the line to show."""
-
-
-class Interrupted(Exception):
-    """The run was asked to stop while it waited to retry a page."""
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_cursor: str | None
-    next_page: int | None
-    current_page: int | None
-    last_page: int | None
-
-
-class RefinerApi:
-    """`GET $REFINER_API_URL/responses`, one page a call, retrying what is worth retrying."""
-
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout: float = 30.0,
-        backoff: Backoff = Backoff(base=1.0, cap=60.0),  # noqa: B008 - frozen, shared safely
-        max_attempts: int = 10,
-        sleep: Callable[[float], object] | None = None,
-        page_length: int = 100,
-        stop: threading.Event | None = None,
-        on_retry: Callable[[str, float, int, int], None] = lambda problem, wait, attempt, of: None,
-    ) -> None:
-        """`stop` cuts a wait between retries short (Ctrl-C); `on_retry(problem, wait, attempt, of)`
-        hears of each retry before its wait."""
-        self.url = base_url.rstrip("/") + "/responses"
-        self.session = requests.Session()
-        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
-        self.timeout = timeout
-        self.backoff = backoff
-        self.max_attempts = max_attempts
-        self.stop = stop
-        self.sleep = sleep or self._sleep
-        self.on_retry = on_retry
-        self.page_length = page_length
-
-    def fetch(self, filters: dict[str, str], cursor: str | None = None, page: int | None = None) -> Page:
-        query: dict[str, Any] = {**filters, "page_length": self.page_length}
-        if cursor:
-            query["page_cursor"] = cursor
-        elif page:
-            query["page"] = page
-        problem = ""
-        for attempt in range(self.max_attempts):
-            try:
-                answer = self.session.get(self.url, params=query, timeout=self.timeout)
-            except requests.RequestException as exc:
-                problem = f"network: {type(exc).__name__}"
-                self._pause(problem, self.backoff.delay(attempt), attempt)
-                continue
-            if answer.status_code == 200:
-                return _page(answer, page)
-            if answer.status_code in (401, 403):
-                raise BackfillError(f"Refiner refused REFINER_API_KEY (HTTP {answer.status_code}): check that it is your project's API key")
-            if answer.status_code in (408, 429) or answer.status_code >= 500:
-                problem = f"HTTP {answer.status_code}"
-                wait = retry_after(answer)
-                self._pause(problem, wait if wait is not None else self.backoff.delay(attempt), attempt)
-                continue
-            raise BackfillError(f"Refiner's API answered HTTP {answer.status_code} for {answer.url}: {answer.text[:200]}")
-        raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem}); run the command again to resume")
-
-    def _pause(self, problem: str, seconds: float, attempt: int) -> None:
-        if attempt + 1 >= self.max_attempts:
-            return  # no retry follows
-        self._check_stop()
-        self.on_retry(problem, seconds, attempt + 1, self.max_attempts - 1)
-        self.sleep(seconds)
-        self._check_stop()
-
-    def _check_stop(self) -> None:
-        if self.stop is not None and self.stop.is_set():
-            raise Interrupted
-
-    def _sleep(self, seconds: float) -> None:
-        # Short naps that look at `stop`, not stop.wait(): the stop is set from a signal handler,
-        # which could run while this thread holds the Event's own lock.
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and not (self.stop is not None and self.stop.is_set()):
-            time.sleep(min(left, 0.1))
-
-
-def _page(answer: requests.Response, asked_page: int | None) -> Page:
-    try:
-        body = answer.json()
-        items = body["items"]
-        pagination = body.get("pagination") or {}
-        if not isinstance(items, list) or not isinstance(pagination, dict):
-            raise TypeError
-        current = int(pagination.get("current_page") or asked_page or 1)
-        last = int(pagination["last_page"]) if pagination.get("last_page") is not None else None
-    except (ValueError, KeyError, TypeError):
-        raise BackfillError(f"Refiner's API answered something that is not a page of responses: {answer.text[:200]}") from None
-    cursor = pagination.get("next_page_cursor") or None
-    next_page = None if cursor else (current + 1 if last is not None and current < last and items else None)
-    return Page(items, cursor, next_page, current, last)
 
 
 @dataclass

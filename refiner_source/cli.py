@@ -81,46 +81,96 @@ def serve() -> None:
 @main.command()
 @click.option("--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent (serve's supervisor) goes away.")
 def worker(exit_with_parent: bool) -> None:
-    """Run only the delivery loop (a Heroku worker dyno)."""
-    from .delivery import Worker
+    """Run only the delivery loops (a Heroku worker dyno): to Segment, and to Refiner when SEGMENT_SHARED_SECRET is set."""
+    from .delivery import Loop, Worker
 
-    running: list[Worker] = []
+    running: list[Loop] = []
+
+    def stop_all(*_args: object) -> None:
+        for loop in running:
+            loop.stop()
+
     if exit_with_parent:  # first, before anything slow: a supervisor killed meanwhile must still be noticed
         from .serve import stop_when_orphaned
 
-        stop_when_orphaned(lambda: running[0].stop() if running else os._exit(0))
+        stop_when_orphaned(lambda: stop_all() if running else os._exit(0))
     settings = _settings("SEGMENT_WRITE_KEY")
     configure_logging(settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
-    delivery = Worker(
-        outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules, retention_days=settings.retention_days
-    )
-    delivery.install_signal_handlers()
-    running.append(delivery)
-    delivery.run()
+    loops: list[Loop] = [
+        Worker(outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules, retention_days=settings.retention_days)
+    ]
+    if settings.segment_shared_secret:
+        from .refiner_api import RefinerApi
+        from .refiner_delivery import RefinerWorker
+
+        api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key, timeout=15.0)
+        loops.append(RefinerWorker(outbox, api, rules=settings.rules, concurrency=settings.refiner_api_concurrency))
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    running.extend(loops)
+    others = [threading.Thread(target=loop.run, name=f"deliver-to-{loop.destination}") for loop in loops[1:]]
+    for thread in others:
+        thread.start()
+    try:
+        loops[0].run()
+    finally:
+        stop_all()  # one loop ending (a bug) ends the process, which serve's supervisor restarts
+        for thread in others:
+            thread.join()
+
+
+# The two directions, by the destination the store keeps their events under.
+DIRECTIONS = {"segment": "Refiner to Segment", "refiner": "Segment to Refiner"}
+TO = click.option(
+    "--to",
+    "to",
+    type=click.Choice(list(DIRECTIONS)),
+    help="Only this direction: segment (Refiner's responses) or refiner (Segment's events). Default: both.",
+)
+
+
+def _directions(to: str | None) -> list[str]:
+    return [to] if to else list(DIRECTIONS)
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def status(as_json: bool) -> None:
-    """Print pending, delivered and dead counts and the age of the oldest pending message."""
-    outbox = _outbox(_settings())
-    stats = outbox.stats()
-    stalled = stalled_for(stats)
+@TO
+def status(as_json: bool, to: str | None) -> None:
+    """Print pending, delivered and dead counts and the age of the oldest pending message, per direction."""
+    settings = _settings()
+    outbox = _outbox(settings)
+    report = {d: outbox.stats(d) for d in _directions(to)}
     if as_json:
-        click.echo(json.dumps({**stats.__dict__, "stalled": stalled is not None}))
+        directions = {d: {**stats.__dict__, "stalled": stalled_for(stats) is not None} for d, stats in report.items()}
+        first = next(iter(directions.values()))  # at the top level too, as before there were two directions
+        click.echo(json.dumps({**first, "directions": directions}))
         return
+    for i, (destination, stats) in enumerate(report.items()):
+        title = DIRECTIONS[destination]
+        if destination == "refiner" and not settings.segment_shared_secret and not (stats.pending or stats.delivered or stats.dead):
+            click.echo(f"{chr(10) if i else ''}{title}: off (SEGMENT_SHARED_SECRET turns it on)")
+            continue
+        _print_direction(outbox, destination, stats, title, gap=bool(i))
+
+
+def _print_direction(outbox: Outbox, destination: str, stats, title: str, gap: bool) -> None:
     age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f}s"
+    click.echo(f"{chr(10) if gap else ''}{title}")
     click.echo(f"pending    {stats.pending}\ndelivered  {stats.delivered}\ndead       {stats.dead}\noldest pending age  {age}")
+    stalled = stalled_for(stats)
     if stalled is not None:
+        target = "Segment" if destination == "segment" else "Refiner's API"
         click.echo(
-            f"\nnothing delivered for {stalled:.0f}s while {stats.pending} event(s) wait: is a delivery worker running "
-            "(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach Segment (see its log)?"
+            f"nothing delivered for {stalled:.0f}s while {stats.pending} event(s) wait: is a delivery worker running "
+            f"(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach {target} (see its log)?"
         )
     if stats.dead:
-        click.echo("\nnewest dead letters (response id, message id, error); `refiner-source replay` resends them:")
-        for response_id, message_id, error in outbox.dead_letters():
+        ids = "response id" if destination == "segment" else "Segment messageId"
+        click.echo(f"newest dead letters ({ids}, message id, error); `refiner-source replay --to {destination}` resends them:")
+        for response_id, message_id, error in outbox.dead_letters(destination=destination):
             click.echo(f"  {response_id}  {message_id}  {error}")
 
 
@@ -146,16 +196,30 @@ DATE = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:
 @click.option("--since", type=DATE, help="Resend responses completed at or after this date (UTC).")
 @click.option("--until", type=DATE, help="... and before this date (UTC).")
 @click.option("--new-ids", is_flag=True, help="New messageIds, so that Segment does not drop what it already has.")
-def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids: bool) -> None:
-    """Put dead letters back in line; or resend responses, re-mapped with the current mapping file."""
+@click.option("--message", "message_id", metavar="ID", help="Send this Segment event (its messageId) to Refiner again.")
+@TO
+def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids: bool, message_id: str | None, to: str | None) -> None:
+    """Put dead letters back in line (both directions, or --to one); or resend responses (to Segment) or a
+    Segment event (--message, to Refiner), mapped again with the current mapping file."""
     _check_range(since, until)
     settings = _settings()
     outbox = _outbox(settings)
+    if message_id is not None:
+        if any((response_id, form_uuid, since, until, new_ids)) or to == "segment":
+            raise click.UsageError("--message selects one Segment event for Refiner; it goes with no other selection")
+        result = outbox.requeue(response_id=message_id, destination="refiner")
+        if not result.matched:
+            raise click.ClickException(f"nothing matched --message {message_id}: no Segment event with that messageId was accepted")
+        click.echo(f"{result.queued} event(s) queued again for Refiner" + (f", {result.pending} not sent yet" if result.pending else ""))
+        return
     if not any((response_id, form_uuid, since, until)):
         if new_ids:
             raise click.UsageError("--new-ids goes with --response, --form, --since or --until")
-        click.echo(f"{outbox.replay_dead()} dead letter(s) queued again")
+        for destination in _directions(to):
+            click.echo(f"{outbox.replay_dead(destination)} dead letter(s) queued again ({DIRECTIONS[destination]})")
         return
+    if to == "refiner":
+        raise click.UsageError("--response, --form, --since and --until select Refiner's responses (to Segment); use --message ID")
     now = datetime.now(UTC)
     generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
     result = outbox.requeue(response_id, form_uuid, _epoch(since), _epoch(until), generation)
@@ -286,15 +350,19 @@ class _BackfillDisplay:
 @main.command("purge-dead")
 @click.option("--older-than", type=click.FloatRange(min=0), default=0, show_default=True, help="Only those older than this many days.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def purge_dead(older_than: float, yes: bool) -> None:
+@TO
+def purge_dead(older_than: float, yes: bool, to: str | None) -> None:
     """Delete dead letters for good (they are otherwise kept until replayed)."""
     import time
 
     outbox = _outbox(_settings())
+    directions = _directions(to)
     if not yes:
-        click.confirm(f"Delete {outbox.stats().dead} dead letter(s) older than {older_than:g} day(s) for good?", abort=True)
-    count = outbox.purge_dead(time.time() - older_than * 86400)
-    click.echo(f"{count} dead letter(s) deleted")
+        count = sum(outbox.stats(d).dead for d in directions)
+        click.confirm(f"Delete {count} dead letter(s) older than {older_than:g} day(s) for good?", abort=True)
+    for destination in directions:
+        count = outbox.purge_dead(time.time() - older_than * 86400, destination)
+        click.echo(f"{count} dead letter(s) deleted ({DIRECTIONS[destination]})")
 
 
 @main.command("init-db")

@@ -30,13 +30,23 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ToRefinerRules:
+    """The mapping file's [to_refiner] section: which Segment track events go to Refiner (None:
+    every one), and the event name a page call becomes (None: page calls are dropped)."""
+
+    track_events: frozenset[str] | None = None
+    page_event: str | None = "pageview"
+
+
+@dataclass(frozen=True)
 class MappingRules:
-    """What the mapping needs to know: trait prefix and the mapping file's overrides."""
+    """What the mappings need to know: trait prefix and the mapping file's overrides."""
 
     prefix: str = "refiner_"
     traits: Mapping[str, str] = field(default_factory=dict)
     account_questions: frozenset[str] = frozenset()
     events: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_EVENTS))
+    to_refiner: ToRefinerRules = field(default_factory=ToRefinerRules)
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class Settings:
     refiner_api_url: str = "https://api.refiner.io/v1"
     log_level: str = "INFO"
     retention_days: int = 7
+    segment_shared_secret: str | None = None  # set: Segment to Refiner is on (SPEC section 7)
+    refiner_api_concurrency: int = 4
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = ()) -> Settings:
@@ -86,6 +98,19 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
             "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
 
+    shared_secret = get("SEGMENT_SHARED_SECRET")
+    if shared_secret is not None:
+        if len(shared_secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"SEGMENT_SHARED_SECRET must be at least {MIN_SECRET_LENGTH} characters; "
+                "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if get("REFINER_API_KEY") is None:
+            raise ConfigError(
+                "REFINER_API_KEY is not set: SEGMENT_SHARED_SECRET turns on Segment to Refiner, which calls Refiner's REST API "
+                "with your project's API key (Refiner: Settings > Integrations > API)"
+            )
+
     refiner_api_url = (get("REFINER_API_URL") or "https://api.refiner.io/v1").rstrip("/")
     _check_http_url("REFINER_API_URL", refiner_api_url, "https://api.refiner.io/v1")
 
@@ -109,6 +134,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         refiner_api_url=refiner_api_url,
         log_level=log_level,
         retention_days=_int(get, "REFINER_RETENTION_DAYS", 7, 1, 3650),
+        segment_shared_secret=shared_secret,
+        refiner_api_concurrency=_int(get, "REFINER_API_CONCURRENCY", 4, 1, 64),
     )
 
 
@@ -173,9 +200,11 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: {path} is not valid TOML: {exc}") from None
 
-    unknown = set(data) - {"account_questions", "traits", "events"}
+    unknown = set(data) - {"account_questions", "traits", "events", "to_refiner"}
     if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {', '.join(sorted(unknown))}; expected account_questions, [traits], [events]")
+        raise ConfigError(
+            f"{name}: unknown key(s) {', '.join(sorted(unknown))}; expected account_questions, [traits], [events], [to_refiner]"
+        )
 
     questions = data.get("account_questions", [])
     if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
@@ -204,7 +233,31 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
         else:
             raise ConfigError(f"{name}: [events] {key!r} must be an event name (string) or false")
 
-    return MappingRules(prefix=prefix, traits=dict(traits), account_questions=frozenset(questions), events=events)
+    return MappingRules(
+        prefix=prefix,
+        traits=dict(traits),
+        account_questions=frozenset(questions),
+        events=events,
+        to_refiner=_to_refiner_rules(data.get("to_refiner", {}), name),
+    )
+
+
+def _to_refiner_rules(section: Any, name: str) -> ToRefinerRules:
+    """[to_refiner]: track_events = [...] (an allowlist; absent means every track), page_event = "..." or false."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: [to_refiner] must be a table with track_events and page_event")
+    unknown = set(section) - {"track_events", "page_event"}
+    if unknown:
+        raise ConfigError(f"{name}: [to_refiner] unknown key(s) {', '.join(sorted(unknown))}; expected track_events, page_event")
+    track_events = section.get("track_events")
+    if track_events is not None and (not isinstance(track_events, list) or not all(isinstance(e, str) and e.strip() for e in track_events)):
+        raise ConfigError(f'{name}: [to_refiner] track_events must be a list of event names, such as ["Signed Up"]')
+    page_event = section.get("page_event", "pageview")
+    if page_event is False:
+        page_event = None
+    elif not isinstance(page_event, str) or not page_event.strip():
+        raise ConfigError(f"{name}: [to_refiner] page_event must be an event name (string) or false")
+    return ToRefinerRules(None if track_events is None else frozenset(track_events), page_event)
 
 
 def settings_from(overrides: Mapping[str, Any] | Settings | None) -> Settings:

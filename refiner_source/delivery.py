@@ -7,9 +7,8 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -114,8 +113,80 @@ def _by_event(items: Sequence[Item]) -> list[list[Item]]:
     return groups
 
 
-class Worker:
-    """Sends what the outbox holds. `run()` loops until `stop()` (or SIGTERM through `install_signal_handlers`)."""
+class Loop:
+    """What every destination's worker does: claim rounds until `stop()` (or SIGTERM through
+    `install_signal_handlers`), backing off when the store or the destination fails."""
+
+    destination: str
+
+    def __init__(self, outbox: Outbox, *, batch_size: int, lease_seconds: float, idle_poll: float, backoff: Backoff) -> None:
+        self.outbox = outbox
+        self.batch_size = batch_size  # events per claim
+        self.lease_seconds = lease_seconds
+        self.idle_poll = idle_poll
+        self.backoff = backoff
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
+        self._stopping = False
+        self._failures = 0  # consecutive retryable failures, for the backoff exponent
+
+    def stop(self, *_args: object) -> None:
+        # A plain flag, no lock: stop() is a signal handler, and Python runs handlers in the main
+        # thread wherever it is, also inside Event.wait() holding the Event's lock, where Event.set()
+        # would wait for itself forever (seen: `worker` with the Refiner loop's threads hung on SIGTERM).
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        log.info("delivery worker started", extra={"worker": self.name, "destination": self.destination, **self.describe()})
+        while not self._stopping:
+            try:
+                self.before_round()
+                wait = self.run_once()
+            except StoreUnavailable as exc:
+                log.error("store unavailable; retrying", extra={"error": str(exc), "destination": self.destination})
+                wait = self.backoff.delay(self._bump())
+            except Exception:  # a bug must not end delivery: its claim was handed back, try again later
+                log.exception("a delivery round failed; retrying", extra={"destination": self.destination})
+                wait = self.backoff.delay(self._bump())
+            if wait:
+                self._nap(wait)
+        log.info("delivery worker stopped", extra={"worker": self.name, "destination": self.destination})
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def before_round(self) -> None:
+        pass
+
+    def run_once(self) -> float:
+        raise NotImplementedError
+
+    def idle_wait(self) -> float:
+        """Nothing claimed: sleep until the next event is due, checking at least every `idle_poll * 5`."""
+        due = self.outbox.next_due_in(self.destination)
+        return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
+
+    def _nap(self, seconds: float) -> None:
+        """Sleep up to `seconds`, in short naps that look at stop()."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+
+    def _out_of_time(self, outcome: _Round) -> bool:
+        return self._stopping or time.monotonic() > outcome.send_until
+
+    def _bump(self) -> int:
+        self._failures += 1
+        return self._failures - 1
+
+
+class Worker(Loop):
+    """Sends what the outbox holds for Segment, in batches of messages."""
+
+    destination = SEGMENT
 
     def __init__(
         self,
@@ -131,44 +202,20 @@ class Worker:
         timeout: float = 15.0,
         retention_days: int = 7,
     ) -> None:
-        self.outbox = outbox
+        super().__init__(outbox, batch_size=batch_size, lease_seconds=lease_seconds, idle_poll=idle_poll, backoff=backoff)
         self.write_key = write_key
         self.host = host
         self.rules = rules
-        self.batch_size = batch_size  # events per claim (each one to three messages)
-        self.lease_seconds = lease_seconds
-        self.idle_poll = idle_poll
-        self.backoff = backoff
         self.timeout = timeout
         self.retention_days = retention_days
         self._next_purge = 0.0
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
-        self._stop = threading.Event()
-        self._failures = 0  # consecutive retryable failures, for the backoff exponent
         quiet_library_duplicates()
 
-    def stop(self, *_args: object) -> None:
-        self._stop.set()
+    def describe(self) -> dict[str, Any]:
+        return {"segment_host": self.host}
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-
-    def run(self) -> None:
-        log.info("delivery worker started", extra={"worker": self.name, "segment_host": self.host})
-        while not self._stop.is_set():
-            try:
-                self.purge_if_due()
-                wait = self.run_once()
-            except StoreUnavailable as exc:
-                log.error("store unavailable; retrying", extra={"error": str(exc)})
-                wait = self.backoff.delay(self._bump())
-            except Exception:  # a bug must not end delivery: its claim was handed back, try again later
-                log.exception("a delivery round failed; retrying")
-                wait = self.backoff.delay(self._bump())
-            if wait:
-                self._stop.wait(wait)
-        log.info("delivery worker stopped", extra={"worker": self.name})
+    def before_round(self) -> None:
+        self.purge_if_due()
 
     def purge_if_due(self) -> None:
         """Hourly: forget the answers of events delivered more than REFINER_RETENTION_DAYS ago, and
@@ -187,8 +234,7 @@ class Worker:
         """Claim events, map them, send their messages; return how long to sleep before the next round."""
         claimed = self.outbox.claim(SEGMENT, self.batch_size, self.lease_seconds, self.name)
         if not claimed:
-            due = self.outbox.next_due_in(SEGMENT)
-            return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
+            return self.idle_wait()
         send_until = time.monotonic() + self.lease_seconds / 2
         items, dead = self._map(claimed)
         outcome = _Round({c.id: c.response_id for c in claimed}, send_until, dead=dead)
@@ -228,9 +274,6 @@ class Worker:
             outcome.settle(self.outbox, self.name)
         return wait
 
-    def _out_of_time(self, outcome: _Round) -> bool:
-        return self._stop.is_set() or time.monotonic() > outcome.send_until
-
     def _map(self, claimed: Sequence[Claimed]) -> tuple[list[Item], list[DeadLetter]]:
         """The messages of the claimed events, mapped now with the current mapping file (stored messages
         of an upgraded store are sent as they are). An event that cannot be mapped is dead at once."""
@@ -259,10 +302,6 @@ class Worker:
             # then the message's exact size in the request.
             items.extend(Item(claim.id, claim.response_id, m, len(json.dumps(m))) for m in messages)
         return items, dead
-
-    def _bump(self) -> int:
-        self._failures += 1
-        return self._failures - 1
 
     def _send(self, chunk: list[Item], outcome: _Round) -> None:
         """Deliver `chunk`, bisecting on a message-level rejection so only the culprit is dead-lettered."""
@@ -305,13 +344,18 @@ class _Round:
 
     claimed: dict[int, str]
     send_until: float  # time.monotonic()
+    destination: str = SEGMENT
+    id_name: str = "response_id"  # what the claimed ids are, in the log: Segment's messageIds for Refiner
     dead: list[DeadLetter] = field(default_factory=list)
     released: dict[int, tuple[float, str]] = field(default_factory=dict)  # event -> (delay, error)
 
     def release(self, chunks: Sequence[Sequence[Item]], delay: float, error: str) -> None:
         for chunk in chunks:
-            for item in chunk:
-                self.released.setdefault(item.event_id, (delay, error))
+            self.release_events((item.event_id for item in chunk), delay, error)
+
+    def release_events(self, event_ids: Iterable[int], delay: float, error: str) -> None:
+        for event_id in event_ids:
+            self.released.setdefault(event_id, (delay, error))
 
     def settle(self, outbox: Outbox, worker: str) -> None:
         dead_ids = {d.event_id for d in self.dead}
@@ -320,4 +364,4 @@ class _Round:
         delay, error = next(iter(self.released.values()), (0.0, ""))
         outbox.settle(worker, delivered=delivered, dead=self.dead, released=released, delay=delay, error=error)
         for event_id in delivered:
-            log.info("delivered", extra={"response_id": self.claimed[event_id], "outcome": "delivered"})
+            log.info("delivered", extra={self.id_name: self.claimed[event_id], "outcome": "delivered", "destination": self.destination})

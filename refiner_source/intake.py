@@ -34,6 +34,7 @@ class Entry:
     form_uuid: str | None = None
     occurred_at: float | None = None
     destination: str = SEGMENT
+    contact: str | None = None  # whose event, where the destination keeps one contact's order (Refiner)
 
 
 def receipt_key(response_uuid: str, triggered_event: str) -> str:

@@ -31,8 +31,10 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
+    inspect,
     or_,
     select,
     text,
@@ -46,9 +48,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 if TYPE_CHECKING:
     from .intake import Entry  # only a type here: the store never imports the mapping
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PENDING, DELIVERED, DEAD, PURGED = "pending", "delivered", "dead", "purged"
 SEGMENT = "segment"  # the destination of Refiner's events
+REFINER = "refiner"  # the destination of Segment's events (SPEC section 7)
 LEGACY_EVENT = "(messages kept from before version 3)"  # the rows an upgrade makes of waiting messages
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
 
@@ -77,6 +80,9 @@ events = Table(
     Column("created_at", Float, nullable=False),
     Column("queued_at", Float, nullable=False),  # received, or put back in line by replay: what "waiting" counts from
     Column("delivered_at", Float),
+    # Whose event it is, where the destination keeps one contact's events in order (Refiner): a
+    # later event of a contact waits while an earlier one waits to be retried.
+    Column("contact", String(255)),
     # The long texts last: SQLite reads a row's columns in order, and the scans of stats and
     # retention stop before them.
     Column("last_error", Text),
@@ -88,6 +94,7 @@ events = Table(
     Index("ix_refiner_events_due", "destination", "status", "available_at"),
     Index("ix_refiner_events_settled", "status", "delivered_at"),
     Index("ix_refiner_events_response", "response_id"),
+    Index("ix_refiner_events_contact", "destination", "contact", "id"),
 )
 
 # The messages a destination refused for a reason of their own, one row each (an event's other
@@ -154,6 +161,7 @@ class Claimed:
     generation: str | None
     created_at: float
     attempts: int
+    contact: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,7 @@ class Outbox:
             # makes its tables anew and fills them; rolling forward takes in what they hold.
             if conn.dialect.has_table(conn, "refiner_receipts"):
                 _upgrade_to_v3(conn, version or 1)
+            _upgrade_to_v4(conn)
             if version is None:
                 conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
             elif version < SCHEMA_VERSION:
@@ -380,25 +389,38 @@ class Outbox:
 
     # --- delivery --------------------------------------------------------------------------------
 
-    def claim(self, destination: str, limit: int, lease_seconds: float, worker: str) -> list[Claimed]:
+    def claim(self, destination: str, limit: int, lease_seconds: float, worker: str, *, contact_order: bool = False) -> list[Claimed]:
         """Take up to `limit` due events for `lease_seconds`; no other worker gets them meanwhile.
 
         PostgreSQL: the row locks of FOR UPDATE SKIP LOCKED make concurrent claims disjoint.
         SQLite: BEGIN IMMEDIATE serialises writers. A worker that dies lets its lease run out.
+
+        `contact_order`: one contact's events are claimed in the order they came, never one while
+        an earlier one of the same contact is pending and not due (waiting to be retried, or
+        claimed by another worker). Such claims take turns (an advisory lock on PostgreSQL), so
+        that each sees what the one before it claimed.
         """
         now = time.time()
         due = and_(events.c.destination == destination, events.c.status == PENDING, events.c.available_at <= now)
-        # In the order of the due index, which then stops at the limit (by id, it read every due row).
+        if contact_order:
+            earlier = events.alias("earlier")
+            due = and_(
+                due,
+                ~exists().where(
+                    earlier.c.destination == destination,
+                    earlier.c.contact == events.c.contact,
+                    earlier.c.id < events.c.id,
+                    earlier.c.status == PENDING,
+                    earlier.c.available_at > now,
+                ),
+            )
+            order = (events.c.id,)
+        else:
+            # In the order of the due index, which then stops at the limit (by id, it read every due row).
+            order = (events.c.available_at, events.c.id)
         # A CTE, materialized: PostgreSQL runs it once, so the rows it locked (skipping those another
         # worker holds) are exactly the rows updated; as an IN subquery the planner may run it again.
-        ids = (
-            select(events.c.id)
-            .where(due)
-            .order_by(events.c.available_at, events.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("due_events")
-        )
+        ids = select(events.c.id).where(due).order_by(*order).limit(limit).with_for_update(skip_locked=True).cte("due_events")
         if self.engine.dialect.name == "postgresql":
             ids = ids.prefix_with("MATERIALIZED")
         stmt = (
@@ -413,13 +435,25 @@ class Outbox:
                 events.c.generation,
                 events.c.created_at,
                 events.c.attempts,
+                events.c.contact,
             )
         )
         with self._write() as conn:
+            if contact_order and conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(8127350)"))
             rows = conn.execute(stmt).all()
         rows.sort(key=lambda r: r.id)
         return [
-            Claimed(r.id, r.response_id, r.event, json.loads(r.messages) if r.messages else None, r.generation, r.created_at, r.attempts)
+            Claimed(
+                r.id,
+                r.response_id,
+                r.event,
+                json.loads(r.messages) if r.messages else None,
+                r.generation,
+                r.created_at,
+                r.attempts,
+                r.contact,
+            )
             for r in rows
         ]
 
@@ -633,6 +667,7 @@ def _row(entry: Entry, now: float) -> dict[str, Any]:
         "created_at": now,
         "queued_at": now,
         "delivered_at": None,
+        "contact": entry.contact,
     }
 
 
@@ -715,6 +750,15 @@ def _upgrade_to_v3(conn: Connection, version: int) -> None:
     if has_messages:
         conn.execute(text("DROP TABLE refiner_messages"))
     conn.execute(text("DROP TABLE refiner_receipts"))
+
+
+def _upgrade_to_v4(conn: Connection) -> None:
+    """Version 4 adds the contact of an event (Segment to Refiner keeps each contact's order)."""
+    columns = {c["name"] for c in inspect(conn).get_columns(events.name)}
+    if "contact" not in columns:
+        conn.execute(text("ALTER TABLE refiner_events ADD COLUMN contact VARCHAR(255)"))
+    for index in events.indexes:
+        index.create(conn, checkfirst=True)
 
 
 @dataclass

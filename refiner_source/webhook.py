@@ -22,6 +22,7 @@ from .serve import worker_running
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+LARGEST_BODY_BYTES = 8 << 20  # POST /webhooks/segment (a batch of Segment events); the app's limit
 bp = Blueprint("refiner_source", __name__)
 _webhook = WebhookSchema()
 
@@ -41,7 +42,7 @@ def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response,
     return jsonify({"error": code, "message": message, **extra}), status
 
 
-def _presented_token() -> str | None:
+def presented_token() -> str | None:
     token = request.args.get("token")
     if token:
         return token
@@ -49,7 +50,7 @@ def _presented_token() -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _token_ok(presented: str, secrets: tuple[str, ...]) -> bool:
+def token_ok(presented: str, secrets: tuple[str, ...]) -> bool:
     # Compare against every secret, without stopping at the first match, in constant time each.
     given = presented.encode("utf-8", "surrogateescape")
     matched = False
@@ -61,27 +62,18 @@ def _token_ok(presented: str, secrets: tuple[str, ...]) -> bool:
 @bp.post("/webhooks/refiner")
 def receive_webhook():
     app_state = state()
-    presented = _presented_token()
+    presented = presented_token()
     if presented is None:
         return error(401, "missing_token", "Add ?token=<REFINER_WEBHOOK_SECRET> to the webhook URL, or send Authorization: Bearer <token>.")
-    if not _token_ok(presented, app_state.settings.webhook_secrets):
+    if not token_ok(presented, app_state.settings.webhook_secrets):
         return error(401, "invalid_token", "The token does not match REFINER_WEBHOOK_SECRET.")
 
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return _too_large()
-    raw = _read_body()
+    raw = read_body(MAX_BODY_BYTES)
     if raw is None:
-        return _too_large()
-    if not raw.strip():
-        return error(400, "empty_body", "The body is empty; expected a JSON object.")
-    try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        return error(400, "invalid_encoding", "The body is not UTF-8.")
-    except RecursionError:
-        return _over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
-    except ValueError as exc:
-        return error(400, "invalid_json", f"The body is not valid JSON: {exc}")
+        return too_large(MAX_BODY_BYTES)
+    body, failed = parse_json(raw, "a JSON object")
+    if failed is not None:
+        return failed
     if not isinstance(body, dict):
         return error(422, "invalid_shape", "Expected a JSON object.", fields={"_schema": ["Expected a JSON object."]})
     limit = check_limits(body)
@@ -116,24 +108,41 @@ def receive_webhook():
     return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": entry.message_count}), 202
 
 
-def _read_body() -> bytes | None:
-    """The body, or None when it is over the limit (also when it comes chunked, without a length).
+def read_body(limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` bytes (also when it comes chunked, without a length).
 
-    The app's MAX_CONTENT_LENGTH is one byte more than ours, so a stream over the limit shows
-    itself by that byte instead of being cut off silently at the limit.
+    The app's MAX_CONTENT_LENGTH is one byte more than the largest route limit, and this reads at
+    most `limit` + 1 bytes, so a stream over the limit shows itself by that byte instead of being
+    cut off silently at the limit.
     """
+    if request.content_length is not None and request.content_length > limit:
+        return None
     chunks: list[bytes] = []
     size = 0
     try:
-        while size <= MAX_BODY_BYTES:
-            chunk = request.stream.read(min(1 << 16, MAX_BODY_BYTES + 1 - size))
+        while size <= limit:
+            chunk = request.stream.read(min(1 << 16, limit + 1 - size))
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
     except RequestEntityTooLarge:
         return None
-    return None if size > MAX_BODY_BYTES else b"".join(chunks)
+    return None if size > limit else b"".join(chunks)
+
+
+def parse_json(raw: bytes, expected: str) -> tuple[Any, tuple[Response, int] | None]:
+    """(the parsed body, None), or (None, the error answer) when it is empty, not UTF-8 or not JSON."""
+    if not raw.strip():
+        return None, error(400, "empty_body", f"The body is empty; expected {expected}.")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant), None
+    except UnicodeDecodeError:
+        return None, error(400, "invalid_encoding", "The body is not UTF-8.")
+    except RecursionError:
+        return None, _over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
+    except ValueError as exc:
+        return None, error(400, "invalid_json", f"The body is not valid JSON: {exc}")
 
 
 def _reject_constant(name: str) -> Any:
@@ -141,8 +150,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _too_large():
-    return error(413, "body_too_large", f"The body is larger than {MAX_BODY_BYTES} bytes.")
+def too_large(limit: int):
+    return error(413, "body_too_large", f"The body is larger than {limit} bytes.")
 
 
 def _over_limit(code: str, path: str, message: str):
@@ -190,7 +199,7 @@ def readyz():
 @bp.app_errorhandler(HTTPException)
 def http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
-        return _too_large()
+        return too_large(MAX_BODY_BYTES if request.path == "/webhooks/refiner" else LARGEST_BODY_BYTES)
     response, status = error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
     for name, value in exc.get_headers():  # e.g. Allow on a 405, as RFC 9110 requires
         if name.lower() != "content-type":

@@ -12,7 +12,7 @@ from refiner_source.backfill import BackfillError, RefinerApi, filters, run_back
 from refiner_source.config import MappingRules
 from refiner_source.intake import Entry, prepare
 from refiner_source.mapping import map_event
-from refiner_source.outbox import SEGMENT, Outbox
+from refiner_source.outbox import SCHEMA_VERSION, SEGMENT, Outbox
 from refiner_source.schemas import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
 from tests.conftest import load_fixture
 from tests.refiner_stub import RefinerStub, api_item
@@ -53,6 +53,16 @@ def test_pages_follow_next_page_cursor_as_page_cursor():
     assert responses.calls[1].request.params["page_cursor"] == "CUR2"
     assert responses.calls[0].request.headers["Authorization"] == "Bearer key-123"
     assert responses.calls[0].request.params["form_uuid"] == "f"
+
+
+@responses.activate
+def test_backfill_asks_for_attributes_and_large_pages():
+    # with_attributes=1: the contact's and the account's attributes come along, so answers split
+    # between user and account traits exactly as a webhook's do (SPEC section 7's backfill note).
+    responses.get(URL, json=page([api_item(0)]))
+    api().fetch({})
+    params = responses.calls[0].request.params
+    assert params["with_attributes"] == "1" and params["page_length"] == "500"
 
 
 @responses.activate
@@ -161,21 +171,21 @@ def refiner():
 
 
 def test_backfill_stores_every_completed_response_once(outbox, refiner):
-    progress = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    progress = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.pages, progress.seen, progress.stored, progress.duplicates) == (3, 230, 230, 0)
     assert outbox.stats().pending == 230
 
 
 def test_backfill_by_page_numbers_when_there_is_no_cursor(outbox):
     with RefinerStub(total=120, cursor=False) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
         assert [r["query"].get("page") for r in stub.requests] == [None, "2"]
     assert progress.stored == 120
 
 
 def test_second_run_sends_nothing_new(outbox, refiner):
-    run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
-    again = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
+    again = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (again.seen, again.stored, again.duplicates) == (230, 0, 230)
     assert outbox.stats().pending == 230
 
@@ -185,7 +195,7 @@ def test_response_already_received_by_webhook_is_not_sent_again(outbox):
     outbox.store_many([webhook])
     item = load_fixture("api_responses_page.json")["items"][0]
     with RefinerStub(total=1, make=lambda i: item) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.stored, progress.duplicates) == (0, 1)
     assert outbox.stats().pending == 1
 
@@ -193,7 +203,7 @@ def test_response_already_received_by_webhook_is_not_sent_again(outbox):
 def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
     pages_done = []
     first = run_backfill(
-        RefinerApi(refiner.url, "refiner-key"),
+        RefinerApi(refiner.url, "refiner-key", page_length=100),
         outbox,
         RULES,
         {},
@@ -202,7 +212,7 @@ def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
     )
     assert first.pages == 2 and first.stored == 200
     asked = len(refiner.requests)
-    resumed = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {})
+    resumed = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert resumed.resumed and resumed.pages == 3 and resumed.stored == 230
     assert len(refiner.requests) == asked + 1  # only the third page was asked for again
     assert "page_cursor" in refiner.requests[-1]["query"]
@@ -210,17 +220,17 @@ def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
 
 
 def test_runs_with_other_filters_keep_their_own_progress(outbox, refiner):
-    run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {"form_uuid": "a"}, should_stop=lambda: False)
-    other = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {"form_uuid": "b"})
+    run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {"form_uuid": "a"}, should_stop=lambda: False)
+    other = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {"form_uuid": "b"})
     assert not other.resumed and other.pages == 3
 
 
 def test_dry_run_stores_nothing_and_shows_the_first_messages(outbox, refiner):
-    progress = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, dry_run=True)
+    progress = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True)
     assert progress.stored == 230 and len(progress.sample) == 3
     assert [m["type"] for m in progress.sample] == ["identify", "group", "track"]
     assert outbox.stats().pending == 0
-    assert not run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, dry_run=True).resumed
+    assert not run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True).resumed
 
 
 def test_not_completed_and_invalid_items_are_skipped_and_counted(outbox):
@@ -232,13 +242,13 @@ def test_not_completed_and_invalid_items_are_skipped_and_counted(outbox):
         return api_item(i)
 
     with RefinerStub(total=5, make=make) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.stored, progress.not_completed, progress.invalid) == (3, 1, 1)
 
 
 def test_empty_result_finishes_at_once(outbox):
     with RefinerStub(total=0) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key"), outbox, RULES, {})
+        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.pages, progress.seen) == (1, 0)
 
 
@@ -262,7 +272,7 @@ def test_init_db_upgrades_a_version_1_store(store_url):
         conn.execute(text("INSERT INTO refiner_receipts VALUES (1, 'old\nE', 'old', 'E', 3, 0)"))
     box.init_schema()
     box.init_schema()
-    assert box.schema_version() == 3
+    assert box.schema_version() == SCHEMA_VERSION
     assert box.requeue(response_id="old").forgotten == 1  # a version 1 receipt kept no event to map again
     assert box.store_many([Entry("old\nE", "old", "E", "{}")]) == 0  # but it still makes a resend a duplicate
     box.dispose()
@@ -342,7 +352,7 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
     from tests.segment_stub import SegmentStub
     from tests.service import Service, command
 
-    with RefinerStub(total=450, delay=0.3) as refiner, SegmentStub() as segment:
+    with RefinerStub(total=2250, delay=0.3) as refiner, SegmentStub() as segment:  # 5 pages of 500
         env = {
             "DATABASE_URL": store_url,
             "REFINER_API_URL": refiner.url,
@@ -364,21 +374,21 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
 
         second = subprocess.run([*command(), "backfill"], env=full_env, capture_output=True, text=True, timeout=60)
         assert second.returncode == 0, second.stderr
-        assert "450 response(s) read in 5 page(s)" in second.stdout
+        assert "2250 response(s) read in 5 page(s)" in second.stdout
         assert len(refiner.requests) < 2 + 5 + 1  # resumed: the pages already stored were not asked for again
 
         worker = Service(["worker"], env, tmp_path / "worker.log").start()
         try:
-            received = segment.wait_for(lambda r: len(r) >= 450 * 3, timeout=60)
+            received = segment.wait_for(lambda r: len(r) >= 2250 * 3, timeout=60)
             time.sleep(0.5)
             counts = Counter(m["messageId"] for m in segment.received())
-            assert len(counts) == 450 * 3 and set(counts.values()) == {1}
+            assert len(counts) == 2250 * 3 and set(counts.values()) == {1}
             assert {m["type"] for m in received} == {"identify", "group", "track"}
 
             third = subprocess.run([*command(), "backfill"], env=full_env, capture_output=True, text=True, timeout=60)
-            assert third.returncode == 0 and "0 stored for delivery, 450 already sent" in third.stdout
+            assert third.returncode == 0 and "0 stored for delivery, 2250 already sent" in third.stdout
             time.sleep(1.0)
-            assert len(segment.received()) == 450 * 3
+            assert len(segment.received()) == 2250 * 3
         finally:
             assert worker.stop() == 0
 
@@ -416,7 +426,7 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
                 raise RuntimeError
             return real_page(query)
 
-        api = RefinerApi(refiner.url, "refiner-key", max_attempts=1)
+        api = RefinerApi(refiner.url, "refiner-key", page_length=100, max_attempts=1)
         refiner.page = failing  # page 3 answers 500 (the stub turns the exception into a dropped request)
         with pytest.raises(BackfillError):
             run_backfill(api, outbox, RULES, {}, workers=2)
@@ -424,7 +434,7 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
         assert state is not None and state.pages == 2 and not state.done
         assert outbox.stats().pending == 200
         refiner.page = real_page
-        resumed = run_backfill(RefinerApi(refiner.url, "refiner-key"), outbox, RULES, {}, workers=2)
+        resumed = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, workers=2)
     assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500
 
 

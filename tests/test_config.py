@@ -107,3 +107,133 @@ def test_malformed_mapping_file_is_explained(tmp_path, text, says):
     with pytest.raises(ConfigError, match="REFINER_MAPPING_FILE") as info:
         load_mapping_file(str(path))
     assert says in str(info.value)
+
+
+# --- SPEC section 7: Segment to Refiner --------------------------------------------------
+
+SEGMENT_ON = {**BASE, "SEGMENT_SHARED_SECRET": "segment-shared-secret-0123", "REFINER_API_KEY": "refiner-key"}
+
+
+def test_segment_to_refiner_is_off_by_default():
+    s = load_settings(BASE)
+    assert s.segment_shared_secret is None
+    assert s.refiner_api_concurrency == 4
+    assert s.rules.to_refiner.track_events is None and s.rules.to_refiner.page_event == "pageview"
+
+
+def test_segment_shared_secret_turns_segment_to_refiner_on():
+    s = load_settings(SEGMENT_ON)
+    assert s.segment_shared_secret == "segment-shared-secret-0123"
+    assert s.refiner_api_key == "refiner-key"
+
+
+def test_segment_shared_secret_without_refiner_api_key_names_refiner_api_key():
+    env = {k: v for k, v in SEGMENT_ON.items() if k != "REFINER_API_KEY"}
+    for without_key in (env, {**env, "REFINER_API_KEY": "   "}):
+        with pytest.raises(ConfigError) as info:
+            load_settings(without_key)
+        assert str(info.value).startswith("REFINER_API_KEY") and "\n" not in str(info.value)
+
+
+def test_refiner_api_key_alone_does_not_turn_segment_to_refiner_on():
+    assert load_settings({**BASE, "REFINER_API_KEY": "refiner-key"}).segment_shared_secret is None
+
+
+def test_blank_segment_shared_secret_is_unset():
+    assert load_settings({**BASE, "SEGMENT_SHARED_SECRET": "  "}).segment_shared_secret is None
+
+
+@pytest.mark.parametrize("secret", ["short", "x" * 15, "  " + "x" * 15 + "  "])
+def test_short_segment_shared_secret_is_refused(secret):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEGMENT_ON, "SEGMENT_SHARED_SECRET": secret})
+    message = str(info.value)
+    assert message.startswith("SEGMENT_SHARED_SECRET") and "16" in message and "\n" not in message
+    assert secret.strip() not in message  # the secret itself is never echoed
+
+
+def test_segment_shared_secret_of_16_characters_is_enough():
+    assert load_settings({**SEGMENT_ON, "SEGMENT_SHARED_SECRET": "x" * 16}).segment_shared_secret == "x" * 16
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("4", 4), ("64", 64), (" 8 ", 8)])
+def test_refiner_api_concurrency_within_bounds(value, expected):
+    assert load_settings({**SEGMENT_ON, "REFINER_API_CONCURRENCY": value}).refiner_api_concurrency == expected
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", "four", "2.5"])
+def test_refiner_api_concurrency_out_of_bounds_is_named(value):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEGMENT_ON, "REFINER_API_CONCURRENCY": value})
+    assert str(info.value).startswith("REFINER_API_CONCURRENCY") and "\n" not in str(info.value)
+
+
+def mapping(tmp_path, text: str):
+    path = tmp_path / "mapping.toml"
+    path.write_text(text)
+    return load_mapping_file(str(path)).to_refiner
+
+
+def test_to_refiner_section_is_read(tmp_path):
+    rules = mapping(tmp_path, '[to_refiner]\ntrack_events = ["Signed Up", "Plan Upgraded"]\npage_event = "Viewed Page"\n')
+    assert rules.track_events == {"Signed Up", "Plan Upgraded"}
+    assert rules.page_event == "Viewed Page"
+
+
+def test_to_refiner_section_through_the_environment(tmp_path):
+    path = tmp_path / "mapping.toml"
+    path.write_text('[to_refiner]\ntrack_events = ["Signed Up"]\npage_event = false\n')
+    rules = load_settings({**SEGMENT_ON, "REFINER_MAPPING_FILE": str(path)}).rules.to_refiner
+    assert rules.track_events == {"Signed Up"} and rules.page_event is None
+
+
+def test_to_refiner_page_event_false_drops_page_calls(tmp_path):
+    assert mapping(tmp_path, "[to_refiner]\npage_event = false\n").page_event is None
+
+
+def test_to_refiner_defaults_when_section_or_keys_are_absent(tmp_path):
+    for text in ("", "[to_refiner]\n", 'account_questions = ["x"]\n'):
+        rules = mapping(tmp_path, text)
+        assert rules.track_events is None and rules.page_event == "pageview", text
+
+
+def test_to_refiner_empty_track_events_is_an_empty_allowlist_not_every_track(tmp_path):
+    assert mapping(tmp_path, "[to_refiner]\ntrack_events = []\n").track_events == frozenset()
+
+
+def test_to_refiner_section_leaves_the_other_sections_alone(tmp_path):
+    path = tmp_path / "mapping.toml"
+    path.write_text('[events]\n"Saw Survey" = false\n[to_refiner]\ntrack_events = ["Signed Up"]\n')
+    rules = load_mapping_file(str(path))
+    assert rules.events["Saw Survey"] is None and rules.events["Completed Survey"] == "Survey Completed"
+    assert rules.to_refiner.track_events == {"Signed Up"}
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("to_refiner = 3", "[to_refiner]"),
+        ('to_refiner = "pageview"', "[to_refiner]"),
+        ("[to_refiner]\ntrack_events = 'Signed Up'", "track_events"),
+        ("[to_refiner]\ntrack_events = [1, 2]", "track_events"),
+        ("[to_refiner]\ntrack_events = ['']", "track_events"),
+        ("[to_refiner]\ntrack_events = ['  ']", "track_events"),
+        ("[to_refiner]\npage_event = true", "page_event"),
+        ("[to_refiner]\npage_event = ''", "page_event"),
+        ("[to_refiner]\npage_event = 7", "page_event"),
+        ("[to_refiner]\npage_events = 'pageview'", "unknown key"),
+        ("[to_refiner]\ntrack_event = ['Signed Up']", "unknown key"),
+    ],
+)
+def test_malformed_to_refiner_section_is_explained(tmp_path, text, says):
+    with pytest.raises(ConfigError, match="REFINER_MAPPING_FILE") as info:
+        mapping(tmp_path, text)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_malformed_to_refiner_section_stops_start_up_naming_the_file(tmp_path):
+    path = tmp_path / "mapping.toml"
+    path.write_text("[to_refiner]\npage_event = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings({**SEGMENT_ON, "REFINER_MAPPING_FILE": str(path)})
+    assert str(info.value).startswith("REFINER_MAPPING_FILE")

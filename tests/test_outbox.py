@@ -11,7 +11,7 @@ import pytest
 
 from refiner_source.config import MappingRules
 from refiner_source.intake import Entry
-from refiner_source.outbox import SEGMENT, DeadLetter, Outbox, StoreUnavailable
+from refiner_source.outbox import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Outbox, StoreUnavailable
 from tests.conftest import entry_for
 
 
@@ -122,7 +122,7 @@ def test_requeue_selects_by_response_form_and_time_with_a_new_generation(outbox)
 def test_init_schema_is_safe_to_run_twice(outbox):
     outbox.init_schema()
     outbox.init_schema()
-    assert outbox.stats().pending == 0 and outbox.schema_version() == 3
+    assert outbox.stats().pending == 0 and outbox.schema_version() == SCHEMA_VERSION
 
 
 def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
@@ -318,7 +318,7 @@ def test_init_db_upgrades_a_version_2_store_losing_no_pending_message(store_url)
     box = Outbox(store_url)
     box.init_schema()
     box.init_schema()  # and again: nothing more happens
-    assert box.schema_version() == 3
+    assert box.schema_version() == SCHEMA_VERSION
     stats = box.stats()
     assert (stats.pending, stats.dead) == (1, 1)
     (waiting,) = box.claim(SEGMENT, 10, 60, "w")
@@ -387,4 +387,51 @@ def test_replay_of_an_upgraded_response_does_not_send_its_old_messages_again(sto
     assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)  # the event, mapped anew; not the old copy
     (again,) = box.claim(SEGMENT, 10, 60, "w")
     assert again.messages is None and again.event is not None
+    box.dispose()
+
+
+# --- Segment to Refiner: one contact's events in order (SPEC section 7) ----------------------
+
+
+def refiner_entry(message_id: str, contact: str) -> Entry:
+    return Entry(
+        receipt_key=message_id, response_id=message_id, triggered_event="identify", event="{}", destination=REFINER, contact=contact
+    )
+
+
+def test_one_contacts_calls_keep_their_order_while_an_earlier_one_waits_to_be_retried(outbox):
+    outbox.store_many([refiner_entry("a1", "id:a"), refiner_entry("b1", "id:b")])
+    a1, b1 = outbox.claim(REFINER, 10, 60, "w", contact_order=True)
+    outbox.settle("w", delivered=[b1.id], released=[a1.id], delay=30)  # a1 waits 30 s to be retried
+    outbox.store_many([refiner_entry("a2", "id:a"), refiner_entry("b2", "id:b")])
+    claimed = outbox.claim(REFINER, 10, 60, "w", contact_order=True)
+    assert [c.response_id for c in claimed] == ["b2"]  # a2 waits behind a1; b's calls go on
+    assert outbox.claim(SEGMENT, 10, 60, "w") == []  # each destination has its own line
+
+
+def test_a_contact_claimed_by_one_worker_is_not_claimed_by_another(outbox):
+    outbox.store_many([refiner_entry("a1", "id:a")])
+    (held,) = outbox.claim(REFINER, 10, 60, "first", contact_order=True)
+    outbox.store_many([refiner_entry("a2", "id:a")])
+    assert outbox.claim(REFINER, 10, 60, "second", contact_order=True) == []
+    outbox.settle("first", delivered=[held.id])
+    assert [c.response_id for c in outbox.claim(REFINER, 10, 60, "second", contact_order=True)] == ["a2"]
+
+
+def test_a_version_3_store_gets_the_contact_column(store_url):
+    box = Outbox(store_url)
+    box.init_schema()
+    box.store_many([entry_for(1)])
+    with box.engine.begin() as conn:  # as version 3 left it
+        conn.exec_driver_sql("DROP INDEX ix_refiner_events_contact")
+        conn.exec_driver_sql("ALTER TABLE refiner_events DROP COLUMN contact")
+        conn.exec_driver_sql("UPDATE refiner_schema SET version = 3")
+    box.dispose()
+    box = Outbox(store_url)
+    box.init_schema()
+    box.init_schema()
+    assert box.schema_version() == SCHEMA_VERSION == 4
+    assert box.stats().pending == 1
+    box.store_many([refiner_entry("m1", "id:a")])
+    assert [c.contact for c in box.claim(REFINER, 10, 60, "w", contact_order=True)] == ["id:a"]
     box.dispose()

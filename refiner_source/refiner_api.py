@@ -1,0 +1,175 @@
+"""Refiner's REST API, one client for the backfill (reading responses) and the delivery worker
+to Refiner (identify-user and track-event calls): `Authorization: Bearer $REFINER_API_KEY`, JSON."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from .backoff import Backoff, retry_after
+from .to_refiner import RefinerCall
+
+PAGE_LENGTH = 500  # responses a page: five times fewer requests than the API's default pages
+
+
+class RetryLater(Exception):
+    """Refiner or the network said "not now": `delay` is Retry-After when given; `status` is the
+    HTTP status when Refiner answered; `key_problem` when it refused REFINER_API_KEY."""
+
+    def __init__(self, reason: str, delay: float | None, status: int | None = None, *, key_problem: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+        self.status = status
+        self.key_problem = key_problem
+
+
+class Rejected(Exception):
+    """Refiner refused the call itself (a 4xx other than 401, 403, 408, 429): it becomes a dead letter."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class BackfillError(Exception):
+    """Refiner's API cannot be used (key refused, unexpected answer); str() is the line to show."""
+
+
+class Interrupted(Exception):
+    """The run was asked to stop while it waited to retry a page."""
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+    next_page: int | None
+    current_page: int | None
+    last_page: int | None
+
+
+class RefinerApi:
+    """Refiner's REST API: `GET /responses` a page at a time for the backfill (retrying what is
+    worth retrying), and `send()` of one call for the delivery worker (which retries by itself)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        backoff: Backoff = Backoff(base=1.0, cap=60.0),  # noqa: B008 - frozen, shared safely
+        max_attempts: int = 10,
+        sleep: Callable[[float], object] | None = None,
+        page_length: int = PAGE_LENGTH,
+        stop: threading.Event | None = None,
+        on_retry: Callable[[str, float, int, int], None] = lambda problem, wait, attempt, of: None,
+    ) -> None:
+        """`stop` cuts a wait between retries short (Ctrl-C); `on_retry(problem, wait, attempt, of)`
+        hears of each retry before its wait."""
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/responses"
+        self.headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._local = threading.local()  # a session (its connection pool) per thread: send() runs in a pool
+        self.timeout = timeout
+        self.backoff = backoff
+        self.max_attempts = max_attempts
+        self.stop = stop
+        self.sleep = sleep or self._sleep
+        self.on_retry = on_retry
+        self.page_length = page_length
+
+    def fetch(self, filters: dict[str, str], cursor: str | None = None, page: int | None = None) -> Page:
+        # with_attributes: the contact's and the account's attributes, which split answers between
+        # user and account traits exactly as a webhook's do.
+        query: dict[str, Any] = {**filters, "page_length": self.page_length, "with_attributes": 1}
+        if cursor:
+            query["page_cursor"] = cursor
+        elif page:
+            query["page"] = page
+        problem = ""
+        for attempt in range(self.max_attempts):
+            try:
+                answer = self.session().get(self.url, params=query, timeout=self.timeout)
+            except requests.RequestException as exc:
+                problem = f"network: {type(exc).__name__}"
+                self._pause(problem, self.backoff.delay(attempt), attempt)
+                continue
+            if answer.status_code == 200:
+                return _page(answer, page)
+            if answer.status_code in (401, 403):
+                raise BackfillError(f"Refiner refused REFINER_API_KEY (HTTP {answer.status_code}): check that it is your project's API key")
+            if answer.status_code in (408, 429) or answer.status_code >= 500:
+                problem = f"HTTP {answer.status_code}"
+                wait = retry_after(answer)
+                self._pause(problem, wait if wait is not None else self.backoff.delay(attempt), attempt)
+                continue
+            raise BackfillError(f"Refiner's API answered HTTP {answer.status_code} for {answer.url}: {answer.text[:200]}")
+        raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem}); run the command again to resume")
+
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers.update(self.headers)
+        return session
+
+    def send(self, call: RefinerCall) -> None:
+        """POST one call. Returns when Refiner took it (2xx); raises RetryLater (network, 408, 429,
+        5xx; 401/403 with `key_problem`; a 3xx, which is REFINER_API_URL pointing at a redirect)
+        or Rejected (any other answer: the call itself is at fault)."""
+        try:
+            answer = self.session().post(self.base_url + call.path, json=call.body, timeout=self.timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            raise RetryLater(f"network: {type(exc).__name__}", None) from exc
+        status = answer.status_code
+        if 200 <= status < 300:
+            return
+        detail = f"HTTP {status}: {answer.text[:500]}"
+        if status in (401, 403):
+            raise RetryLater(detail, retry_after(answer), status, key_problem=True)
+        if status in (408, 429) or status >= 500 or 300 <= status < 400:
+            raise RetryLater(detail, retry_after(answer), status)
+        raise Rejected(status, detail)
+
+    def _pause(self, problem: str, seconds: float, attempt: int) -> None:
+        if attempt + 1 >= self.max_attempts:
+            return  # no retry follows
+        self._check_stop()
+        self.on_retry(problem, seconds, attempt + 1, self.max_attempts - 1)
+        self.sleep(seconds)
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted
+
+    def _sleep(self, seconds: float) -> None:
+        # Short naps that look at `stop`, not stop.wait(): the stop is set from a signal handler,
+        # which could run while this thread holds the Event's own lock.
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not (self.stop is not None and self.stop.is_set()):
+            time.sleep(min(left, 0.1))
+
+
+def _page(answer: requests.Response, asked_page: int | None) -> Page:
+    try:
+        body = answer.json()
+        items = body["items"]
+        pagination = body.get("pagination") or {}
+        if not isinstance(items, list) or not isinstance(pagination, dict):
+            raise TypeError
+        current = int(pagination.get("current_page") or asked_page or 1)
+        last = int(pagination["last_page"]) if pagination.get("last_page") is not None else None
+    except (ValueError, KeyError, TypeError):
+        raise BackfillError(f"Refiner's API answered something that is not a page of responses: {answer.text[:200]}") from None
+    cursor = pagination.get("next_page_cursor") or None
+    next_page = None if cursor else (current + 1 if last is not None and current < last and items else None)
+    return Page(items, cursor, next_page, current, last)

@@ -1,0 +1,145 @@
+"""What Segment's Webhooks destination posts: one event, validated, and normalised to what the
+mapping to Refiner reads. Pure (no database, no web framework).
+
+The stored event keeps Segment's own shape, without what Refiner never receives (track and
+page properties, the context but its traits' email and Engage's personas): so that a replay can
+map it again, and so that the store does not hold more of a person than it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from .intake import Entry
+from .schemas import storable
+from .to_refiner import contact_key, to_refiner
+
+REFINER = "refiner"  # the destination of Segment's events (outbox.REFINER; not imported: no SQL here)
+MAX_ID_LENGTH = 255
+MAX_TRAITS = 1000
+MAX_DEPTH = 32  # objects in objects: traits are flattened, and must not run out of stack doing it
+
+
+class _Text(fields.String):
+    """A string of at most MAX_ID_LENGTH characters, without NUL (PostgreSQL's text refuses it) or
+    lone surrogates (no database can encode them)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Length(min=1, max=MAX_ID_LENGTH), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not storable(text):
+            raise ValidationError("Must not contain NUL characters or invalid Unicode.")
+        return text
+
+
+class _UserId(_Text):
+    """Segment's userId: a string; a number is taken as its text (some libraries send ints)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def _shallow(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValidationError(f"Nested more than {MAX_DEPTH} levels deep.")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def _object(**kwargs: Any) -> fields.Dict:
+    return fields.Dict(
+        keys=fields.String(), load_default=None, allow_none=True, validate=[validate.Length(max=MAX_TRAITS), _shallow], **kwargs
+    )
+
+
+class SegmentEventSchema(Schema):
+    """The fields of a Segment event that matter here; others are let through unchecked and not kept."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    type = _Text(required=True)
+    messageId = _Text(required=True)  # noqa: N815 - Segment's names
+    userId = _UserId(load_default=None, allow_none=True)  # noqa: N815
+    anonymousId = fields.Raw(load_default=None)  # noqa: N815
+    groupId = _UserId(load_default=None, allow_none=True)  # noqa: N815
+    event = _Text(load_default=None, allow_none=True)
+    name = fields.Raw(load_default=None)
+    timestamp = fields.Raw(load_default=None)
+    traits = _object()
+    context = _object()
+    integrations = _object()
+
+    @validates_schema
+    def _type_needs(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data["type"] == "group" and data.get("groupId") is None:
+            raise ValidationError("A group call needs a groupId.", field_name="groupId")
+        if data["type"] == "track" and data.get("event") is None:
+            raise ValidationError("A track call needs an event name.", field_name="event")
+
+
+_schema = SegmentEventSchema()
+
+
+def load(event: Any) -> dict[str, Any]:
+    """The event validated (marshmallow's ValidationError when it is not one Segment would send)."""
+    if not isinstance(event, dict):
+        raise ValidationError("Expected a JSON object (one Segment event).", field_name="_schema")
+    return _schema.load(event)
+
+
+def normalise(event: dict[str, Any]) -> dict[str, Any]:
+    """What is stored of a validated event: Segment's shape, only the parts the mapping reads."""
+    kept = {key: value for key, value in event.items() if value is not None and key not in ("context", "anonymousId")}
+    if event.get("anonymousId") is not None:
+        kept["anonymousId"] = str(event["anonymousId"])
+    context = event.get("context") or {}
+    slim: dict[str, Any] = {}
+    traits = context.get("traits")
+    if isinstance(traits, dict) and isinstance(traits.get("email"), str):
+        slim["traits"] = {"email": traits["email"]}
+    if isinstance(context.get("personas"), dict):
+        slim["personas"] = context["personas"]
+    if slim:
+        kept["context"] = slim
+    return kept
+
+
+def prepare(event: dict[str, Any], rules) -> Entry:
+    """The entry of a validated, forwarded event: its messageId is the receipt (a resend is a
+    duplicate), its contact keeps its place in line."""
+    stored = normalise(event)
+    return Entry(
+        receipt_key=event["messageId"],
+        response_id=event["messageId"],
+        triggered_event=event["type"] if event["type"] != "track" else f"track {event['event']}"[:255],
+        # ASCII escapes: a lone surrogate in a trait (valid JSON: "\\ud800") is stored, not refused by the store.
+        event=json.dumps(stored, separators=(",", ":")),
+        message_count=len(to_refiner(stored, rules)),
+        occurred_at=None,
+        destination=REFINER,
+        contact=_storable_contact(contact_key(stored)),
+    )
+
+
+MAX_CONTACT_LENGTH = 255  # the store's contact column
+
+
+def _storable_contact(key: str | None) -> str | None:
+    """The contact key as the store can keep it: a digest of it when it is too long for the column
+    ("id:" + a 255-character userId, a long email) or not encodable (a lone surrogate in an email).
+    The key is only compared for equality, so a digest keeps one contact's events together."""
+    if key is None or (len(key) <= MAX_CONTACT_LENGTH and storable(key)):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,0 +1,142 @@
+"""POST /webhooks/segment: the target of Segment's Webhooks destination (SPEC section 7).
+
+Verify first, on the raw body; then each event of the body (one, or an array when Segment's
+batching is on) is validated on its own, so that a malformed one never costs the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from marshmallow import ValidationError
+
+from . import segment_events
+from .outbox import StoreUnavailable
+from .schemas import error_fields
+from .to_refiner import ignored_reason
+from .webhook import LARGEST_BODY_BYTES, error, parse_json, presented_token, read_body, state, token_ok, too_large
+
+log = logging.getLogger(__name__)
+
+MAX_SEGMENT_BODY_BYTES = LARGEST_BODY_BYTES
+segment_bp = Blueprint("segment_to_refiner", __name__)
+
+
+def first_element(raw: bytes) -> bytes | None:
+    """The exact text of a JSON array's first element, which is what Segment signs for a batch."""
+    try:
+        text = raw.decode("utf-8")
+        start = len(text) - len(text.lstrip())
+        if not text.startswith("[", start):
+            return None
+        start += 1
+        start += len(text[start:]) - len(text[start:].lstrip())
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    return text[start:end].encode("utf-8")
+
+
+def signature_ok(raw: bytes, signature: str, secret: str) -> bool:
+    """Whether `signature` is the hex HMAC-SHA1 of the body, or of a batch's first event, keyed with the secret."""
+    given = signature.strip().lower().encode("ascii", "replace")
+    key = secret.encode("utf-8")
+    if hmac.compare_digest(hmac.new(key, raw, hashlib.sha1).hexdigest().encode(), given):
+        return True
+    first = first_element(raw)
+    return first is not None and hmac.compare_digest(hmac.new(key, first, hashlib.sha1).hexdigest().encode(), given)
+
+
+def _authenticate(raw: bytes, secret: str):
+    """None when the request carries a valid signature or token, else the 401 to answer."""
+    signature = request.headers.get("X-Signature")
+    token = presented_token()
+    if signature is None and token is None:
+        return error(
+            401,
+            "missing_signature",
+            "Expected X-Signature (set the Webhooks destination's shared secret to SEGMENT_SHARED_SECRET), "
+            "or the secret as Authorization: Bearer or ?token=.",
+        )
+    if (signature is not None and signature_ok(raw, signature, secret)) or (token is not None and token_ok(token, (secret,))):
+        return None
+    return error(401, "invalid_signature", "The signature or token does not match SEGMENT_SHARED_SECRET.")
+
+
+@segment_bp.post("/webhooks/segment")
+def receive_segment():
+    app_state = state()
+    settings = app_state.settings
+    if not settings.segment_shared_secret:
+        return error(
+            404,
+            "not_enabled",
+            "Segment to Refiner is off: set SEGMENT_SHARED_SECRET (the Webhooks destination's shared secret) and REFINER_API_KEY.",
+        )
+    raw = read_body(MAX_SEGMENT_BODY_BYTES)
+    if raw is None:
+        return too_large(MAX_SEGMENT_BODY_BYTES)
+    refused = _authenticate(raw, settings.segment_shared_secret)
+    if refused is not None:
+        return refused
+    body, failed = parse_json(raw, "a Segment event (a JSON object) or an array of them")
+    if failed is not None:
+        return failed
+    if isinstance(body, dict):
+        events, single = [body], True
+    elif isinstance(body, list) and body:
+        events, single = body, False
+    else:
+        what = "an empty array" if isinstance(body, list) else f"a JSON {type(body).__name__}"
+        return error(400, "invalid_shape", f"Expected a Segment event (a JSON object) or an array of them, got {what}.")
+
+    rules = settings.rules
+    entries = []
+    ignored: list[dict[str, Any]] = []
+    invalid: list[dict[str, Any]] = []
+    for index, raw_event in enumerate(events):
+        try:
+            event = segment_events.load(raw_event)
+        except ValidationError as exc:
+            fields = error_fields(exc)
+            if single:
+                log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields), "source": "segment"})
+                return error(422, "invalid_event", "The body is not a Segment event.", fields=fields)
+            invalid.append({"index": index, "error": "; ".join(f"{path}: {' '.join(map(str, m))}" for path, m in sorted(fields.items()))})
+            continue
+        reason = ignored_reason(event, rules)
+        if reason is not None:
+            ignored.append({"index": index, "message_id": event["messageId"], "reason": reason})
+            continue
+        entries.append(segment_events.prepare(event, rules))
+
+    try:
+        if single and entries:
+            new = int(app_state.outbox.store_grouped(entries[0]))
+        else:
+            new = app_state.outbox.store_many(entries) if entries else 0
+    except StoreUnavailable as exc:
+        log.error("store unavailable", extra={"error": str(exc), "outcome": "unavailable", "source": "segment"})
+        return error(503, "store_unavailable", "The store is not answering; please retry.")
+    duplicate = len(entries) - new
+    log.info(
+        "segment events",
+        extra={
+            "source": "segment",
+            "outcome": "accepted" if new else ("duplicate" if duplicate else "ignored" if ignored else "invalid"),
+            "accepted": new,
+            "duplicate": duplicate,
+            "ignored": len(ignored),
+            "invalid": len(invalid),
+            "message_ids": [e.receipt_key for e in entries][:20],
+        },
+    )
+    answer: dict[str, Any] = {"status": "accepted", "accepted": new, "duplicate": duplicate, "ignored": len(ignored), "invalid": invalid}
+    if ignored:
+        answer["ignored_reasons"] = ignored
+    return jsonify(answer), 200
