@@ -6,7 +6,10 @@
 2. delivery  responses whose identify and track reached the Segment stand-in per second, first
              request to last arrival, and acknowledged responses that never arrived, after a burst;
 3. latency   webhook to Segment, p50/p99, at a steady 100 webhooks/s;
-4. backfill  responses/s from a Refiner API stand-in into the outbox, and peak memory.
+4. backfill  responses/s from a Refiner API stand-in into the outbox, and peak memory;
+5. to_refiner Segment events in per second (POST /webhooks/segment), and Refiner calls delivered per
+             second against a Refiner API stand-in answering in 50 ms, against the bound
+             REFINER_API_CONCURRENCY / latency.
 
 Prints a table, then one JSON line. Asserts nothing about speed: the numbers go in bench/README.md.
 """
@@ -59,7 +62,7 @@ def body_for(response_id: str) -> bytes:
 class App:
     """One of the three apps under gunicorn, with the same settings (refiner_source/gunicorn_conf.py)."""
 
-    def __init__(self, kind: str, workdir: Path, segment_url: str) -> None:
+    def __init__(self, kind: str, workdir: Path, segment_url: str, extra_env: dict[str, str] | None = None) -> None:
         self.kind = kind
         self.port = free_port()
         env = {
@@ -72,6 +75,7 @@ class App:
             "DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", f"sqlite:///{workdir / (kind + '.db')}"),
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
+            **(extra_env or {}),
         }
         bin_dir = Path(sys.executable).parent
         if kind == "refiner-source":
@@ -275,6 +279,70 @@ def latency(workdir: Path, seconds: int, rate: int = 100) -> dict:
 # --- 4. backfill ---------------------------------------------------------------------------
 
 
+# --- 5. Segment to Refiner ----------------------------------------------------------------------
+
+SEGMENT_SECRET = "bench-segment-secret-0123456789"
+REFINER_LATENCY = 0.05
+
+
+def segment_event(i: int, run: str) -> bytes:
+    """A track of its own user (distinct contacts: no identifies to merge, every event one call)."""
+    user = f"{run}-user-{i}"
+    event = {"type": "track", "messageId": f"{run}-{i}", "userId": user, "event": "Plan Upgraded", "properties": {"plan": "pro"}}
+    return json.dumps(event).encode()
+
+
+def to_refiner(workdir: Path, events: int, concurrency: int = 4) -> dict:
+    with SegmentStub() as segment, RefinerStub(delay=REFINER_LATENCY) as refiner:
+        extra = {
+            "SEGMENT_SHARED_SECRET": SEGMENT_SECRET,
+            "REFINER_API_KEY": refiner.api_key,
+            "REFINER_API_URL": refiner.url,
+            "REFINER_API_CONCURRENCY": str(concurrency),
+        }
+        app = App("refiner-source", workdir, segment.url, extra)
+        try:
+            run = f"s{int(time.time())}"
+            accepted: list[int] = []
+            lock = threading.Lock()
+
+            def sender(chunk: list[int]) -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+                headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SEGMENT_SECRET}"}
+                for i in chunk:
+                    conn.request("POST", "/webhooks/segment", body=segment_event(i, run), headers=headers)
+                    answer = conn.getresponse()
+                    if answer.status == 200 and json.loads(answer.read())["accepted"] == 1:
+                        with lock:
+                            accepted.append(i)
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(sender, [list(range(events))[k::16] for k in range(16)]))
+            posted = time.monotonic() - started
+            deadline = time.monotonic() + 120 + events / 50
+            while len(refiner.calls) < len(accepted) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with refiner.lock:
+                calls = list(refiner.calls)
+            first, last = min(c["at"] for c in calls), max(c["done"] for c in calls)
+            delivered_per_s = len(calls) / max(last - first, 1e-9)
+            bound = concurrency / REFINER_LATENCY
+            return {
+                "events": events,
+                "accepted": len(accepted),
+                "events_in_per_s": round(len(accepted) / posted, 1),
+                "refiner_calls": len(calls),
+                "distinct_delivered": len({c["body"].get("id") for c in calls}),
+                "calls_per_s": round(delivered_per_s, 1),
+                "concurrency": concurrency,
+                "bound_per_s": bound,
+                "to_bound": round(delivered_per_s / bound, 2),
+            }
+        finally:
+            app.stop()
+
+
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants, from /proc."""
     total, stack = 0, [pid]
@@ -326,7 +394,7 @@ def backfill(workdir: Path, total: int, workers: int | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds each, so that CI keeps the benchmark working")
-    parser.add_argument("--only", default="ingest,delivery,latency,backfill", help="comma-separated sections")
+    parser.add_argument("--only", default="ingest,delivery,latency,backfill,to_refiner", help="comma-separated sections")
     args = parser.parse_args()
     sections = set(args.only.split(","))
     seconds = 3 if args.quick else 15
@@ -363,6 +431,8 @@ def main() -> None:
             results["backfill"] = backfill(workdir, backfill_total)
             if not args.quick:
                 results["backfill_one_process"] = backfill(workdir, backfill_total // 5, workers=0)
+        if "to_refiner" in sections:
+            results["to_refiner"] = to_refiner(workdir, 300 if args.quick else 5_000)
 
     print_table(results)
     print(json.dumps(results))
@@ -394,6 +464,14 @@ def print_table(r: dict) -> None:
                 f"\n4. backfill ({x['workers']} mapping workers): {x['responses']} responses, {x['responses_per_s']:.0f}/s, "
                 f"peak {x['peak_rss_mb']:.0f} MB (process tree), ok={x['ok']}"
             )
+    if "to_refiner" in r:
+        x = r["to_refiner"]
+        print(
+            f"\n5. Segment to Refiner: {x['accepted']}/{x['events']} events accepted, {x['events_in_per_s']:.0f}/s in; "
+            f"{x['refiner_calls']} Refiner calls ({x['distinct_delivered']} distinct) at {x['calls_per_s']:.1f}/s, "
+            f"{x['to_bound']} of concurrency / latency = {x['bound_per_s']:.0f}/s "
+            f"(concurrency {x['concurrency']}, {REFINER_LATENCY * 1000:.0f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -17,12 +17,22 @@ from .schemas import (
     RefinerDateTime,
     WebhookSchema,
 )
+from .segment_events import MAX_DEPTH as SEGMENT_MAX_DEPTH
+from .segment_events import SegmentEventSchema
 
 ERROR_CODES = {
     400: ["empty_body", "invalid_encoding", "invalid_json"],
     401: ["missing_token", "invalid_token"],
     413: ["body_too_large"],
     422: ["invalid_shape", "invalid_payload", "too_deep", "too_many_answers", "too_many_attributes", "too_long", "too_large_for_segment"],
+    503: ["store_unavailable"],
+}
+SEGMENT_ERROR_CODES = {
+    400: ["empty_body", "invalid_encoding", "invalid_json", "invalid_shape"],
+    401: ["missing_signature", "invalid_signature"],
+    404: ["not_enabled"],
+    413: ["body_too_large"],
+    422: ["invalid_event", "too_deep"],
     503: ["store_unavailable"],
 }
 
@@ -38,6 +48,26 @@ class SeenSchema(Schema):
     response_id = fields.String(metadata={"description": "with duplicate"})
     messages = fields.Integer(metadata={"description": "with duplicate: always 0"})
     reason = fields.String(metadata={"description": "with ignored: why the event is not forwarded"})
+
+
+class InvalidSchema(Schema):
+    index = fields.Integer(required=True)
+    error = fields.String(required=True)
+
+
+class IgnoredSchema(Schema):
+    index = fields.Integer(required=True)
+    message_id = fields.String(required=True)
+    reason = fields.String(required=True)
+
+
+class SegmentAnswerSchema(Schema):
+    status = fields.String(required=True, validate=validate.OneOf(["accepted"]))
+    accepted = fields.Integer(required=True, metadata={"description": "events stored for delivery to Refiner"})
+    duplicate = fields.Integer(required=True, metadata={"description": "events whose messageId was accepted before"})
+    ignored = fields.Integer(required=True, metadata={"description": "events not sent to Refiner (see ignored_reasons)"})
+    invalid = fields.List(fields.Nested(InvalidSchema), required=True, metadata={"description": "events of a batch that are not valid"})
+    ignored_reasons = fields.List(fields.Nested(IgnoredSchema), metadata={"description": "when something was ignored"})
 
 
 class ErrorSchema(Schema):
@@ -66,8 +96,8 @@ def _custom_fields(converter_self, field, **kwargs) -> dict[str, Any]:
     return {}
 
 
-def _error(description: str, status: int) -> dict[str, Any]:
-    codes = ", ".join(ERROR_CODES[status])
+def _error(description: str, status: int, codes_of: dict[int, list[str]] = ERROR_CODES) -> dict[str, Any]:  # noqa: B006 - read only
+    codes = ", ".join(codes_of[status])
     return {"description": f"{description} (error: {codes})", "content": {"application/json": {"schema": "Error"}}}
 
 
@@ -86,8 +116,11 @@ def build_openapi(version: str) -> dict[str, Any]:
     spec.components.schema("Seen", schema=SeenSchema)
     spec.components.schema("Error", schema=ErrorSchema)
     spec.components.schema("Status", schema=StatusSchema)
+    spec.components.schema("SegmentEvent", schema=SegmentEventSchema)
+    spec.components.schema("SegmentAnswer", schema=SegmentAnswerSchema)
     spec.components.security_scheme("token", {"type": "apiKey", "in": "query", "name": "token"})
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("signature", {"type": "apiKey", "in": "header", "name": "X-Signature"})
 
     spec.path(
         path="/webhooks/refiner",
@@ -111,6 +144,43 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "413": _error("body over 1 MiB", 413),
                     "422": _error("JSON of the wrong shape, or over a limit", 422),
                     "503": _error("store not answering; retry", 503),
+                },
+            }
+        },
+    )
+    segment_event = {"$ref": "#/components/schemas/SegmentEvent"}
+    spec.path(
+        path="/webhooks/segment",
+        operations={
+            "post": {
+                "summary": "Segment's Webhooks destination target (Segment to Refiner); 404 until SEGMENT_SHARED_SECRET is set",
+                "description": (
+                    f"One Segment event, or an array of them (batching). Body up to 8 MiB; traits and context nested "
+                    f"{SEGMENT_MAX_DEPTH} levels at most. Authenticated by X-Signature (hex HMAC-SHA1 of the body, or of a "
+                    "batch's first element, keyed with SEGMENT_SHARED_SECRET) or the secret as a token. Each event of a "
+                    "batch is validated on its own: the invalid ones are listed, the others stored."
+                ),
+                "security": [{"token": []}, {"bearer": []}, {"signature": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"oneOf": [segment_event, {"type": "array", "items": segment_event}]}}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "stored (all, or the valid ones of a batch)",
+                        "content": {"application/json": {"schema": "SegmentAnswer"}},
+                    },
+                    **{
+                        str(status): _error(description, status, SEGMENT_ERROR_CODES)
+                        for status, description in (
+                            (400, "body empty, not UTF-8, not JSON, or not an object or array"),
+                            (401, "signature or token missing or wrong"),
+                            (404, "Segment to Refiner is off (SEGMENT_SHARED_SECRET unset)"),
+                            (413, "body over 8 MiB"),
+                            (422, "a single event of the wrong shape"),
+                            (503, "store not answering; Segment retries"),
+                        )
+                    },
                 },
             }
         },

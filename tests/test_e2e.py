@@ -207,9 +207,10 @@ def test_e2e_sigterm_to_the_master_alone_stops_the_delivery_worker_too(make_serv
 
 
 def test_e2e_schemathesis_against_openapi_json_finds_no_5xx_and_no_undocumented_answer(make_service, tmp_path):
-    service = make_service().start()
+    # Both directions on, one secret for both routes, so that the Bearer header opens each.
+    service = make_service(SEGMENT_SHARED_SECRET=SECRET, REFINER_API_KEY="refiner-key", REFINER_API_URL="http://127.0.0.1:9/v1").start()
     document = requests.get(service.url + "/openapi.json", timeout=10).json()
-    assert set(document["paths"]) == {"/webhooks/refiner", "/healthz", "/readyz", "/openapi.json"}
+    assert set(document["paths"]) == {"/webhooks/refiner", "/webhooks/segment", "/healthz", "/readyz", "/openapi.json"}
     cli = Path(sys.executable).parent / "schemathesis"
     result = subprocess.run(
         [
