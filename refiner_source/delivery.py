@@ -359,9 +359,15 @@ class _Round:
 
     def settle(self, outbox: Outbox, worker: str) -> None:
         dead_ids = {d.event_id for d in self.dead}
-        released = [e for e in self.released if e not in dead_ids]
         delivered = [e for e in self.claimed if e not in dead_ids and e not in self.released]
-        delay, error = next(iter(self.released.values()), (0.0, ""))
+        waits: dict[tuple[float, str], list[int]] = {}  # events given back, by how long they wait and why
+        for event_id, wait in self.released.items():
+            if event_id not in dead_ids:
+                waits.setdefault(wait, []).append(event_id)
+        groups = list(waits.items()) or [((0.0, ""), [])]
+        (delay, error), released = groups[0]
         outbox.settle(worker, delivered=delivered, dead=self.dead, released=released, delay=delay, error=error)
+        for (delay, error), released in groups[1:]:
+            outbox.settle(worker, released=released, delay=delay, error=error)
         for event_id in delivered:
             log.info("delivered", extra={self.id_name: self.claimed[event_id], "outcome": "delivered", "destination": self.destination})

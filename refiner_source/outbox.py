@@ -94,7 +94,7 @@ events = Table(
     Index("ix_refiner_events_due", "destination", "status", "available_at"),
     Index("ix_refiner_events_settled", "status", "delivered_at"),
     Index("ix_refiner_events_response", "response_id"),
-    Index("ix_refiner_events_contact", "destination", "contact", "id"),
+    Index("ix_refiner_events_contact", "destination", "contact", "status", "id"),  # a contact's earlier pending events
 )
 
 # The messages a destination refused for a reason of their own, one row each (an event's other

@@ -127,6 +127,8 @@ class RefinerApi:
         or Rejected (any other answer: the call itself is at fault)."""
         try:
             answer = self.session().post(self.base_url + call.path, json=call.body, timeout=self.timeout, allow_redirects=False)
+        except requests.exceptions.InvalidJSONError as exc:  # not writable as JSON (NaN): no retry can help
+            raise Rejected(0, f"the call cannot be written as JSON: {exc}") from exc
         except requests.RequestException as exc:
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
         status = answer.status_code

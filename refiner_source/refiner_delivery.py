@@ -16,7 +16,7 @@ from .config import MappingRules
 from .delivery import DEFAULT_BACKOFF, Loop, _Round
 from .outbox import REFINER, Claimed, DeadLetter, Outbox
 from .refiner_api import RefinerApi, Rejected, RetryLater
-from .to_refiner import RefinerCall, merge, to_refiner
+from .to_refiner import RefinerCall, merge, mergeable, to_refiner
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class ContactResult:
     dead: list[DeadLetter] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)  # events to give back, in order
     retry: RetryLater | None = None  # why they are given back (None: out of time)
+    attempts: int = 0  # tries so far of the first event given back: its backoff exponent
+    progress: bool = False  # a call of this contact was answered (delivered or refused)
 
 
 def plan(claimed: Sequence[Claimed], rules: MappingRules) -> tuple[list[list[Step]], list[DeadLetter], list[int]]:
@@ -59,7 +61,7 @@ def plan(claimed: Sequence[Claimed], rules: MappingRules) -> tuple[list[list[Ste
         steps = contacts.setdefault(claim.contact, [])
         for call in calls:
             last = steps[-1] if steps else None
-            if last is not None and last.call.is_identify and call.is_identify:
+            if last is not None and mergeable(last.call, call):
                 steps[-1] = Step(merge([last.call, call]), (*last.events, claim))
             else:
                 steps.append(Step(call, (claim,)))
@@ -124,21 +126,25 @@ class RefinerWorker(Loop):
             outcome.settle(self.outbox, self.name)
 
     def _conclude(self, results: list[ContactResult], outcome: _Round, full: bool) -> float:
+        """Settle what each contact's thread learnt. A contact told "not now" waits by Retry-After
+        or by its own backoff (its events' attempts so far); the other contacts go on. The loop
+        itself waits only when no contact got anywhere (Refiner down, rate-limited, key refused)."""
+        self._failures = 0  # the store answered: the loop's own backoff starts again
+        delays: list[float] = []
         for result in results:
             outcome.dead.extend(result.dead)
+            if result.retry is None:  # out of time: handed back, to be claimed again at once
+                outcome.release_events(result.unsent, 0.0, "handed back unsent")
+                continue
+            delay = result.retry.delay if result.retry.delay is not None else self.backoff.delay(result.attempts)
+            outcome.release_events(result.unsent, delay, result.retry.reason)
+            delays.append(delay)
         retries = [r.retry for r in results if r.retry is not None]
         if not retries:
-            self._failures = 0
-            for result in results:  # out of time: handed back, to be claimed again at once
-                outcome.release_events(result.unsent, 0.0, "handed back unsent")
             return 0.0 if full or any(r.unsent for r in results) else self.idle_poll
-        # One wait for every event given back: the longest Retry-After any answer asked for, and no
-        # shorter than the backoff when an answer gave none (whichever contact's call came first).
-        told = [r.delay for r in retries if r.delay is not None]
-        delay = max(told + ([self.backoff.delay(self._bump())] if len(told) < len(retries) else []))
-        first = next((r for r in retries if r.key_problem), max(retries, key=lambda r: -1.0 if r.delay is None else r.delay))
-        for result in results:
-            outcome.release_events(result.unsent, delay, result.retry.reason if result.retry else "handed back unsent")
+        stuck = all(r.retry is not None and not r.progress for r in results)
+        delay = min(delays)
+        first = next((r for r in retries if r.key_problem), retries[0])
         unsent = sum(len(r.unsent) for r in results)
         if first.key_problem:
             log.error(
@@ -151,7 +157,7 @@ class RefinerWorker(Loop):
                 f"{what}; will retry",
                 extra={"reason": first.reason, "status": first.status, "events": unsent, "retry_in": round(delay, 2), "outcome": "retry"},
             )
-        return delay
+        return delay if stuck else (0.0 if full else self.idle_poll)
 
     def _send_contact(self, steps: list[Step], outcome: _Round) -> ContactResult:
         """One contact's steps in order (in a pool thread). On "not now" the rest of this contact
@@ -167,8 +173,10 @@ class RefinerWorker(Loop):
                 self.api.send(step.call)
             except RetryLater as exc:
                 result.retry = exc
+                result.attempts = min(claim.attempts for claim in step.events)
                 break
             except Rejected as exc:
+                result.progress = True
                 queue.popleft()
                 if len(step.events) > 1:
                     alone = [Step(call, (claim,)) for claim in step.events for call in to_refiner(json.loads(claim.event), self.rules)]
@@ -181,6 +189,7 @@ class RefinerWorker(Loop):
                     extra={"message_id": claim.response_id, "status": exc.status, "outcome": "dead"},
                 )
                 continue
+            result.progress = True
             queue.popleft()
         result.unsent = [claim.id for step in queue for claim in step.events]
         return result

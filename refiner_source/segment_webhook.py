@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEGMENT_BODY_BYTES = LARGEST_BODY_BYTES
 segment_bp = Blueprint("segment_to_refiner", __name__)
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def first_element(raw: bytes) -> bytes | None:
@@ -92,7 +93,7 @@ def receive_segment():
     elif isinstance(body, list) and body:
         events, single = body, False
     else:
-        what = "an empty array" if isinstance(body, list) else f"a JSON {type(body).__name__}"
+        what = "an empty array" if isinstance(body, list) else f"a JSON {_JSON_TYPES.get(type(body), 'value')}"
         return error(400, "invalid_shape", f"Expected a Segment event (a JSON object) or an array of them, got {what}.")
 
     rules = settings.rules

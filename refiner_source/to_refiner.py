@@ -119,14 +119,23 @@ def flatten(traits: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def mergeable(first: RefinerCall, then: RefinerCall) -> bool:
+    """Whether two calls of one contact, one right after the other, can go as one: both identify
+    the user, and they do not name two different accounts (each account's traits must arrive)."""
+    if not (first.is_identify and then.is_identify):
+        return False
+    accounts = [call.body.get("account") for call in (first, then)]
+    return not all(isinstance(a, Mapping) for a in accounts) or accounts[0].get("id") == accounts[1].get("id")
+
+
 def merge(calls: list[RefinerCall]) -> RefinerCall:
-    """Identify calls of one contact as one: later values win; an account's traits are merged when
-    it is the same account, replaced when another."""
+    """Identify calls of one contact as one: later values win; the same account's traits are merged
+    (another account replaces it: which is why `mergeable` keeps two accounts' calls apart)."""
     body: dict[str, Any] = {}
     for call in calls:
         for key, value in call.body.items():
             previous = body.get(key)
-            if key == "account" and isinstance(previous, dict) and previous.get("id") == value.get("id"):
+            if key == "account" and isinstance(previous, Mapping) and isinstance(value, Mapping) and previous.get("id") == value.get("id"):
                 body[key] = {**previous, **value}
             else:
                 body[key] = value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,13 +137,21 @@ def parse_json(raw: bytes, expected: str) -> tuple[Any, tuple[Response, int] | N
     if not raw.strip():
         return None, error(400, "empty_body", f"The body is empty; expected {expected}.")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant), None
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite), None
     except UnicodeDecodeError:
         return None, error(400, "invalid_encoding", "The body is not UTF-8.")
     except RecursionError:
         return None, _over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
     except ValueError as exc:
         return None, error(400, "invalid_json", f"The body is not valid JSON: {exc}")
+
+
+def _finite(text: str) -> float:
+    # 1e999 is valid JSON that Python reads as infinity, which no JSON encoder writes back.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

@@ -58,7 +58,7 @@ def test_pages_follow_next_page_cursor_as_page_cursor():
 @responses.activate
 def test_backfill_asks_for_attributes_and_large_pages():
     # with_attributes=1: the contact's and the account's attributes come along, so answers split
-    # between user and account traits exactly as a webhook's do (SPEC section 7's backfill note).
+    # between user and account traits exactly as a webhook's do (issue "Segment to Refiner").
     responses.get(URL, json=page([api_item(0)]))
     api().fetch({})
     params = responses.calls[0].request.params

@@ -21,6 +21,7 @@ from refiner_source.to_refiner import (
     flatten,
     ignored_reason,
     merge,
+    mergeable,
     to_refiner,
 )
 from tests.conftest import survey_body
@@ -340,3 +341,20 @@ def test_the_stored_event_maps_to_the_same_calls_as_the_posted_one(event):
     stored = json.loads(json.dumps(segment_events.normalise(loaded)))
     assert to_refiner(stored, RULES) == to_refiner(loaded, RULES) != []
     assert "properties" not in stored  # Refiner never receives them, so they are not kept
+
+
+def test_merge_of_identifies_keeps_an_account_trait_that_is_not_an_object():
+    group = RefinerCall(IDENTIFY_USER, {"id": "u1", "account": {"id": "a1", "plan": "pro"}})
+    named = RefinerCall(IDENTIFY_USER, {"id": "u1", "account": "Acme Inc"})  # a user trait named "account"
+    assert mergeable(group, named)
+    assert merge([group, named]).body == {"id": "u1", "account": "Acme Inc"}  # later wins; no crash
+
+
+def test_group_calls_of_two_accounts_are_not_merged():
+    # Each account's traits must reach Refiner: merging would send only the later account.
+    first = RefinerCall(IDENTIFY_USER, {"id": "u1", "account": {"id": "A", "seats": 40}})
+    then = RefinerCall(IDENTIFY_USER, {"id": "u1", "account": {"id": "B", "plan": "free"}})
+    assert not mergeable(first, then)
+    assert mergeable(first, RefinerCall(IDENTIFY_USER, {"id": "u1", "account": {"id": "A", "plan": "pro"}}))
+    assert mergeable(first, RefinerCall(IDENTIFY_USER, {"id": "u1", "order_completed_last_30days": True}))
+    assert not mergeable(first, RefinerCall(TRACK_EVENT, {"id": "u1", "event": "Signed Up"}))
