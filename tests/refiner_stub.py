@@ -1,4 +1,5 @@
-"""A real local HTTP server standing in for Refiner's REST API `GET /responses`."""
+"""A real local HTTP server standing in for Refiner's REST API: `GET /responses` (the backfill),
+`POST /identify-user` and `POST /track-event` (Segment to Refiner)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,10 +42,23 @@ def api_item(i: int, *, account: bool = True, remote_id: bool = True, completed:
     }
 
 
-class RefinerStub(LoopbackServer):
-    """Serves `total` responses, `page_length` a page, by cursor (default) or by page number."""
+# An answer to give: (status, headers) or (status, headers, JSON body).
+Answer = tuple[int, dict[str, str]] | tuple[int, dict[str, str], Any]
+POST_PATHS = ("/v1/identify-user", "/v1/track-event")
 
-    def __init__(self, total: int, *, cursor: bool = True, api_key: str = "refiner-key", delay: float = 0.0, make=api_item) -> None:
+
+class RefinerStub(LoopbackServer):
+    """Serves `total` responses, `page_length` a page, by cursor (default) or by page number; and
+    takes identify-user and track-event calls, each recorded in `calls` as
+    {"path", "body", "auth", "at", "done", "status"} (`at` when it arrived and `done` when it was
+    answered, both time.monotonic()).
+
+    A call is answered, in this order: 401 when the Bearer key is not `api_key`; what `respond(path,
+    body)` returns, when it returns an Answer (a refusal that depends on the call, as Refiner's
+    validation); the next answer of `post_script`; else 200 {"message": "ok"}. `delay` seconds pass
+    before every answer, GET or POST."""
+
+    def __init__(self, total: int = 0, *, cursor: bool = True, api_key: str = "refiner-key", delay: float = 0.0, make=api_item) -> None:
         self.total = total
         self.cursor = cursor
         self.api_key = api_key
@@ -51,6 +66,9 @@ class RefinerStub(LoopbackServer):
         self.make = make
         self.script: deque[tuple[int, dict[str, str]]] = deque()  # answers to give first
         self.requests: list[dict[str, Any]] = []
+        self.post_script: deque[Answer] = deque()  # answers to POSTs to give first
+        self.respond: Callable[[str, Any], Answer | None] = lambda path, body: None
+        self.calls: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         stub = self
 
@@ -71,8 +89,55 @@ class RefinerStub(LoopbackServer):
                     return self.send_json(scripted[0], {"message": "scripted"}, scripted[1])
                 self.send_json(200, stub.page(query))
 
+            def do_POST(self) -> None:
+                arrived = time.monotonic()
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                path = urlsplit(self.path).path
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                auth = self.headers.get("Authorization")
+                if path not in POST_PATHS:
+                    answer: tuple = (404, {}, {"message": "Not found."})
+                elif auth != f"Bearer {stub.api_key}":
+                    answer = (401, {}, {"message": "Unauthenticated."})
+                elif body is None or not isinstance(body, dict):
+                    answer = (400, {}, {"message": "The body is not a JSON object."})
+                else:
+                    answer = stub.respond(path, body)
+                    if answer is None:
+                        with stub.lock:
+                            answer = stub.post_script.popleft() if stub.post_script else (200, {}, {"message": "ok"})
+                status, headers = answer[0], answer[1]
+                reply = answer[2] if len(answer) > 2 else {"message": "scripted"}
+                if stub.delay:
+                    time.sleep(stub.delay)
+                call = {"path": path.removeprefix("/v1"), "body": body, "auth": auth, "at": arrived, "status": status}
+                with stub.lock:
+                    call["done"] = time.monotonic()
+                    stub.calls.append(call)
+                self.send_json(status, reply, headers)
+
         super().__init__(Handler)
         self.url = self.base + "/v1"
+
+    def posted(self, path: str | None = None, status: int | None = 200) -> list[dict[str, Any]]:
+        """The calls so far (to `path` only, when given) that got `status` (any, when None), in the order answered."""
+        with self.lock:
+            calls = list(self.calls)
+        return [c for c in calls if (path is None or c["path"] == path) and (status is None or c["status"] == status)]
+
+    def wait_for_calls(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0, status: int | None = 200):
+        """The calls answered `status`, once `predicate` holds for them; AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            calls = self.posted(status=status)
+            if predicate(calls):
+                return calls
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s; {len(calls)} call(s): {[c['body'] for c in calls][-10:]}")
+            time.sleep(0.05)
 
     def page(self, query: dict[str, str]) -> dict[str, Any]:
         length = int(query.get("page_length", 50))

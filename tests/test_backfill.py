@@ -364,7 +364,9 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
         first = subprocess.Popen(
             [*command(), "backfill"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
+        deadline = time.monotonic() + 60
         while len(refiner.requests) < 2:
+            assert time.monotonic() < deadline and first.poll() is None, f"the backfill did not ask for a second page: {first.returncode}"
             time.sleep(0.05)
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the whole group, mapping processes included
         out, err = first.communicate(timeout=30)
