@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .config import ConfigError, Settings, load_settings
+from .directions import DIRECTIONS
 from .logs import configure_logging
 
 if TYPE_CHECKING:
@@ -99,7 +100,15 @@ def worker(exit_with_parent: bool) -> None:
     outbox = _outbox(settings)
     outbox.init_schema()
     loops: list[Loop] = [
-        Worker(outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules, retention_days=settings.retention_days)
+        Worker(
+            outbox,
+            settings.segment_write_key,
+            settings.segment_host,
+            rules=settings.rules,
+            retention_days=settings.retention_days,
+            alert_webhook_url=settings.alert_webhook_url,
+            alert_pending_seconds=settings.alert_pending_seconds,
+        )
     ]
     if settings.segment_shared_secret:
         from .refiner_api import RefinerApi
@@ -121,8 +130,6 @@ def worker(exit_with_parent: bool) -> None:
             thread.join()
 
 
-# The two directions, by the destination the store keeps their events under.
-DIRECTIONS = {"segment": "Refiner to Segment", "refiner": "Segment to Refiner"}
 TO = click.option(
     "--to",
     "to",
@@ -137,19 +144,45 @@ def _directions(to: str | None) -> list[str]:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds, in place, until Ctrl-C (with --json: a line each time).")
 @TO
-def status(as_json: bool, to: str | None) -> None:
-    """Print pending, delivered and dead counts and the age of the oldest pending message, per direction."""
+def status(as_json: bool, watch: bool, to: str | None) -> None:
+    """Print pending, delivered and dead counts, the age of the oldest pending event, the newest dead
+    letters and the last delivery error, per direction."""
+    import time
+
     settings = _settings()
     outbox = _outbox(settings)
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            if watch and tty and not as_json:
+                click.echo("\x1b[H\x1b[2J", nl=False)  # home and clear: the figures are redrawn in place
+            _print_status(outbox, settings, to, as_json)
+            if not watch:
+                return
+            time.sleep(2.0)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch
+        return
+
+
+def _print_status(outbox: Outbox, settings: Settings, to: str | None, as_json: bool) -> None:
     report = {d: outbox.stats(d) for d in _directions(to)}
     if as_json:
-        directions = {d: {**stats.__dict__, "stalled": stalled_for(stats) is not None} for d, stats in report.items()}
+        directions = {}
+        for d, stats in report.items():
+            error, at = outbox.last_error(d)
+            directions[d] = {
+                **stats.__dict__,
+                "stalled": stalled_for(stats) is not None,
+                "dead_letters": [{"id": i, "message_id": m, "error": e} for i, m, e in outbox.dead_letters(limit=10, destination=d)],
+                "last_error": None if error is None else {"error": error, "at": datetime.fromtimestamp(at, UTC).isoformat()},
+            }
         first = next(iter(directions.values()))  # at the top level too, as before there were two directions
         click.echo(json.dumps({**first, "directions": directions}))
         return
     for i, (destination, stats) in enumerate(report.items()):
-        title = DIRECTIONS[destination]
+        title = DIRECTIONS[destination].title
         if destination == "refiner" and not settings.segment_shared_secret and not (stats.pending or stats.delivered or stats.dead):
             click.echo(f"{chr(10) if i else ''}{title}: off (SEGMENT_SHARED_SECRET turns it on)")
             continue
@@ -167,6 +200,9 @@ def _print_direction(outbox: Outbox, destination: str, stats, title: str, gap: b
             f"nothing delivered for {stalled:.0f}s while {stats.pending} event(s) wait: is a delivery worker running "
             f"(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach {target} (see its log)?"
         )
+    error, at = outbox.last_error(destination)
+    if error is not None:
+        click.echo(f"last delivery error ({datetime.fromtimestamp(at, UTC):%Y-%m-%d %H:%M:%S} UTC): {error}")
     if stats.dead:
         ids = "response id" if destination == "segment" else "Segment messageId"
         click.echo(f"newest dead letters ({ids}, message id, error); `refiner-source replay --to {destination}` resends them:")
@@ -216,7 +252,7 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
         if new_ids:
             raise click.UsageError("--new-ids goes with --response, --form, --since or --until")
         for destination in _directions(to):
-            click.echo(f"{outbox.replay_dead(destination)} dead letter(s) queued again ({DIRECTIONS[destination]})")
+            click.echo(f"{outbox.replay_dead(destination)} dead letter(s) queued again ({DIRECTIONS[destination].title})")
         return
     if to == "refiner":
         raise click.UsageError("--response, --form, --since and --until select Refiner's responses (to Segment); use --message ID")
@@ -362,7 +398,7 @@ def purge_dead(older_than: float, yes: bool, to: str | None) -> None:
         click.confirm(f"Delete {count} dead letter(s) older than {older_than:g} day(s) for good?", abort=True)
     for destination in directions:
         count = outbox.purge_dead(time.time() - older_than * 86400, destination)
-        click.echo(f"{count} dead letter(s) deleted ({DIRECTIONS[destination]})")
+        click.echo(f"{count} dead letter(s) deleted ({DIRECTIONS[destination].title})")
 
 
 @main.command("init-db")

@@ -14,12 +14,12 @@ from typing import Any
 from marshmallow import ValidationError
 
 from .config import MappingRules
+from .directions import SEGMENT
 from .mapping import calls
 from .schemas import ApiResponseSchema, SurveyEvent, error_fields, event_to_json
 
 log = logging.getLogger(__name__)
 _api_item = ApiResponseSchema()
-SEGMENT = "segment"  # the destination of Refiner's events (outbox.SEGMENT; not imported: no SQL here)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
+from .directions import REFINER
 from .intake import Entry
 from .schemas import storable
 from .to_refiner import contact_key, to_refiner
 
-REFINER = "refiner"  # the destination of Segment's events (outbox.REFINER; not imported: no SQL here)
 MAX_ID_LENGTH = 255
 MAX_TRAITS = 1000
 MAX_DEPTH = 32  # objects in objects: traits are flattened, and must not run out of stack doing it

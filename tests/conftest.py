@@ -131,3 +131,12 @@ def entry_for(i: int | str, event: str = "Completed Survey", answer: str = "Prod
     from refiner_source.schemas import WebhookSchema
 
     return prepare(WebhookSchema().load(survey_body(i, event, answer)), rules or MappingRules())
+
+
+@pytest.fixture
+def segment():
+    """A local HTTP server standing in for Segment's /v1/batch (tests/segment_stub.py)."""
+    from tests.segment_stub import SegmentStub
+
+    with SegmentStub() as stub:
+        yield stub

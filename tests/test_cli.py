@@ -171,3 +171,39 @@ def test_status_says_when_nothing_is_delivered_while_messages_wait(store_url, ou
     assert re.search(r"nothing delivered for 12\ds while 1 event\(s\) wait", stalled.stdout), stalled.stdout
     assert "delivery worker running" in stalled.stdout
     assert json.loads(run(["status", "--json"], {"DATABASE_URL": store_url}).stdout)["stalled"] is True
+
+
+def test_status_json_has_the_newest_dead_letters_and_the_last_error_per_direction(store_url, outbox):
+    outbox.store_many([entry_for(i) for i in range(2)])
+    a, b = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", released=[a.id], delay=60, error="HTTP 503: later", destination=SEGMENT)
+    outbox.settle("w", dead=[DeadLetter(b.id, "m-b", "track", "HTTP 400 invalid: nope")], destination=SEGMENT)
+    data = json.loads(run(["status", "--json"], {"DATABASE_URL": store_url}).stdout)
+    segment = data["directions"]["segment"]
+    assert segment["dead_letters"] == [{"id": "r1", "message_id": "m-b", "error": "HTTP 400 invalid: nope"}]
+    assert segment["last_error"]["error"] == "HTTP 400 invalid: nope" and segment["last_error"]["at"]
+    assert data["directions"]["refiner"]["last_error"] is None and data["directions"]["refiner"]["dead_letters"] == []
+    text = run(["status", "--to", "segment"], {"DATABASE_URL": store_url}).stdout
+    assert "last delivery error (" in text and "HTTP 400 invalid: nope" in text and "Segment to Refiner" not in text
+
+
+def test_status_watch_refreshes_until_stopped(store_url, outbox):
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEGMENT_", "REFINER_", "DATABASE_URL"))}
+    watcher = subprocess.Popen(
+        [*command(), "status", "--watch", "--json"], env={**env, "DATABASE_URL": store_url}, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        first = json.loads(watcher.stdout.readline())
+        outbox.store_many([entry_for(1)])
+        deadline = time.monotonic() + 20
+        while True:  # each refresh is a new line; the new event shows up in one
+            line = json.loads(watcher.stdout.readline())
+            if line["pending"] == first["pending"] + 1 or time.monotonic() > deadline:
+                break
+        assert line["pending"] == first["pending"] + 1
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0

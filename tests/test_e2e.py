@@ -20,16 +20,9 @@ import requests
 
 from tests import expected
 from tests.conftest import SECRET, load_fixture
-from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
 
 WRITE_KEY = "e2e-write-key"
-
-
-@pytest.fixture
-def segment():
-    with SegmentStub() as stub:
-        yield stub
 
 
 @pytest.fixture

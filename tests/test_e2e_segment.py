@@ -21,7 +21,6 @@ import requests
 
 from tests.conftest import SECRET, load_fixture
 from tests.refiner_stub import RefinerStub
-from tests.segment_stub import SegmentStub
 from tests.service import Service, command, free_port
 
 SHARED_SECRET = "segment-shared-secret-0123456789"
@@ -35,12 +34,6 @@ WRITE_KEY = "e2e-write-key"
 @pytest.fixture
 def refiner():
     with RefinerStub(api_key=API_KEY) as stub:
-        yield stub
-
-
-@pytest.fixture
-def segment():
-    with SegmentStub() as stub:
         yield stub
 
 

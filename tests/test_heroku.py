@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import requests
 
 from refiner_source.config import load_settings
@@ -28,12 +27,6 @@ from tests.test_e2e import post, tracks, unique_body
 ROOT = Path(__file__).resolve().parent.parent
 # Set by Heroku itself (the runtime, the Postgres add-on), so app.json must not ask for them.
 SET_BY_HEROKU = {"PORT", "DATABASE_URL"}
-
-
-@pytest.fixture
-def segment():
-    with SegmentStub() as stub:
-        yield stub
 
 
 def procfile() -> dict[str, str]:

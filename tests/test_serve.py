@@ -23,12 +23,6 @@ from tests.test_e2e import WRITE_KEY, post, tracks, unique_body
 
 
 @pytest.fixture
-def segment():
-    with SegmentStub() as stub:
-        yield stub
-
-
-@pytest.fixture
 def start(tmp_path, segment):
     """Start `refiner-source serve` on SQLite (what is under test here is the process tree, not the store)."""
     started: list[Service] = []
