@@ -26,9 +26,11 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
 
     from .config import settings_from
     from .logs import configure_logging
+    from .operator import operator_bp
     from .outbox import Outbox
     from .segment_webhook import segment_bp
     from .serve import PIDFILE_ENV
+    from .tally import Tally
     from .webhook import LARGEST_BODY_BYTES, AppState, bp
 
     settings = settings_from(config)
@@ -36,9 +38,11 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = LARGEST_BODY_BYTES + 1  # each route has its own limit: see webhook.read_body
     app.json.sort_keys = False
+    outbox = Outbox(settings.database_url)
     app.extensions["refiner_source"] = AppState(
-        settings=settings, outbox=Outbox(settings.database_url), delivery_pidfile=os.environ.get(PIDFILE_ENV)
+        settings=settings, outbox=outbox, delivery_pidfile=os.environ.get(PIDFILE_ENV), tally=Tally(outbox)
     )
     app.register_blueprint(bp)
     app.register_blueprint(segment_bp)
+    app.register_blueprint(operator_bp)
     return app

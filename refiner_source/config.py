@@ -64,6 +64,9 @@ class Settings:
     retention_days: int = 7
     segment_shared_secret: str | None = None  # set: Segment to Refiner is on (SPEC section 7)
     refiner_api_concurrency: int = 4
+    admin_password: str | None = None  # set: /status and /metrics answer, behind HTTP Basic auth
+    alert_webhook_url: str | None = None  # set: alerts go there (Slack-compatible incoming webhook)
+    alert_pending_seconds: int = 900
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = ()) -> Settings:
@@ -111,6 +114,16 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
                 "with your project's API key (Refiner: Settings > Integrations > API)"
             )
 
+    admin_password = get("REFINER_ADMIN_PASSWORD")
+    if admin_password is not None and len(admin_password) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"REFINER_ADMIN_PASSWORD must be at least {MIN_SECRET_LENGTH} characters; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        )
+    alert_url = get("ALERT_WEBHOOK_URL")
+    if alert_url is not None:
+        _check_http_url("ALERT_WEBHOOK_URL", alert_url, "https://hooks.slack.com/services/T000/B000/XXXX")
+
     refiner_api_url = (get("REFINER_API_URL") or "https://api.refiner.io/v1").rstrip("/")
     _check_http_url("REFINER_API_URL", refiner_api_url, "https://api.refiner.io/v1")
 
@@ -136,6 +149,9 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         retention_days=_int(get, "REFINER_RETENTION_DAYS", 7, 1, 3650),
         segment_shared_secret=shared_secret,
         refiner_api_concurrency=_int(get, "REFINER_API_CONCURRENCY", 4, 1, 64),
+        admin_password=admin_password,
+        alert_webhook_url=alert_url,
+        alert_pending_seconds=_int(get, "ALERT_PENDING_SECONDS", 900, 1, 7 * 86400),
     )
 
 

@@ -17,11 +17,14 @@ import requests
 from segment.analytics.consumer import BATCH_SIZE_LIMIT
 from segment.analytics.request import APIError, post
 
+from .alerts import Alerts
 from .backoff import Backoff, retry_after
 from .config import MappingRules
+from .directions import SEGMENT
 from .mapping import MessageTooLarge, map_event
-from .outbox import SEGMENT, Claimed, DeadLetter, Outbox, StoreUnavailable
+from .outbox import Claimed, DeadLetter, Outbox, StoreUnavailable
 from .schemas import event_from_json
+from .tally import DELIVERY, Tally
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class Loop:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stopping = False
         self._failures = 0  # consecutive retryable failures, for the backoff exponent
+        self.tally = Tally(outbox, background=False)  # what it delivered, added to the store after each round
 
     def stop(self, *_args: object) -> None:
         # A plain flag, no lock: stop() is a signal handler, and Python runs handlers in the main
@@ -145,6 +149,7 @@ class Loop:
             try:
                 self.before_round()
                 wait = self.run_once()
+                self.tally.flush()
             except StoreUnavailable as exc:
                 log.error("store unavailable; retrying", extra={"error": str(exc), "destination": self.destination})
                 wait = self.backoff.delay(self._bump())
@@ -201,6 +206,8 @@ class Worker(Loop):
         backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float = 15.0,
         retention_days: int = 7,
+        alert_webhook_url: str | None = None,
+        alert_pending_seconds: float = 900,
     ) -> None:
         super().__init__(outbox, batch_size=batch_size, lease_seconds=lease_seconds, idle_poll=idle_poll, backoff=backoff)
         self.write_key = write_key
@@ -209,6 +216,8 @@ class Worker(Loop):
         self.timeout = timeout
         self.retention_days = retention_days
         self._next_purge = 0.0
+        # This loop always runs, so it watches both directions for ALERT_WEBHOOK_URL.
+        self.alerts = Alerts(outbox, alert_webhook_url, alert_pending_seconds) if alert_webhook_url else None
         quiet_library_duplicates()
 
     def describe(self) -> dict[str, Any]:
@@ -216,6 +225,8 @@ class Worker(Loop):
 
     def before_round(self) -> None:
         self.purge_if_due()
+        if self.alerts is not None:
+            self.alerts.check_if_due()  # never raises: alerts must not stop delivery
 
     def purge_if_due(self) -> None:
         """Hourly: forget the answers of events delivered more than REFINER_RETENTION_DAYS ago, and
@@ -229,6 +240,7 @@ class Worker(Loop):
         )
         if forgotten or deleted:
             log.info("purged", extra={"forgotten_events": forgotten, "deleted_receipts": deleted, "retention_days": self.retention_days})
+        self.outbox.fold_traffic(int(now // 60) - 25 * 60)  # per-minute counts older than a day: into the totals
 
     def run_once(self) -> float:
         """Claim events, map them, send their messages; return how long to sleep before the next round."""
@@ -237,7 +249,7 @@ class Worker(Loop):
             return self.idle_wait()
         send_until = time.monotonic() + self.lease_seconds / 2
         items, dead = self._map(claimed)
-        outcome = _Round({c.id: c.response_id for c in claimed}, send_until, dead=dead)
+        outcome = _Round({c.id: c.response_id for c in claimed}, send_until, dead=dead, tally=self.tally, received=_received(claimed))
         chunks = pack(items)
         wait = 0.0 if len(claimed) >= self.batch_size else self.idle_poll
         i = 0
@@ -337,6 +349,10 @@ class Worker(Loop):
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
 
 
+def _received(claimed: Sequence[Claimed]) -> dict[int, float]:
+    return {c.id: c.created_at for c in claimed}
+
+
 @dataclass
 class _Round:
     """One claim: its events (id -> response id), when it must stop sending, and what became of its
@@ -345,6 +361,8 @@ class _Round:
     claimed: dict[int, str]
     send_until: float  # time.monotonic()
     destination: str = SEGMENT
+    tally: Tally | None = None
+    received: dict[int, float] = field(default_factory=dict)  # event -> when it was received (latency)
     id_name: str = "response_id"  # what the claimed ids are, in the log: Segment's messageIds for Refiner
     dead: list[DeadLetter] = field(default_factory=list)
     released: dict[int, tuple[float, str]] = field(default_factory=dict)  # event -> (delay, error)
@@ -366,8 +384,16 @@ class _Round:
                 waits.setdefault(wait, []).append(event_id)
         groups = list(waits.items()) or [((0.0, ""), [])]
         (delay, error), released = groups[0]
-        outbox.settle(worker, delivered=delivered, dead=self.dead, released=released, delay=delay, error=error)
+        where = self.destination
+        outbox.settle(worker, delivered=delivered, dead=self.dead, released=released, delay=delay, error=error, destination=where)
         for (delay, error), released in groups[1:]:
-            outbox.settle(worker, released=released, delay=delay, error=error)
+            outbox.settle(worker, released=released, delay=delay, error=error, destination=where)
+        if self.tally is not None:
+            now = time.time()
+            self.tally.add(DELIVERY, where, "delivered", len(delivered))
+            self.tally.add(DELIVERY, where, "dead", len(dead_ids))
+            self.tally.add(DELIVERY, where, "retry", sum(1 for e, (_, why) in self.released.items() if not why.startswith("handed back")))
+            for event_id in delivered:
+                self.tally.latency(where, now - self.received.get(event_id, now))
         for event_id in delivered:
             log.info("delivered", extra={self.id_name: self.claimed[event_id], "outcome": "delivered", "destination": self.destination})

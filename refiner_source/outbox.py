@@ -45,13 +45,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
+from .directions import REFINER as REFINER  # re-exported: the store names its destinations
+from .directions import SEGMENT
+
 if TYPE_CHECKING:
     from .intake import Entry  # only a type here: the store never imports the mapping
 
 SCHEMA_VERSION = 4
 PENDING, DELIVERED, DEAD, PURGED = "pending", "delivered", "dead", "purged"
-SEGMENT = "segment"  # the destination of Refiner's events
-REFINER = "refiner"  # the destination of Segment's events (SPEC section 7)
 LEGACY_EVENT = "(messages kept from before version 3)"  # the rows an upgrade makes of waiting messages
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
 
@@ -124,6 +125,44 @@ backfills = Table(
     Column("seen", Integer, nullable=False, default=0),
     Column("stored", Integer, nullable=False, default=0),
     Column("updated_at", Float, nullable=False),
+)
+
+# What came in and went out, per minute: webhooks by source and outcome, deliveries by destination
+# and outcome, and the webhook-to-delivery latency histogram's buckets. Every process adds its
+# counts here, so the figures are the same across gunicorn's workers, the delivery worker and
+# dynos. Minutes older than a day are folded into minute 0, which keeps the totals.
+traffic = Table(
+    "refiner_traffic",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("minute", Integer, nullable=False),  # unix time // 60; 0: everything older than a day
+    Column("kind", String(16), nullable=False),  # webhook, delivery, latency
+    Column("name", String(32), nullable=False),  # the source (webhook) or the destination
+    Column("outcome", String(32), nullable=False),
+    Column("count", Integer, nullable=False),
+    UniqueConstraint("minute", "kind", "name", "outcome", name="uq_refiner_traffic"),
+)
+
+# The newest delivery error of each destination and when it happened (kept after it recovers).
+last_errors = Table(
+    "refiner_last_errors",
+    metadata,
+    Column("destination", String(32), primary_key=True),
+    Column("error", Text, nullable=False),
+    Column("at", Float, nullable=False),
+)
+
+# Alerts (ALERT_WEBHOOK_URL), one row per kind ("dead:segment", "stuck:refiner", ...): when one was
+# last sent and what it said (`value`: the dead count alerted; 1 while a direction is alerted as
+# stuck). In the store, so that every worker process and dyno keeps the 15-minute rule together;
+# `version` makes each change a compare-and-set, so two workers never both send one alert.
+alerts = Table(
+    "refiner_alerts",
+    metadata,
+    Column("kind", String(64), primary_key=True),
+    Column("value", Integer, nullable=False, default=0),
+    Column("sent_at", Float, nullable=False, default=0.0),
+    Column("version", Integer, nullable=False, default=0),
 )
 
 schema_info = Table(
@@ -465,6 +504,7 @@ class Outbox:
         released: Sequence[int] = (),
         delay: float = 0.0,
         error: str = "",
+        destination: str | None = None,
     ) -> None:
         """Record, in one transaction, what became of claimed events: delivered; dead (with the
         letters of the messages at fault); or released for another try after `delay`.
@@ -474,7 +514,12 @@ class Outbox:
         now = time.time()
         mine = and_(events.c.claimed_by == worker, events.c.status == PENDING)
         dead_ids = sorted({d.event_id for d in dead})
+        # What the operator wants to see: why a delivery failed, not that a claim was handed back unsent.
+        retried = error if released and error and not error.startswith("handed back") else None
+        newest_error = dead[-1].error if dead else retried
         with self._write() as conn:
+            if newest_error and destination is not None:
+                self._record_error(conn, destination, newest_error, now)
             if delivered:
                 conn.execute(
                     update(events)
@@ -508,6 +553,11 @@ class Outbox:
                     .where(events.c.id.in_(list(released)), mine)
                     .values(available_at=now + delay, claimed_by=None, attempts=events.c.attempts + 1, last_error=error[:2000])
                 )
+
+    def _record_error(self, conn: Connection, destination: str, error: str, now: float) -> None:
+        values = {"error": error[:2000], "at": now}
+        if conn.execute(update(last_errors).where(last_errors.c.destination == destination).values(**values)).rowcount == 0:
+            conn.execute(_insert_ignoring_conflict(conn.dialect.name, last_errors).values(destination=destination, **values))
 
     def next_due_in(self, destination: str) -> float | None:
         """Seconds until the next pending event is due (0 if one is due now), None if none is pending."""
@@ -635,6 +685,119 @@ class Outbox:
                     update(events).where(events.c.id.in_(chunk)).values(status=PURGED, event=None, messages=None, delivered_at=time.time())
                 )
         return len(ids)
+
+    # --- traffic: what came in and went out ----------------------------------------------------
+
+    def add_traffic(self, counts: dict[tuple[int, str, str, str], int]) -> None:
+        """Add (minute, kind, name, outcome) -> n to the counts, in one transaction."""
+        if counts:
+            with self._write() as conn:
+                self._add_traffic(conn, counts)
+
+    def _add_traffic(self, conn: Connection, counts: dict[tuple[int, str, str, str], int]) -> None:
+        rows = [{"minute": m, "kind": k, "name": n, "outcome": o, "count": c} for (m, k, n, o), c in sorted(counts.items())]
+        insert_ = postgresql_insert(traffic) if self.engine.dialect.name == "postgresql" else sqlite_insert(traffic)
+        stmt = insert_.on_conflict_do_update(
+            index_elements=["minute", "kind", "name", "outcome"], set_={"count": traffic.c.count + insert_.excluded.count}
+        )
+        conn.execute(stmt, rows)
+
+    def traffic_totals(self, since_minute: int | None = None) -> dict[tuple[str, str, str], int]:
+        """(kind, name, outcome) -> count, since ever or since a minute."""
+        stmt = select(traffic.c.kind, traffic.c.name, traffic.c.outcome, func.sum(traffic.c.count)).group_by(
+            traffic.c.kind, traffic.c.name, traffic.c.outcome
+        )
+        if since_minute is not None:
+            stmt = stmt.where(traffic.c.minute >= since_minute)
+        with self._guard(), self.engine.connect() as conn:
+            return {(k, n, o): int(c) for k, n, o, c in conn.execute(stmt).all()}
+
+    def traffic_per_minute(self, kind: str, name: str, outcomes: Sequence[str], since_minute: int) -> dict[int, int]:
+        """minute -> count of these outcomes, for one kind and name, since a minute (a chart's points)."""
+        stmt = (
+            select(traffic.c.minute, func.sum(traffic.c.count))
+            .where(traffic.c.kind == kind, traffic.c.name == name, traffic.c.outcome.in_(list(outcomes)), traffic.c.minute >= since_minute)
+            .group_by(traffic.c.minute)
+        )
+        with self._guard(), self.engine.connect() as conn:
+            return {int(m): int(c) for m, c in conn.execute(stmt).all()}
+
+    def fold_traffic(self, before_minute: int) -> int:
+        """Fold the minutes before `before_minute` into minute 0 (totals stay, the detail goes); rows folded."""
+        with self._write() as conn:
+            old = conn.execute(
+                select(traffic.c.kind, traffic.c.name, traffic.c.outcome, func.sum(traffic.c.count))
+                .where(traffic.c.minute > 0, traffic.c.minute < before_minute)
+                .group_by(traffic.c.kind, traffic.c.name, traffic.c.outcome)
+            ).all()
+            if not old:
+                return 0
+            folded = conn.execute(delete(traffic).where(traffic.c.minute > 0, traffic.c.minute < before_minute)).rowcount
+            self._add_traffic(conn, {(0, k, n, o): int(c) for k, n, o, c in old})
+        return folded
+
+    def last_error(self, destination: str = SEGMENT) -> tuple[str | None, float | None]:
+        """The newest delivery error of a destination (a retry or a dead letter) and when, even if it recovered since."""
+        with self._guard(), self.engine.connect() as conn:
+            row = conn.execute(select(last_errors.c.error, last_errors.c.at).where(last_errors.c.destination == destination)).first()
+        return (row.error, row.at) if row else (None, None)
+
+    def find_events(self, key: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The events a response id or a Segment messageId names (both directions; a messageId sent to
+        Segment when it is a dead letter's), newest first, without their content; each with its dead letters."""
+        columns = [c for c in events.c if c.name not in ("event", "messages")]
+        named = or_(events.c.response_id == key, events.c.id.in_(select(dead_letters.c.event_id).where(dead_letters.c.message_id == key)))
+        with self._guard(), self.engine.connect() as conn:
+            rows = conn.execute(select(*columns).where(named).order_by(events.c.id.desc()).limit(limit)).all()
+            letters = conn.execute(
+                select(dead_letters).where(dead_letters.c.event_id.in_([r.id for r in rows])).order_by(dead_letters.c.id)
+            ).all()
+        found = [dict(r._mapping) for r in rows]
+        for item in found:
+            item["dead_letters"] = [dict(d._mapping) for d in letters if d.event_id == item["id"]]
+        return found
+
+    def event_content(self, event_id: int) -> tuple[str, str | None, list[dict[str, Any]] | None, str | None, float] | None:
+        """(destination, stored event JSON, messages kept from before version 3, generation, created_at) of one event."""
+        with self._guard(), self.engine.connect() as conn:
+            row = conn.execute(
+                select(events.c.destination, events.c.event, events.c.messages, events.c.generation, events.c.created_at).where(
+                    events.c.id == event_id
+                )
+            ).first()
+        if row is None:
+            return None
+        return row.destination, row.event, json.loads(row.messages) if row.messages else None, row.generation, row.created_at
+
+    # --- alerts ---
+
+    def alert_states(self, kinds: Sequence[str]) -> dict[str, tuple[int, float, int]]:
+        """kind -> (value, sent_at, version) of these alert kinds; a kind never changed is (0, 0.0, 0)."""
+        with self._guard(), self.engine.connect() as conn:
+            stmt = select(alerts.c.kind, alerts.c.value, alerts.c.sent_at, alerts.c.version).where(alerts.c.kind.in_(list(kinds)))
+            found = {r.kind: (r.value, r.sent_at, r.version) for r in conn.execute(stmt)}
+        return {kind: found.get(kind, (0, 0.0, 0)) for kind in kinds}
+
+    def swap_alerts(self, changes: dict[str, tuple[int, int, float]]) -> bool:
+        """Compare and set, all or nothing: each kind -> (version read, new value, new sent_at). Done,
+        and True, only if no kind changed since it was read (another worker got there first: False).
+
+        How a worker takes the right to send an alert: the rows are locked (FOR UPDATE on PostgreSQL,
+        BEGIN IMMEDIATE on SQLite) while their versions are compared, so of two workers that read the
+        same state, exactly one moves it."""
+        kinds = sorted(changes)  # one order for every worker: no deadlock between two swaps
+        with self._write() as conn:
+            for kind in kinds:  # a row to lock, for the kinds never changed before (version 0)
+                conn.execute(_insert_ignoring_conflict(conn.dialect.name, alerts).values(kind=kind, value=0, sent_at=0.0, version=0))
+            rows = conn.execute(
+                select(alerts.c.kind, alerts.c.version).where(alerts.c.kind.in_(kinds)).order_by(alerts.c.kind).with_for_update()
+            ).all()
+            if {r.kind: r.version for r in rows} != {kind: changes[kind][0] for kind in kinds}:
+                return False
+            for kind in kinds:
+                version, value, sent_at = changes[kind]
+                conn.execute(update(alerts).where(alerts.c.kind == kind).values(value=value, sent_at=sent_at, version=version + 1))
+        return True
 
     def dispose(self) -> None:
         self.engine.dispose()

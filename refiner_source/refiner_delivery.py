@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from .backoff import Backoff
 from .config import MappingRules
-from .delivery import DEFAULT_BACKOFF, Loop, _Round
-from .outbox import REFINER, Claimed, DeadLetter, Outbox
+from .delivery import DEFAULT_BACKOFF, Loop, _received, _Round
+from .directions import REFINER
+from .outbox import Claimed, DeadLetter, Outbox
 from .refiner_api import RefinerApi, Rejected, RetryLater
 from .to_refiner import RefinerCall, merge, mergeable, to_refiner
 
@@ -113,6 +114,8 @@ class RefinerWorker(Loop):
             time.monotonic() + self.lease_seconds / 2,
             destination=REFINER,
             id_name="message_id",
+            tally=self.tally,
+            received=_received(claimed),
         )
         try:
             contacts, outcome.dead, _nothing_to_send = plan(claimed, self.rules)

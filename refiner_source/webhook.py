@@ -19,6 +19,7 @@ from .mapping import event_name
 from .outbox import Outbox, StoreUnavailable
 from .schemas import WebhookSchema, check_limits, error_fields, shape_of, well_formed_event_name
 from .serve import worker_running
+from .tally import WEBHOOK, Tally
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class AppState:
     settings: Settings
     outbox: Outbox
     delivery_pidfile: str | None = None  # under `refiner-source serve`: where the embedded worker's pid is
+    tally: Tally | None = None  # this process's counts of webhooks, for /status and /metrics
 
 
 def state() -> AppState:
@@ -173,6 +175,33 @@ def _unprocessable(exc: ValidationError, body: dict[str, Any]):
     # The shape (keys and types), never the values: a rejected body still carries answers.
     log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields), "shape": shape_of(body)})
     return error(422, "invalid_payload", "The body does not have the shape of a Refiner webhook.", fields=fields)
+
+
+SOURCES = {"/webhooks/refiner": "refiner", "/webhooks/segment": "segment"}
+
+
+@bp.after_app_request
+def count_webhook(response: Response) -> Response:
+    """Count each webhook by source and outcome (accepted, duplicate, ignored, rejected, unavailable);
+    for a batch of Segment events, each event. A route that is off (404) is not counted."""
+    source = SOURCES.get(request.path)
+    app_state = current_app.extensions.get("refiner_source")
+    if source is None or app_state is None or app_state.tally is None or request.method != "POST" or response.status_code == 404:
+        return response
+    tally, status = app_state.tally, response.status_code
+    if status == 503:
+        tally.add(WEBHOOK, source, "unavailable")
+    elif status >= 400:
+        tally.add(WEBHOOK, source, "rejected")
+    else:
+        body = response.get_json(silent=True) or {}
+        if source == "segment":
+            for outcome in ("accepted", "duplicate", "ignored"):
+                tally.add(WEBHOOK, source, outcome, int(body.get(outcome) or 0))
+            tally.add(WEBHOOK, source, "rejected", len(body.get("invalid") or ()))
+        else:
+            tally.add(WEBHOOK, source, str(body.get("status") or "accepted"))
+    return response
 
 
 @bp.get("/openapi.json")

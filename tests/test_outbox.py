@@ -435,3 +435,37 @@ def test_a_version_3_store_gets_the_contact_column(store_url):
     box.store_many([refiner_entry("m1", "id:a")])
     assert [c.contact for c in box.claim(REFINER, 10, 60, "w", contact_order=True)] == ["id:a"]
     box.dispose()
+
+
+def test_traffic_counts_add_up_across_writers_and_fold_into_totals(outbox):
+    outbox.add_traffic({(100, "webhook", "refiner", "accepted"): 2})
+    outbox.add_traffic({(100, "webhook", "refiner", "accepted"): 3, (101, "delivery", "segment", "delivered"): 4})
+    assert outbox.traffic_totals()[("webhook", "refiner", "accepted")] == 5
+    assert outbox.traffic_per_minute("webhook", "refiner", ["accepted"], since_minute=100) == {100: 5}
+    assert outbox.fold_traffic(before_minute=101) == 1  # minute 100 folded into minute 0; 101 kept
+    assert outbox.traffic_totals()[("webhook", "refiner", "accepted")] == 5  # the total stays
+    assert outbox.traffic_totals(since_minute=1) == {("delivery", "segment", "delivered"): 4}
+
+
+def test_the_last_delivery_error_is_kept_after_recovery_but_a_hand_back_is_not_one(outbox):
+    store(outbox, 1, 2)
+    a, b = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", released=[a.id, b.id], delay=0, error="handed back unsent", destination=SEGMENT)
+    assert outbox.last_error(SEGMENT) == (None, None)
+    a, b = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", released=[a.id], delay=0, error="HTTP 503: later", destination=SEGMENT)
+    outbox.settle("w", delivered=[b.id], destination=SEGMENT)
+    (a,) = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", delivered=[a.id], destination=SEGMENT)
+    error, at = outbox.last_error(SEGMENT)
+    assert error == "HTTP 503: later" and at is not None and outbox.last_error(REFINER) == (None, None)
+
+
+def test_find_events_by_response_id_or_by_a_dead_letters_message_id(outbox):
+    store(outbox, 1, 2)
+    a, b = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", delivered=[a.id], dead=[DeadLetter(b.id, "refiner-x-track", "track", "HTTP 400")])
+    assert [e["response_id"] for e in outbox.find_events("r1")] == ["r1"]
+    (found,) = outbox.find_events("refiner-x-track")
+    assert found["response_id"] == "r2" and found["status"] == "dead" and found["dead_letters"][0]["error"] == "HTTP 400"
+    assert "event" not in found and outbox.find_events("nothing") == []
