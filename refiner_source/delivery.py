@@ -350,7 +350,8 @@ class Worker(Loop):
 
 
 def _received(claimed: Sequence[Claimed]) -> dict[int, float]:
-    return {c.id: c.created_at for c in claimed}
+    """When each event was put in line (received, or replayed): what its delivery latency counts from."""
+    return {c.id: c.queued_at or c.created_at for c in claimed}
 
 
 @dataclass
@@ -392,7 +393,8 @@ class _Round:
             now = time.time()
             self.tally.add(DELIVERY, where, "delivered", len(delivered))
             self.tally.add(DELIVERY, where, "dead", len(dead_ids))
-            self.tally.add(DELIVERY, where, "retry", sum(1 for e, (_, why) in self.released.items() if not why.startswith("handed back")))
+            retried = sum(1 for e, (_, why) in self.released.items() if e not in dead_ids and not why.startswith("handed back"))
+            self.tally.add(DELIVERY, where, "retry", retried)
             for event_id in delivered:
                 self.tally.latency(where, now - self.received.get(event_id, now))
         for event_id in delivered:

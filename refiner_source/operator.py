@@ -134,6 +134,22 @@ def when(at: float | None) -> str:
     return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def brief(error: str | None) -> str:
+    """An error as the main page shows it: its kind and status, never the destination's answer,
+    which may quote the data (an email, an answer); the opened event shows it whole."""
+    if not error:
+        return ""
+    return error.split(":", 1)[0][:80]
+
+
+@operator_bp.after_request
+def no_framing(response: Response) -> Response:
+    # The replay button must not be clickable from inside another site's frame.
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+    return response
+
+
 @operator_bp.get("/status")
 def status_page():
     _check_admin()
@@ -148,7 +164,8 @@ def status_page():
         csrf=csrf_token(),
         age=age,
         when=when,
-        replayed=request.args.get("replayed"),
+        brief=brief,
+        replayed=request.args.get("replayed", type=int),
     )
 
 
@@ -161,8 +178,21 @@ def event_page(event_id: int):
     if content is None:
         _stop(404, "not_found", f"No event {event_id}.")
     destination, stored, messages, generation, created_at = content
-    calls = _calls(destination, stored, messages, generation, created_at, app_state.settings.rules)
-    return render_template("event.html", event_id=event_id, destination=destination, calls=calls, kept=stored is not None or bool(messages))
+    try:
+        calls, problem = _calls(destination, stored, messages, generation, created_at, app_state.settings.rules), None
+    except Exception as exc:  # an event that cannot be mapped (a dead letter): show it as stored, and why
+        calls, problem = [json.loads(stored)] if stored else [], f"{type(exc).__name__}: {exc}"
+    found = app_state.outbox.find_events_by_id(event_id)
+    return render_template(
+        "event.html",
+        event_id=event_id,
+        destination=destination,
+        calls=calls,
+        problem=problem,
+        kept=stored is not None or bool(messages),
+        found=found,
+        when=when,
+    )
 
 
 def _calls(destination, stored, messages, generation, created_at, rules) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     Index,
@@ -139,7 +140,7 @@ traffic = Table(
     Column("kind", String(16), nullable=False),  # webhook, delivery, latency
     Column("name", String(32), nullable=False),  # the source (webhook) or the destination
     Column("outcome", String(32), nullable=False),
-    Column("count", Integer, nullable=False),
+    Column("count", BigInteger, nullable=False),  # latency sums in ms outgrow 32 bits
     UniqueConstraint("minute", "kind", "name", "outcome", name="uq_refiner_traffic"),
 )
 
@@ -201,6 +202,7 @@ class Claimed:
     created_at: float
     attempts: int
     contact: str | None = None
+    queued_at: float | None = None  # received, or put back in line by a replay
 
 
 @dataclass(frozen=True)
@@ -475,6 +477,7 @@ class Outbox:
                 events.c.created_at,
                 events.c.attempts,
                 events.c.contact,
+                events.c.queued_at,
             )
         )
         with self._write() as conn:
@@ -492,6 +495,7 @@ class Outbox:
                 r.created_at,
                 r.attempts,
                 r.contact,
+                r.queued_at,
             )
             for r in rows
         ]
@@ -725,16 +729,18 @@ class Outbox:
     def fold_traffic(self, before_minute: int) -> int:
         """Fold the minutes before `before_minute` into minute 0 (totals stay, the detail goes); rows folded."""
         with self._write() as conn:
-            old = conn.execute(
-                select(traffic.c.kind, traffic.c.name, traffic.c.outcome, func.sum(traffic.c.count))
+            # What this transaction deleted is what it adds: two workers folding at once never add twice.
+            gone = conn.execute(
+                delete(traffic)
                 .where(traffic.c.minute > 0, traffic.c.minute < before_minute)
-                .group_by(traffic.c.kind, traffic.c.name, traffic.c.outcome)
+                .returning(traffic.c.kind, traffic.c.name, traffic.c.outcome, traffic.c.count)
             ).all()
-            if not old:
-                return 0
-            folded = conn.execute(delete(traffic).where(traffic.c.minute > 0, traffic.c.minute < before_minute)).rowcount
-            self._add_traffic(conn, {(0, k, n, o): int(c) for k, n, o, c in old})
-        return folded
+            totals: dict[tuple[int, str, str, str], int] = {}
+            for kind, name, outcome, count in gone:
+                totals[(0, kind, name, outcome)] = totals.get((0, kind, name, outcome), 0) + int(count)
+            if totals:
+                self._add_traffic(conn, totals)
+        return len(gone)
 
     def last_error(self, destination: str = SEGMENT) -> tuple[str | None, float | None]:
         """The newest delivery error of a destination (a retry or a dead letter) and when, even if it recovered since."""
@@ -756,6 +762,12 @@ class Outbox:
         for item in found:
             item["dead_letters"] = [dict(d._mapping) for d in letters if d.event_id == item["id"]]
         return found
+
+    def find_events_by_id(self, event_id: int) -> list[dict[str, Any]]:
+        """One event's state and dead letters (as find_events), by its id."""
+        with self._guard(), self.engine.connect() as conn:
+            row = conn.execute(select(events.c.response_id).where(events.c.id == event_id)).first()
+        return [] if row is None else [e for e in self.find_events(row.response_id) if e["id"] == event_id]
 
     def event_content(self, event_id: int) -> tuple[str, str | None, list[dict[str, Any]] | None, str | None, float] | None:
         """(destination, stored event JSON, messages kept from before version 3, generation, created_at) of one event."""

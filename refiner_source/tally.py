@@ -17,6 +17,8 @@ import weakref
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from .outbox import StoreUnavailable
+
 if TYPE_CHECKING:
     from .outbox import Outbox
 
@@ -74,10 +76,12 @@ class Tally:
             return
         try:
             self.outbox.add_traffic(dict(counts))
-        except Exception as exc:  # the store is down: keep them for the next try
+        except StoreUnavailable as exc:  # the store is down: keep them for the next try
             with self._lock:
                 self._counts.update(counts)
             log.warning("could not save traffic counts; will retry", extra={"error": str(exc)})
+        except Exception:  # anything else would fail again: dropped, so that later counts still get saved
+            log.exception("traffic counts could not be saved and were dropped")
 
 
 def _flush_if_alive(ref: weakref.ref[Tally]) -> None:

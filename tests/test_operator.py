@@ -158,7 +158,11 @@ def test_no_answer_or_email_on_the_page_or_its_search_until_the_event_is_opened(
         (link,) = re.findall(r'href="(/status/event/\d+)"', rows[0])
         opened[query] = link
     assert opened["r1"] == f"/status/event/{dead_id}"
-    assert "HTTP 400 invalid: rejected by the test" in admin.get("/status?q=r1", headers=basic()).get_data(as_text=True)
+    # The page and the search show an error's kind; the destination's answer, which may quote the
+    # data, only on the opened event.
+    searched = admin.get("/status?q=r1", headers=basic()).get_data(as_text=True)
+    assert "HTTP 400 invalid" in searched and "rejected by the test" not in searched
+    assert "HTTP 400 invalid: rejected by the test" in admin.get(opened["r1"], headers=basic()).get_data(as_text=True)
 
     for query in ("r1", "r2"):
         event = admin.get(opened[query], headers=basic()).get_data(as_text=True)
@@ -508,3 +512,29 @@ def test_e2e_metrics_after_a_known_burst_across_two_web_workers_and_the_delivery
     finally:
         service.stop()
     assert PASSWORD not in service.logs()
+
+
+def test_a_destinations_answer_quoting_an_email_is_shown_only_on_the_opened_event(admin, outbox):
+    # Refiner answers a refused call with a body that may quote what it refused.
+    outbox.store_many([entry_for(1)])
+    (claimed,) = outbox.claim(SEGMENT, 1, 60, "w")
+    quoted = 'HTTP 422: {"errors": {"email": ["grace@hopper.example is not a valid email"]}}'
+    outbox.settle("w", dead=[DeadLetter(claimed.id, None, "/identify-user", quoted)], destination=SEGMENT)
+    for page in ("/status", "/status?q=r1"):
+        html = admin.get(page, headers=basic()).get_data(as_text=True)
+        assert "grace@hopper.example" not in html and "HTTP 422" in html
+    assert "grace@hopper.example" in admin.get(f"/status/event/{claimed.id}", headers=basic()).get_data(as_text=True)
+
+
+def test_an_event_that_cannot_be_mapped_opens_as_stored_with_the_reason(admin, outbox):
+    from sqlalchemy import update
+
+    from refiner_source.outbox import events
+
+    outbox.store_many([entry_for(1)])
+    with outbox.engine.begin() as conn:
+        conn.execute(update(events).values(event='{"not": "a survey event"}'))
+    (claimed,) = outbox.claim(SEGMENT, 1, 60, "w")
+    response = admin.get(f"/status/event/{claimed.id}", headers=basic())
+    assert response.status_code == 200 and "cannot be mapped now" in response.get_data(as_text=True)
+    assert response.headers["X-Frame-Options"] == "DENY"

@@ -469,3 +469,10 @@ def test_find_events_by_response_id_or_by_a_dead_letters_message_id(outbox):
     (found,) = outbox.find_events("refiner-x-track")
     assert found["response_id"] == "r2" and found["status"] == "dead" and found["dead_letters"][0]["error"] == "HTTP 400"
     assert "event" not in found and outbox.find_events("nothing") == []
+
+
+def test_traffic_counts_hold_more_than_32_bits(outbox):
+    # The latency histogram's sum is in milliseconds: a drained backlog passes 2**31 quickly.
+    outbox.add_traffic({(100, "latency", "segment", "sum_ms"): 3_000_000_000})
+    outbox.add_traffic({(100, "latency", "segment", "sum_ms"): 3_000_000_000})
+    assert outbox.traffic_totals()[("latency", "segment", "sum_ms")] == 6_000_000_000
