@@ -293,11 +293,7 @@ class Worker(Loop):
         dead: list[DeadLetter] = []
         for claim in claimed:
             try:
-                if claim.messages is not None:
-                    messages = claim.messages
-                else:
-                    received = datetime.fromtimestamp(claim.created_at, UTC)
-                    messages = map_event(event_from_json(claim.event), self.rules, received, claim.generation)
+                messages = messages_of(claim.event, claim.messages, claim.generation, claim.created_at, self.rules)
             except MessageTooLarge as exc:
                 dead.append(DeadLetter(claim.id, None, None, f"too large for Segment: {exc}"))
                 log.error(
@@ -347,6 +343,18 @@ class Worker(Loop):
             return
         except requests.RequestException as exc:
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
+
+
+def messages_of(
+    event: str | None, kept: list[dict[str, Any]] | None, generation: str | None, created_at: float, rules: MappingRules
+) -> list[dict[str, Any]]:
+    """The Segment messages of a stored event: those kept from before version 3 as they are, else the
+    event mapped now with `rules`; [] when its content is forgotten (past retention)."""
+    if kept is not None:
+        return kept
+    if event is None:
+        return []
+    return map_event(event_from_json(event), rules, datetime.fromtimestamp(created_at, UTC), generation)
 
 
 def _received(claimed: Sequence[Claimed]) -> dict[int, float]:

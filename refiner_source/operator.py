@@ -182,7 +182,7 @@ def event_page(event_id: int):
         calls, problem = _calls(destination, stored, messages, generation, created_at, app_state.settings.rules), None
     except Exception as exc:  # an event that cannot be mapped (a dead letter): show it as stored, and why
         calls, problem = [json.loads(stored)] if stored else [], f"{type(exc).__name__}: {exc}"
-    found = app_state.outbox.find_events_by_id(event_id)
+    found = app_state.outbox.find_event(event_id)
     return render_template(
         "event.html",
         event_id=event_id,
@@ -196,18 +196,13 @@ def event_page(event_id: int):
 
 
 def _calls(destination, stored, messages, generation, created_at, rules) -> list[dict[str, Any]]:
-    if messages is not None:
-        return messages
-    if stored is None:
-        return []  # past retention: the content is forgotten
     if destination == REFINER:
         from .to_refiner import to_refiner
 
-        return [{"path": c.path, "body": c.body} for c in to_refiner(json.loads(stored), rules)]
-    from .mapping import map_event
-    from .schemas import event_from_json
+        return [] if stored is None else [{"path": c.path, "body": c.body} for c in to_refiner(json.loads(stored), rules)]
+    from .delivery import messages_of
 
-    return map_event(event_from_json(stored), rules, datetime.fromtimestamp(created_at, UTC), generation)
+    return messages_of(stored, messages, generation, created_at, rules)
 
 
 @operator_bp.post("/status/replay")

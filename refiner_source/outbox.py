@@ -751,10 +751,17 @@ class Outbox:
     def find_events(self, key: str, limit: int = 20) -> list[dict[str, Any]]:
         """The events a response id or a Segment messageId names (both directions; a messageId sent to
         Segment when it is a dead letter's), newest first, without their content; each with its dead letters."""
-        columns = [c for c in events.c if c.name not in ("event", "messages")]
         named = or_(events.c.response_id == key, events.c.id.in_(select(dead_letters.c.event_id).where(dead_letters.c.message_id == key)))
+        return self._find(named, limit)
+
+    def find_event(self, event_id: int) -> list[dict[str, Any]]:
+        """One event's state and dead letters (as find_events), by its id; [] when there is none."""
+        return self._find(events.c.id == event_id, 1)
+
+    def _find(self, condition, limit: int) -> list[dict[str, Any]]:
+        columns = [c for c in events.c if c.name not in ("event", "messages")]
         with self._guard(), self.engine.connect() as conn:
-            rows = conn.execute(select(*columns).where(named).order_by(events.c.id.desc()).limit(limit)).all()
+            rows = conn.execute(select(*columns).where(condition).order_by(events.c.id.desc()).limit(limit)).all()
             letters = conn.execute(
                 select(dead_letters).where(dead_letters.c.event_id.in_([r.id for r in rows])).order_by(dead_letters.c.id)
             ).all()
@@ -762,12 +769,6 @@ class Outbox:
         for item in found:
             item["dead_letters"] = [dict(d._mapping) for d in letters if d.event_id == item["id"]]
         return found
-
-    def find_events_by_id(self, event_id: int) -> list[dict[str, Any]]:
-        """One event's state and dead letters (as find_events), by its id."""
-        with self._guard(), self.engine.connect() as conn:
-            row = conn.execute(select(events.c.response_id).where(events.c.id == event_id)).first()
-        return [] if row is None else [e for e in self.find_events(row.response_id) if e["id"] == event_id]
 
     def event_content(self, event_id: int) -> tuple[str, str | None, list[dict[str, Any]] | None, str | None, float] | None:
         """(destination, stored event JSON, messages kept from before version 3, generation, created_at) of one event."""

@@ -28,6 +28,7 @@ class Step:
 
     call: RefinerCall
     events: tuple[Claimed, ...]
+    parts: tuple[RefinerCall, ...] = ()  # of a merged call: each event's own call, in order
 
 
 @dataclass
@@ -63,7 +64,8 @@ def plan(claimed: Sequence[Claimed], rules: MappingRules) -> tuple[list[list[Ste
         for call in calls:
             last = steps[-1] if steps else None
             if last is not None and mergeable(last.call, call):
-                steps[-1] = Step(merge([last.call, call]), (*last.events, claim))
+                parts = (*(last.parts or (last.call,)), call)
+                steps[-1] = Step(merge(list(parts)), (*last.events, claim), parts)
             else:
                 steps.append(Step(call, (claim,)))
     return list(contacts.values()), dead, empty
@@ -182,8 +184,7 @@ class RefinerWorker(Loop):
                 result.progress = True
                 queue.popleft()
                 if len(step.events) > 1:
-                    alone = [Step(call, (claim,)) for claim in step.events for call in to_refiner(json.loads(claim.event), self.rules)]
-                    queue.extendleft(reversed(alone))
+                    queue.extendleft(reversed([Step(part, (claim,)) for part, claim in zip(step.parts, step.events, strict=True)]))
                     continue
                 claim = step.events[0]
                 result.dead.append(DeadLetter(claim.id, claim.response_id, step.call.path, exc.detail))

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from marshmallow import ValidationError
 
 from . import segment_events
@@ -137,6 +137,7 @@ def receive_segment():
             "message_ids": [e.receipt_key for e in entries][:20],
         },
     )
+    g.webhook_counts = {"accepted": new, "duplicate": duplicate, "ignored": len(ignored), "rejected": len(invalid)}
     answer: dict[str, Any] = {"status": "accepted", "accepted": new, "duplicate": duplicate, "ignored": len(ignored), "invalid": invalid}
     if ignored:
         answer["ignored_reasons"] = ignored

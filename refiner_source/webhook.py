@@ -92,6 +92,7 @@ def receive_webhook():
     if well_formed_event_name(triggered_event) and event_name(triggered_event, rules) is None:
         reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"
         log.info("ignored", extra={"triggered_event": triggered_event[:100], "outcome": "ignored"})
+        g.webhook_counts = {"ignored": 1}
         return jsonify({"status": "ignored", "reason": f"triggered_event {triggered_event!r}: {reason}"}), 200
 
     try:
@@ -106,8 +107,10 @@ def receive_webhook():
         return error(503, "store_unavailable", "The store is not answering; please retry.")
     if not stored:
         log.info("duplicate", extra={"response_id": event.response_uuid, "outcome": "duplicate"})
+        g.webhook_counts = {"duplicate": 1}
         return jsonify({"status": "duplicate", "response_id": event.response_uuid, "messages": 0}), 200
     log.info("accepted", extra={"response_id": event.response_uuid, "messages": entry.message_count, "outcome": "accepted"})
+    g.webhook_counts = {"accepted": 1}
     return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": entry.message_count}), 202
 
 
@@ -182,25 +185,17 @@ SOURCES = {"/webhooks/refiner": "refiner", "/webhooks/segment": "segment"}
 
 @bp.after_app_request
 def count_webhook(response: Response) -> Response:
-    """Count each webhook by source and outcome (accepted, duplicate, ignored, rejected, unavailable);
-    for a batch of Segment events, each event. A route that is off (404) is not counted."""
+    """Count each webhook by source and outcome (accepted, duplicate, ignored, rejected, unavailable):
+    what the route put in `g.webhook_counts` (for a batch of Segment events, each event), else what
+    its error status says. A route that is off (404) is not counted."""
     source = SOURCES.get(request.path)
     app_state = current_app.extensions.get("refiner_source")
     if source is None or app_state is None or app_state.tally is None or request.method != "POST" or response.status_code == 404:
         return response
-    tally, status = app_state.tally, response.status_code
-    if status == 503:
-        tally.add(WEBHOOK, source, "unavailable")
-    elif status >= 400:
-        tally.add(WEBHOOK, source, "rejected")
-    else:
-        body = response.get_json(silent=True) or {}
-        if source == "segment":
-            for outcome in ("accepted", "duplicate", "ignored"):
-                tally.add(WEBHOOK, source, outcome, int(body.get(outcome) or 0))
-            tally.add(WEBHOOK, source, "rejected", len(body.get("invalid") or ()))
-        else:
-            tally.add(WEBHOOK, source, str(body.get("status") or "accepted"))
+    status = response.status_code
+    counts = g.get("webhook_counts") if status < 400 else {"unavailable" if status == 503 else "rejected": 1}
+    for outcome, n in (counts or {}).items():
+        app_state.tally.add(WEBHOOK, source, outcome, n)
     return response
 
 
