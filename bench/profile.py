@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from refiner_source import create_app  # noqa: E402
 from refiner_source.config import MappingRules, Settings, normalize_database_url  # noqa: E402
-from refiner_source.intake import prepare  # noqa: E402
-from refiner_source.mapping import map_event  # noqa: E402
-from refiner_source.outbox import Outbox  # noqa: E402
-from refiner_source.schemas import WebhookSchema, event_from_json  # noqa: E402
+from refiner_source.store import Outbox  # noqa: E402
+from refiner_source.to_segment.events import WebhookSchema, event_from_json  # noqa: E402
+from refiner_source.to_segment.intake import prepare  # noqa: E402
+from refiner_source.to_segment.mapping import map_event  # noqa: E402
 
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "webhook_completed_survey.json").read_text())
 TOKEN = "profile-secret-0123456789"

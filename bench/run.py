@@ -60,7 +60,7 @@ def body_for(response_id: str) -> bytes:
 
 
 class App:
-    """One of the three apps under gunicorn, with the same settings (refiner_source/gunicorn_conf.py)."""
+    """One of the three apps under gunicorn, with the same settings (refiner_source/run/gunicorn_conf.py)."""
 
     def __init__(self, kind: str, workdir: Path, segment_url: str, extra_env: dict[str, str] | None = None) -> None:
         self.kind = kind
@@ -82,7 +82,7 @@ class App:
             cmd = [str(bin_dir / "refiner-source"), "serve"]
         else:
             module = {"ceiling": "bench.apps.ceiling", "naive": "bench.apps.naive"}[kind]
-            cmd = [str(bin_dir / "gunicorn"), "-c", "python:refiner_source.gunicorn_conf", f"{module}:create_app()"]
+            cmd = [str(bin_dir / "gunicorn"), "-c", "python:refiner_source.run.gunicorn_conf", f"{module}:create_app()"]
         self.log = open(workdir / f"{kind}.log", "ab")  # noqa: SIM115 - the child writes it
         self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self._wait()

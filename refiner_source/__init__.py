@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .config import Settings
+    from refiner_source.config import Settings
 
 __version__ = "0.1.0"
 
@@ -24,14 +24,15 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
 
     from flask import Flask
 
-    from .config import settings_from
-    from .logs import configure_logging
-    from .operator import operator_bp
-    from .outbox import Outbox
-    from .segment_webhook import segment_bp
-    from .serve import PIDFILE_ENV
-    from .tally import Tally
-    from .webhook import LARGEST_BODY_BYTES, AppState, bp
+    from refiner_source.config import settings_from
+    from refiner_source.logs import configure_logging
+    from refiner_source.ops.status_page import operator_bp
+    from refiner_source.ops.tally import Tally
+    from refiner_source.run.supervisor import PIDFILE_ENV
+    from refiner_source.store import Outbox
+    from refiner_source.to_refiner.webhook import bp as to_refiner_bp
+    from refiner_source.to_segment.webhook import bp as to_segment_bp
+    from refiner_source.web.core import LARGEST_BODY_BYTES, AppState, bp
 
     settings = settings_from(config)
     configure_logging(settings.log_level)
@@ -43,6 +44,7 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
         settings=settings, outbox=outbox, delivery_pidfile=os.environ.get(PIDFILE_ENV), tally=Tally(outbox)
     )
     app.register_blueprint(bp)
-    app.register_blueprint(segment_bp)
+    app.register_blueprint(to_segment_bp)
+    app.register_blueprint(to_refiner_bp)
     app.register_blueprint(operator_bp)
     return app

@@ -1,4 +1,4 @@
-from refiner_source.cli import main
+from refiner_source.run.cli import main
 
 if __name__ == "__main__":  # a spawned backfill worker imports this module too
     main()

@@ -68,12 +68,35 @@ class Settings:
     alert_webhook_url: str | None = None  # set: alerts go there (Slack-compatible incoming webhook)
     alert_pending_seconds: int = 900
 
+    @property
+    def to_segment_on(self) -> bool:
+        """Refiner -> Segment: on when SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET are both set."""
+        return bool(self.segment_write_key and self.webhook_secrets)
 
-def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = ()) -> Settings:
+    @property
+    def to_refiner_on(self) -> bool:
+        """Segment -> Refiner: on when SEGMENT_SHARED_SECRET and REFINER_API_KEY are both set."""
+        return bool(self.segment_shared_secret and self.refiner_api_key)
+
+    def direction_on(self, destination: str) -> bool:
+        """Whether the direction to `destination` ("segment" or "refiner") is on."""
+        return self.to_segment_on if destination == "segment" else self.to_refiner_on
+
+
+# What turns each direction on (the destination it delivers to -> its pair of variables).
+DIRECTION_VARIABLES = {
+    "segment": ("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET"),
+    "refiner": ("SEGMENT_SHARED_SECRET", "REFINER_API_KEY"),
+}
+DIRECTION_TITLES = {"segment": "Refiner -> Segment", "refiner": "Segment -> Refiner"}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = (), directions: bool = False) -> Settings:
     """Read every setting from `environ` (default: os.environ); raise ConfigError on the first bad one.
 
-    `require` names the variables the caller cannot run without (the web app needs the
-    webhook secret, the delivery worker the write key; `status` needs neither).
+    `require` names the variables the caller cannot run without (backfill needs the API key;
+    `status` needs none). `directions`: the caller runs the directions that are on (serve, worker,
+    the web app), so at least one must be, and neither may be half set.
     """
     env = os.environ if environ is None else environ
 
@@ -84,6 +107,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
     for name in require:
         if get(name) is None:
             raise ConfigError(f"{name} is not set: {_REQUIRED_HINTS.get(name, 'it is required')}")
+    if directions:
+        check_directions({name for pair in DIRECTION_VARIABLES.values() for name in pair if get(name) is not None})
 
     region = (get("SEGMENT_REGION") or "us").lower()
     if region not in SEGMENT_REGION_HOSTS:
@@ -155,10 +180,32 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
     )
 
 
+def check_directions(present: set[str]) -> None:
+    """Raise ConfigError, in one line, unless at least one direction's pair of variables is set and
+    no pair is half set. REFINER_API_KEY alone is no half pair: backfill uses it without Segment -> Refiner."""
+    to_segment, to_refiner = DIRECTION_VARIABLES["segment"], DIRECTION_VARIABLES["refiner"]
+    half = [pair for pair in (to_segment,) if 0 < len(present & set(pair)) < 2]
+    if half:
+        (pair,) = half
+        (missing,) = [name for name in pair if name not in present]
+        (given,) = [name for name in pair if name in present]
+        raise ConfigError(
+            f"{missing} is not set: {DIRECTION_TITLES['segment']} needs it beside {given} ({_REQUIRED_HINTS[missing]}); "
+            f"for {DIRECTION_TITLES['refiner']} alone, unset {given} and set {' and '.join(to_refiner)}"
+        )
+    if not (set(to_segment) <= present or set(to_refiner) <= present):
+        needs = [
+            f"{DIRECTION_TITLES[d]} needs {' and '.join(name for name in pair if name not in present)}"
+            for d, pair in DIRECTION_VARIABLES.items()
+        ]
+        raise ConfigError(f"no direction is on, so there is nothing to do: {'; '.join(needs)} (set one pair, or both)")
+
+
 _REQUIRED_HINTS = {
     "SEGMENT_WRITE_KEY": "set it to the write key of your Segment source (Connections > Sources > Settings > API Keys)",
     "REFINER_WEBHOOK_SECRET": "set it to a long random token and put the same token in Refiner's webhook URL as ?token=...",
     "REFINER_API_KEY": "set it to your Refiner project's REST API key, which backfill reads responses with",
+    "SEGMENT_SHARED_SECRET": "set it to the shared secret of Segment's Webhooks destination",
 }
 
 
@@ -280,7 +327,7 @@ def settings_from(overrides: Mapping[str, Any] | Settings | None) -> Settings:
     """The settings create_app() runs with: the environment, or a test's Settings or overrides."""
     if isinstance(overrides, Settings):
         return overrides
-    settings = load_settings(require=("REFINER_WEBHOOK_SECRET",)) if overrides is None else Settings()
+    settings = load_settings(directions=True) if overrides is None else Settings()
     if overrides:
         settings = Settings(**{**settings.__dict__, **overrides})
     return settings

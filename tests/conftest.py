@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from refiner_source import create_app
 from refiner_source.config import Settings, normalize_database_url
-from refiner_source.outbox import Outbox
+from refiner_source.store import Outbox
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SECRET = "test-secret-0123456789"
@@ -127,8 +127,8 @@ def survey_body(i: int | str, event: str = "Completed Survey", answer: str = "Pr
 def entry_for(i: int | str, event: str = "Completed Survey", answer: str = "Product Manager", rules=None):
     """The store's entry for survey_body(i, ...), as the webhook makes it."""
     from refiner_source.config import MappingRules
-    from refiner_source.intake import prepare
-    from refiner_source.schemas import WebhookSchema
+    from refiner_source.to_segment.events import WebhookSchema
+    from refiner_source.to_segment.intake import prepare
 
     return prepare(WebhookSchema().load(survey_body(i, event, answer)), rules or MappingRules())
 

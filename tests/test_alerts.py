@@ -15,9 +15,9 @@ import pytest
 import requests
 from sqlalchemy import update
 
-from refiner_source.alerts import QUIET_SECONDS, Alerts
-from refiner_source.delivery import Worker
-from refiner_source.outbox import REFINER, SEGMENT, DeadLetter, Outbox, events
+from refiner_source.ops.alerts import QUIET_SECONDS, Alerts
+from refiner_source.ops.upkeep import Upkeep
+from refiner_source.store import REFINER, SEGMENT, DeadLetter, Outbox, events
 from tests.conftest import SECRET, entry_for, load_fixture
 from tests.http_stub import JsonHandler, LoopbackServer
 from tests.segment_stub import SegmentStub
@@ -254,7 +254,7 @@ def test_no_answer_email_or_error_text_in_any_message(outbox, alerts, receiver, 
 def test_a_failed_send_is_logged_not_counted_and_sent_on_the_next_check(outbox, alerts, receiver, clock, caplog):
     receiver.fail.extend([500, 503])
     add_dead(outbox)
-    with caplog.at_level(logging.WARNING, logger="refiner_source.alerts"):
+    with caplog.at_level(logging.WARNING, logger="refiner_source.ops.alerts"):
         assert alerts.check() == []
         clock.advance(30)
         assert alerts.check() == []
@@ -287,13 +287,13 @@ def test_checks_are_at_most_every_30_seconds_or_a_third_of_the_threshold(outbox,
     assert len(alerts.check_if_due()) == 1
 
 
-def test_the_segment_worker_checks_both_directions_before_its_rounds(outbox, receiver):
+def test_upkeep_checks_both_directions_whichever_loops_run(outbox, receiver):
     add_dead(outbox, 1, REFINER)
-    worker = Worker(outbox, "wk", "https://segment.test", alert_webhook_url=receiver.url, alert_pending_seconds=900)
-    worker.before_round()
+    upkeep = Upkeep(outbox, alert_webhook_url=receiver.url, alert_pending_seconds=900)
+    upkeep.run_due()
     (text,) = receiver.texts()
     assert "Segment to Refiner" in text
-    assert Worker(outbox, "wk", "https://segment.test").alerts is None  # no ALERT_WEBHOOK_URL: no alerts
+    assert Upkeep(outbox).alerts is None  # no ALERT_WEBHOOK_URL: no alerts
 
 
 # --- end to end: `refiner-source serve`, a Segment outage, a local server as the alert webhook ------------

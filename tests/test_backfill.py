@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 import pytest
 import responses
 
-from refiner_source.backfill import BackfillError, RefinerApi, filters, run_backfill
 from refiner_source.config import MappingRules
-from refiner_source.intake import Entry, prepare
-from refiner_source.mapping import map_event
-from refiner_source.outbox import SCHEMA_VERSION, SEGMENT, Outbox
-from refiner_source.schemas import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
+from refiner_source.store import SCHEMA_VERSION, SEGMENT, Outbox
+from refiner_source.to_segment.backfill import BackfillError, RefinerApi, filters, run_backfill
+from refiner_source.to_segment.events import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
+from refiner_source.to_segment.intake import Entry, prepare
+from refiner_source.to_segment.mapping import map_event
 from tests.conftest import load_fixture
 from tests.refiner_stub import RefinerStub, api_item
 
@@ -359,6 +359,7 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
             "REFINER_API_KEY": "refiner-key",
             "SEGMENT_HOST": segment.url,
             "SEGMENT_WRITE_KEY": "wk",
+            "REFINER_WEBHOOK_SECRET": "webhook-secret-0123456789",  # Refiner -> Segment is on with its pair
         }
         full_env = {**os.environ, **env}
         first = subprocess.Popen(
@@ -446,16 +447,16 @@ def test_mapping_processes_import_neither_the_web_app_nor_the_database():
     import sys
 
     code = (
-        "import sys, refiner_source.intake, refiner_source.cli\n"
-        "heavy = {m for m in ('flask', 'sqlalchemy', 'refiner_source.backfill', 'refiner_source.outbox') if m in sys.modules}\n"
+        "import sys, refiner_source.to_segment.intake, refiner_source.run.cli\n"
+        "heavy = {m for m in ('flask', 'sqlalchemy', 'refiner_source.to_segment.backfill', 'refiner_source.store') if m in sys.modules}\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     # ...and everything the pool sends them (the function, the initializer) lives in that module.
-    from refiner_source import backfill
+    from refiner_source.to_segment import backfill
 
-    assert backfill.map_api_page.__module__ == backfill.ignore_stop_signals.__module__ == "refiner_source.intake"
+    assert backfill.map_api_page.__module__ == backfill.ignore_stop_signals.__module__ == "refiner_source.to_segment.intake"
 
 
 def test_replay_reads_and_queues_more_than_one_page_of_responses(outbox):

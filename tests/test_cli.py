@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from refiner_source.outbox import SEGMENT, DeadLetter, Outbox
+from refiner_source.store import SEGMENT, DeadLetter, Outbox
 from tests.conftest import entry_for
 from tests.service import command
 
@@ -163,7 +163,7 @@ def test_status_says_when_nothing_is_delivered_while_messages_wait(store_url, ou
     # The message has waited two minutes, and nothing was delivered since.
     from sqlalchemy import update
 
-    from refiner_source.outbox import events
+    from refiner_source.store import events
 
     with outbox.engine.begin() as conn:
         conn.execute(update(events).values(created_at=time.time() - 120, queued_at=time.time() - 120))

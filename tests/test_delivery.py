@@ -12,10 +12,11 @@ import requests
 import responses
 from sqlalchemy import update
 
-from refiner_source.backoff import Backoff
 from refiner_source.config import MappingRules
-from refiner_source.delivery import Item, Worker, pack
-from refiner_source.outbox import SEGMENT, events
+from refiner_source.delivery.backoff import Backoff
+from refiner_source.ops.upkeep import Upkeep
+from refiner_source.store import SEGMENT, Outbox, events
+from refiner_source.to_segment.delivery import Item, Worker, pack
 from tests.conftest import entry_for
 
 HOST = "https://segment.test"
@@ -180,8 +181,8 @@ def test_stop_finishes_the_request_in_flight_and_hands_back_the_rest(worker, out
     assert outbox.next_due_in(SEGMENT) == 0  # given back at once for the next worker
 
 
-def test_worker_forgets_answers_after_retention_days_and_receipts_after_90(outbox, monkeypatch):
-    worker = Worker(outbox, "wk", HOST, retention_days=7)
+def test_upkeep_forgets_answers_after_retention_days_and_receipts_after_90(outbox, monkeypatch):
+    worker = Upkeep(outbox, retention_days=7)
     fill(outbox, 2)
     (a, b) = outbox.claim(SEGMENT, 2, 60, "w")
     outbox.settle("w", delivered=[a.id, b.id])
@@ -218,7 +219,7 @@ def test_dead_letter_keeps_its_own_error_when_the_rest_of_its_batch_meets_an_out
 
 
 def delivery_records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "refiner_source.delivery"]
+    return [r for r in caplog.records if r.name in ("refiner_source.to_segment.delivery", "refiner_source.delivery.loop")]
 
 
 @responses.activate
@@ -267,8 +268,8 @@ def test_a_redirect_is_a_host_problem_retried_not_a_dead_letter(worker, outbox):
 
 @responses.activate
 def test_a_message_that_cannot_be_shrunk_under_32_kb_is_a_dead_letter_with_its_reason(worker, outbox, monkeypatch):
-    from refiner_source import delivery
-    from refiner_source.mapping import MessageTooLarge
+    from refiner_source.to_segment import delivery
+    from refiner_source.to_segment.mapping import MessageTooLarge
 
     real_map = delivery.map_event
 
@@ -305,7 +306,7 @@ def test_messages_kept_from_a_version_2_store_are_sent_exactly_as_stored(store_u
 
     responses.post(URL, json={"success": True})
     payloads = make_v2_store(store_url)
-    box = __import__("refiner_source.outbox").outbox.Outbox(store_url)
+    box = Outbox(store_url)
     box.init_schema()
     Worker(box, "wk", HOST).run_once()
     (batch,) = sent_batches()
@@ -330,7 +331,7 @@ def test_sigterm_while_bisecting_hands_the_claim_back_instead_of_going_on(worker
 
 @responses.activate
 def test_an_unexpected_error_in_a_round_hands_the_claim_back(worker, outbox, monkeypatch):
-    from refiner_source import delivery
+    from refiner_source.to_segment import delivery
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")

@@ -17,7 +17,7 @@ from pathlib import Path
 import requests
 
 from refiner_source.config import load_settings
-from refiner_source.outbox import Outbox
+from refiner_source.store import Outbox
 from tests.conftest import SECRET, entry_for
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port

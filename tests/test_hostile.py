@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from refiner_source import create_app
 from refiner_source.config import ConfigError, MappingRules, load_settings
-from refiner_source.mapping import map_event
-from refiner_source.outbox import SEGMENT
-from refiner_source.schemas import MAX_ANSWERS, MAX_ATTRIBUTES, MAX_DEPTH, MAX_ID_LENGTH, event_from_json
+from refiner_source.store import SEGMENT
+from refiner_source.to_segment.events import MAX_ANSWERS, MAX_ATTRIBUTES, MAX_DEPTH, MAX_ID_LENGTH, event_from_json
+from refiner_source.to_segment.mapping import map_event
 from tests.conftest import SECRET, load_fixture
 
 # --- limits, each with its own answer ------------------------------------------------------

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refiner_source.config import MappingRules
-from refiner_source.mapping import map_event, message_id, trait_names
-from refiner_source.schemas import WebhookSchema
+from refiner_source.to_segment.events import WebhookSchema
+from refiner_source.to_segment.mapping import map_event, message_id, trait_names
 from tests import expected
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

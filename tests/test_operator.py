@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from refiner_source import create_app
 from refiner_source.directions import REFINER, SEGMENT
-from refiner_source.outbox import DeadLetter
-from refiner_source.tally import DELIVERY, Tally
+from refiner_source.ops.tally import DELIVERY, Tally
+from refiner_source.store import DeadLetter
 from tests.conftest import SECRET, entry_for, survey_body
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
@@ -529,7 +529,7 @@ def test_a_destinations_answer_quoting_an_email_is_shown_only_on_the_opened_even
 def test_an_event_that_cannot_be_mapped_opens_as_stored_with_the_reason(admin, outbox):
     from sqlalchemy import update
 
-    from refiner_source.outbox import events
+    from refiner_source.store import events
 
     outbox.store_many([entry_for(1)])
     with outbox.engine.begin() as conn:

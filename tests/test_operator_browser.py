@@ -20,7 +20,7 @@ import requests
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import sync_playwright
 
-from refiner_source.mapping import message_id
+from refiner_source.to_segment.mapping import message_id
 from tests.conftest import SECRET, survey_body
 from tests.test_operator import PASSWORD, start_service
 

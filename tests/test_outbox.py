@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import pytest
 
 from refiner_source.config import MappingRules
-from refiner_source.intake import Entry
-from refiner_source.outbox import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Outbox, StoreUnavailable
+from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Outbox, StoreUnavailable
+from refiner_source.to_segment.intake import Entry
 from tests.conftest import entry_for
 
 
@@ -206,7 +206,7 @@ def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monke
 
 
 def test_same_receipt_twice_in_one_group_is_stored_once(outbox):
-    from refiner_source.outbox import _row, _Waiting
+    from refiner_source.store import _row, _Waiting
 
     entry = entry_for(1)
     queued = _Waiting(entry, _row(entry, time.time()))
@@ -227,7 +227,7 @@ def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tm
     import fcntl
     import os
 
-    from refiner_source.outbox import _SqliteWriterLock
+    from refiner_source.store import _SqliteWriterLock
 
     path = str(tmp_path / "x.db-writer.lock")
     other = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -267,8 +267,8 @@ def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
 
     from sqlalchemy import text
 
-    from refiner_source.mapping import map_event
-    from refiner_source.schemas import event_from_json
+    from refiner_source.to_segment.events import event_from_json
+    from refiner_source.to_segment.mapping import map_event
 
     box = Outbox(url)
     payloads: dict[str, list[dict]] = {}

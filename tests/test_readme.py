@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from refiner_source.config import load_mapping_file
-from refiner_source.mapping import map_event
-from refiner_source.schemas import WebhookSchema
+from refiner_source.to_segment.events import WebhookSchema
+from refiner_source.to_segment.mapping import map_event
 from tests.conftest import load_fixture
 
 README = (Path(__file__).parent.parent / "README.md").read_text()

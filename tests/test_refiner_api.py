@@ -8,8 +8,8 @@ import pytest
 import requests
 import responses
 
-from refiner_source.refiner_api import RefinerApi, Rejected, RetryLater
-from refiner_source.to_refiner import IDENTIFY_USER, TRACK_EVENT, RefinerCall
+from refiner_source.refiner_rest import RefinerApi, Rejected, RetryLater
+from refiner_source.to_refiner.mapping import IDENTIFY_USER, TRACK_EVENT, RefinerCall
 
 BASE = "https://refiner.test/v1"
 KEY = "refiner-api-key-123"

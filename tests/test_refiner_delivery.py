@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from refiner_source import segment_events
-from refiner_source.backoff import Backoff
 from refiner_source.config import MappingRules
-from refiner_source.outbox import PENDING, REFINER, Outbox
-from refiner_source.outbox import events as events_table
-from refiner_source.refiner_api import RefinerApi
-from refiner_source.refiner_delivery import RefinerWorker
+from refiner_source.delivery.backoff import Backoff
+from refiner_source.refiner_rest import RefinerApi
+from refiner_source.store import PENDING, REFINER, Outbox
+from refiner_source.store import events as events_table
+from refiner_source.to_refiner import events as segment_events
+from refiner_source.to_refiner.delivery import RefinerWorker
 from tests.refiner_stub import RefinerStub
 from tests.service import free_port
 

@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from refiner_source import create_app
 from refiner_source.config import Settings
-from refiner_source.outbox import REFINER, SEGMENT, events
-from refiner_source.segment_webhook import first_element
+from refiner_source.store import REFINER, SEGMENT, events
+from refiner_source.to_refiner.webhook import first_element
 
 SEGMENT_SECRET = "segment-shared-secret-0123456789"
 URL = "/webhooks/segment"
@@ -105,7 +105,7 @@ def test_batch_stored_answers_200_with_each_event_accepted(post, outbox):
 
 
 def test_stored_events_are_committed_before_the_answer(post, segment_settings, outbox):
-    from refiner_source.outbox import Outbox
+    from refiner_source.store import Outbox
 
     assert post([event(1), event(2)]).status_code == 200
     fresh = Outbox(segment_settings.database_url)  # another connection sees them: committed
@@ -511,8 +511,8 @@ def test_refiner_sources_own_messages_posted_back_are_ignored(post, outbox):
     from datetime import UTC, datetime
 
     from refiner_source.config import MappingRules
-    from refiner_source.mapping import map_event
-    from refiner_source.schemas import WebhookSchema
+    from refiner_source.to_segment.events import WebhookSchema
+    from refiner_source.to_segment.mapping import map_event
     from tests.conftest import survey_body
 
     messages = map_event(WebhookSchema().load(survey_body(1)), MappingRules(), datetime(2030, 1, 1, tzinfo=UTC))
@@ -608,7 +608,7 @@ def test_no_input_gives_a_500_single(post):
 def test_lone_surrogate_in_a_trait_is_stored_and_maps_back(post, outbox):
     """Valid JSON ("\\ud800"), which no database can encode as it is: stored escaped, never a 500."""
     from refiner_source.config import MappingRules
-    from refiner_source.to_refiner import to_refiner
+    from refiner_source.to_refiner.mapping import to_refiner
 
     raw = b'{"type": "identify", "messageId": "m-s", "userId": "u-s", "traits": {"name": "\\ud800 Ada", "\\udfff": 1}}'
     response = post(raw)

@@ -7,11 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from refiner_source import segment_events
 from refiner_source.config import MappingRules, ToRefinerRules
-from refiner_source.mapping import map_event
-from refiner_source.schemas import WebhookSchema
-from refiner_source.to_refiner import (
+from refiner_source.to_refiner import events as segment_events
+from refiner_source.to_refiner.mapping import (
     IDENTIFY_USER,
     TRACK_EVENT,
     RefinerCall,
@@ -24,6 +22,8 @@ from refiner_source.to_refiner import (
     mergeable,
     to_refiner,
 )
+from refiner_source.to_segment.events import WebhookSchema
+from refiner_source.to_segment.mapping import map_event
 from tests.conftest import survey_body
 
 RULES = MappingRules()

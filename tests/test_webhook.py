@@ -7,8 +7,8 @@ import json
 import pytest
 
 from refiner_source import create_app
-from refiner_source.outbox import SEGMENT, Outbox
-from refiner_source.schemas import WebhookSchema, event_from_json
+from refiner_source.store import SEGMENT, Outbox
+from refiner_source.to_segment.events import WebhookSchema, event_from_json
 from tests.conftest import SECRET
 
 
@@ -143,7 +143,7 @@ def test_unknown_extra_fields_are_accepted_and_ignored(post_webhook, webhook_bod
 def test_store_unreachable_answers_503(webhook_body, tmp_path):
     from refiner_source.config import Settings
 
-    app = create_app(Settings(webhook_secrets=(SECRET,), database_url=f"sqlite:///{tmp_path}/missing-dir/x.db"))
+    app = create_app(Settings(segment_write_key="wk", webhook_secrets=(SECRET,), database_url=f"sqlite:///{tmp_path}/missing-dir/x.db"))
     response = app.test_client().post(f"/webhooks/refiner?token={SECRET}", json=webhook_body)
     assert response.status_code == 503 and response.json["error"] == "store_unavailable"
     assert app.test_client().get("/readyz").status_code == 503
@@ -152,7 +152,9 @@ def test_store_unreachable_answers_503(webhook_body, tmp_path):
 def test_store_unreachable_postgres_answers_503(webhook_body):
     from refiner_source.config import Settings
 
-    app = create_app(Settings(webhook_secrets=(SECRET,), database_url="postgresql+psycopg://postgres@127.0.0.1:1/none"))
+    app = create_app(
+        Settings(segment_write_key="wk", webhook_secrets=(SECRET,), database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    )
     response = app.test_client().post(f"/webhooks/refiner?token={SECRET}", json=webhook_body)
     assert response.status_code == 503 and "traceback" not in response.get_data(as_text=True).lower()
 

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .backoff import Backoff
-from .config import MappingRules
-from .delivery import DEFAULT_BACKOFF, Loop, _received, _Round
-from .directions import REFINER
-from .outbox import Claimed, DeadLetter, Outbox
-from .refiner_api import RefinerApi, Rejected, RetryLater
-from .to_refiner import RefinerCall, merge, mergeable, to_refiner
+from refiner_source.config import MappingRules
+from refiner_source.delivery.backoff import Backoff
+from refiner_source.delivery.loop import DEFAULT_BACKOFF, Loop, Round, received_times
+from refiner_source.directions import REFINER
+from refiner_source.refiner_rest import RefinerApi, Rejected, RetryLater
+from refiner_source.store import Claimed, DeadLetter, Outbox
+from refiner_source.to_refiner.mapping import RefinerCall, merge, mergeable, to_refiner
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +111,13 @@ class RefinerWorker(Loop):
         claimed = self.outbox.claim(REFINER, self.batch_size, self.lease_seconds, self.name, contact_order=True)
         if not claimed:
             return self.idle_wait()
-        outcome = _Round(
+        outcome = Round(
             {c.id: c.response_id for c in claimed},
             time.monotonic() + self.lease_seconds / 2,
             destination=REFINER,
             id_name="message_id",
             tally=self.tally,
-            received=_received(claimed),
+            received=received_times(claimed),
         )
         try:
             contacts, outcome.dead, _nothing_to_send = plan(claimed, self.rules)
@@ -130,7 +130,7 @@ class RefinerWorker(Loop):
         finally:
             outcome.settle(self.outbox, self.name)
 
-    def _conclude(self, results: list[ContactResult], outcome: _Round, full: bool) -> float:
+    def _conclude(self, results: list[ContactResult], outcome: Round, full: bool) -> float:
         """Settle what each contact's thread learnt. A contact told "not now" waits by Retry-After
         or by its own backoff (its events' attempts so far); the other contacts go on. The loop
         itself waits only when no contact got anywhere (Refiner down, rate-limited, key refused)."""
@@ -164,7 +164,7 @@ class RefinerWorker(Loop):
             )
         return delay if stuck else (0.0 if full else self.idle_poll)
 
-    def _send_contact(self, steps: list[Step], outcome: _Round) -> ContactResult:
+    def _send_contact(self, steps: list[Step], outcome: Round) -> ContactResult:
         """One contact's steps in order (in a pool thread). On "not now" the rest of this contact
         waits too, so that its calls never overtake one another; a merged call Refiner refuses
         is sent again call by call, so that only the event at fault is a dead letter."""

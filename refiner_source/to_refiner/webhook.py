@@ -15,16 +15,30 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 from marshmallow import ValidationError
 
-from . import segment_events
-from .outbox import StoreUnavailable
-from .schemas import error_fields
-from .to_refiner import ignored_reason
-from .webhook import LARGEST_BODY_BYTES, error, parse_json, presented_token, read_body, state, token_ok, too_large
+from refiner_source.store import StoreUnavailable
+from refiner_source.to_refiner import events as segment_events
+from refiner_source.to_refiner.mapping import ignored_reason
+from refiner_source.to_segment.events import error_fields
+from refiner_source.web.core import (
+    BODY_LIMITS,
+    LARGEST_BODY_BYTES,
+    SOURCES,
+    error,
+    parse_json,
+    presented_token,
+    read_body,
+    state,
+    token_ok,
+    too_large,
+)
 
 log = logging.getLogger(__name__)
 
+PATH = "/webhooks/segment"
 MAX_SEGMENT_BODY_BYTES = LARGEST_BODY_BYTES
-segment_bp = Blueprint("segment_to_refiner", __name__)
+BODY_LIMITS[PATH] = MAX_SEGMENT_BODY_BYTES
+SOURCES[PATH] = "segment"
+bp = Blueprint("segment_to_refiner", __name__)
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
@@ -69,11 +83,11 @@ def _authenticate(raw: bytes, secret: str):
     return error(401, "invalid_signature", "The signature or token does not match SEGMENT_SHARED_SECRET.")
 
 
-@segment_bp.post("/webhooks/segment")
+@bp.post(PATH)
 def receive_segment():
     app_state = state()
     settings = app_state.settings
-    if not settings.segment_shared_secret:
+    if not settings.to_refiner_on:
         return error(
             404,
             "not_enabled",

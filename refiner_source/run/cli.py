@@ -12,26 +12,26 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .config import ConfigError, Settings, load_settings
-from .directions import DIRECTIONS
-from .logs import configure_logging
+from refiner_source.config import DIRECTION_VARIABLES, ConfigError, Settings, load_settings
+from refiner_source.directions import DIRECTIONS
+from refiner_source.logs import configure_logging
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from refiner_source.store import Outbox
 
 # Imports of the web app, the database and Segment stay inside the commands: a backfill's mapping
 # processes (spawned) import this module again, and should carry only what mapping needs.
 
 
-def _settings(*require: str) -> Settings:
+def _settings(*require: str, directions: bool = False) -> Settings:
     try:
-        return load_settings(require=require)
+        return load_settings(require=require, directions=directions)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _outbox(settings: Settings) -> Outbox:
-    from .outbox import Outbox
+    from refiner_source.store import Outbox
 
     return Outbox(settings.database_url)
 
@@ -47,7 +47,7 @@ class _StoreErrors(click.Group):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            from .outbox import StoreMisconfigured, StoreUnavailable
+            from refiner_source.store import StoreMisconfigured, StoreUnavailable
 
             if isinstance(exc, StoreMisconfigured):
                 raise click.ClickException(str(exc)) from None
@@ -65,9 +65,9 @@ def main() -> None:
 @main.command()
 def serve() -> None:
     """Run the web app under gunicorn on $PORT, with the delivery worker beside it."""
-    from .serve import PortInUse, Supervisor, bind
+    from refiner_source.run.supervisor import PortInUse, Supervisor, bind
 
-    settings = _settings("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET")
+    settings = _settings(directions=True)
     configure_logging(settings.log_level)
     try:
         listener = bind(settings.port)  # first: a port in use is said at once, and creates nothing
@@ -82,52 +82,61 @@ def serve() -> None:
 @main.command()
 @click.option("--exit-with-parent", is_flag=True, hidden=True, help="Stop when the parent (serve's supervisor) goes away.")
 def worker(exit_with_parent: bool) -> None:
-    """Run only the delivery loops (a Heroku worker dyno): to Segment, and to Refiner when SEGMENT_SHARED_SECRET is set."""
-    from .delivery import Loop, Worker
+    """Run only the delivery loops (a Heroku worker dyno), one per direction that is on, and the store's upkeep."""
+    from refiner_source.ops.upkeep import Upkeep
 
-    running: list[Loop] = []
+    running: list = []
 
     def stop_all(*_args: object) -> None:
-        for loop in running:
-            loop.stop()
+        for part in running:
+            part.stop()
 
     if exit_with_parent:  # first, before anything slow: a supervisor killed meanwhile must still be noticed
-        from .serve import stop_when_orphaned
+        from refiner_source.run.supervisor import stop_when_orphaned
 
         stop_when_orphaned(lambda: stop_all() if running else os._exit(0))
-    settings = _settings("SEGMENT_WRITE_KEY")
+    settings = _settings(directions=True)
     configure_logging(settings.log_level)
     outbox = _outbox(settings)
     outbox.init_schema()
-    loops: list[Loop] = [
-        Worker(
+    from refiner_source.destinations import delivery_loops
+
+    parts = [
+        *delivery_loops(settings, outbox),
+        Upkeep(
             outbox,
-            settings.segment_write_key,
-            settings.segment_host,
-            rules=settings.rules,
             retention_days=settings.retention_days,
             alert_webhook_url=settings.alert_webhook_url,
             alert_pending_seconds=settings.alert_pending_seconds,
-        )
+        ),
     ]
-    if settings.segment_shared_secret:
-        from .refiner_api import RefinerApi
-        from .refiner_delivery import RefinerWorker
-
-        api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key, timeout=15.0)
-        loops.append(RefinerWorker(outbox, api, rules=settings.rules, concurrency=settings.refiner_api_concurrency))
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
-    running.extend(loops)
-    others = [threading.Thread(target=loop.run, name=f"deliver-to-{loop.destination}") for loop in loops[1:]]
-    for thread in others:
+    running.extend(parts)
+    threads = [threading.Thread(target=_run_then_stop_all, args=(part, stop_all), name=_thread_name(part)) for part in parts]
+    for thread in threads:
         thread.start()
     try:
-        loops[0].run()
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(0.2)
     finally:
-        stop_all()  # one loop ending (a bug) ends the process, which serve's supervisor restarts
-        for thread in others:
+        stop_all()
+        for thread in threads:
             thread.join()
+
+
+def _thread_name(part) -> str:
+    destination = getattr(part, "destination", None)
+    return f"deliver-to-{destination}" if destination else "upkeep"
+
+
+def _run_then_stop_all(part, stop_all) -> None:
+    """One loop ending (a bug) ends the process, which serve's supervisor (or Heroku) restarts."""
+    try:
+        part.run()
+    finally:
+        stop_all()
 
 
 TO = click.option(
@@ -173,6 +182,7 @@ def _print_status(outbox: Outbox, settings: Settings, to: str | None, as_json: b
         for d, stats in report.items():
             error, at = outbox.last_error(d)
             directions[d] = {
+                "on": settings.direction_on(d),
                 **stats.__dict__,
                 "stalled": stalled_for(stats) is not None,
                 "dead_letters": [{"id": i, "message_id": m, "error": e} for i, m, e in outbox.dead_letters(limit=10, destination=d)],
@@ -183,9 +193,12 @@ def _print_status(outbox: Outbox, settings: Settings, to: str | None, as_json: b
         return
     for i, (destination, stats) in enumerate(report.items()):
         title = DIRECTIONS[destination].title
-        if destination == "refiner" and not settings.segment_shared_secret and not (stats.pending or stats.delivered or stats.dead):
-            click.echo(f"{chr(10) if i else ''}{title}: off (SEGMENT_SHARED_SECRET turns it on)")
-            continue
+        if not settings.direction_on(destination):
+            click.echo(f"{chr(10) if i else ''}{title}: off ({' and '.join(DIRECTION_VARIABLES[destination])} turn it on)")
+            if not (stats.pending or stats.delivered or stats.dead):
+                continue
+            title = f"{title} (stored before it was turned off)"
+            i = 0
         _print_direction(outbox, destination, stats, title, gap=bool(i))
 
 
@@ -300,7 +313,7 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
 
     Safe to stop (Ctrl-C) and to run again: it resumes, and never sends a response twice.
     """
-    from .backfill import BackfillError, RefinerApi, filters, run_backfill
+    from refiner_source.to_segment.backfill import BackfillError, RefinerApi, filters, run_backfill
 
     _check_range(since, until)
     settings = _settings("REFINER_API_KEY")

@@ -1,4 +1,4 @@
-"""The HTTP face: POST /webhooks/refiner (auth and size first, then parse), /healthz, /readyz."""
+"""The shared HTTP face: the app's state, body reading and limits, tokens, errors, counts, /healthz, /readyz, /openapi.json."""
 
 from __future__ import annotations
 
@@ -10,23 +10,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .config import Settings
-from .intake import prepare
-from .mapping import event_name
-from .outbox import Outbox, StoreUnavailable
-from .schemas import WebhookSchema, check_limits, error_fields, shape_of, well_formed_event_name
-from .serve import worker_running
-from .tally import WEBHOOK, Tally
+from refiner_source.config import Settings
+from refiner_source.ops.tally import WEBHOOK, Tally
+from refiner_source.run.supervisor import worker_running
+from refiner_source.store import Outbox, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
 LARGEST_BODY_BYTES = 8 << 20  # POST /webhooks/segment (a batch of Segment events); the app's limit
-bp = Blueprint("refiner_source", __name__)
-_webhook = WebhookSchema()
+bp = Blueprint("web", __name__)
+# Each webhook route registers its path here: its body limit (the 413 names it) and the source it counts under.
+BODY_LIMITS: dict[str, int] = {}
+SOURCES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -62,58 +59,6 @@ def token_ok(presented: str, secrets: tuple[str, ...]) -> bool:
     return matched
 
 
-@bp.post("/webhooks/refiner")
-def receive_webhook():
-    app_state = state()
-    presented = presented_token()
-    if presented is None:
-        return error(401, "missing_token", "Add ?token=<REFINER_WEBHOOK_SECRET> to the webhook URL, or send Authorization: Bearer <token>.")
-    if not token_ok(presented, app_state.settings.webhook_secrets):
-        return error(401, "invalid_token", "The token does not match REFINER_WEBHOOK_SECRET.")
-
-    raw = read_body(MAX_BODY_BYTES)
-    if raw is None:
-        return too_large(MAX_BODY_BYTES)
-    body, failed = parse_json(raw, "a JSON object")
-    if failed is not None:
-        return failed
-    if not isinstance(body, dict):
-        return error(422, "invalid_shape", "Expected a JSON object.", fields={"_schema": ["Expected a JSON object."]})
-    limit = check_limits(body)
-    if limit is not None:
-        return _over_limit(limit.code, limit.path, limit.message)
-    if isinstance(body.get("response"), dict) and isinstance(body["response"].get("uuid"), str):
-        g.response_id = body["response"]["uuid"]
-
-    rules = app_state.settings.rules
-    triggered_event = body.get("triggered_event")
-    # Not forwarded: answered without validating the rest (SPEC section 3). A name that is not a
-    # valid one (empty, too long, NUL) goes on to validation, which says so with a 422.
-    if well_formed_event_name(triggered_event) and event_name(triggered_event, rules) is None:
-        reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"
-        log.info("ignored", extra={"triggered_event": triggered_event[:100], "outcome": "ignored"})
-        g.webhook_counts = {"ignored": 1}
-        return jsonify({"status": "ignored", "reason": f"triggered_event {triggered_event!r}: {reason}"}), 200
-
-    try:
-        event = _webhook.load(body)  # the one validation pass
-    except ValidationError as exc:
-        return _unprocessable(exc, body)
-    entry = prepare(event, rules)
-    try:
-        stored = app_state.outbox.store_grouped(entry)
-    except StoreUnavailable as exc:
-        log.error("store unavailable", extra={"response_id": event.response_uuid, "error": str(exc), "outcome": "unavailable"})
-        return error(503, "store_unavailable", "The store is not answering; please retry.")
-    if not stored:
-        log.info("duplicate", extra={"response_id": event.response_uuid, "outcome": "duplicate"})
-        g.webhook_counts = {"duplicate": 1}
-        return jsonify({"status": "duplicate", "response_id": event.response_uuid, "messages": 0}), 200
-    log.info("accepted", extra={"response_id": event.response_uuid, "messages": entry.message_count, "outcome": "accepted"})
-    g.webhook_counts = {"accepted": 1}
-    return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": entry.message_count}), 202
-
-
 def read_body(limit: int) -> bytes | None:
     """The body, or None when it is over `limit` bytes (also when it comes chunked, without a length).
 
@@ -146,7 +91,7 @@ def parse_json(raw: bytes, expected: str) -> tuple[Any, tuple[Response, int] | N
     except UnicodeDecodeError:
         return None, error(400, "invalid_encoding", "The body is not UTF-8.")
     except RecursionError:
-        return None, _over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
+        return None, over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
     except ValueError as exc:
         return None, error(400, "invalid_json", f"The body is not valid JSON: {exc}")
 
@@ -164,23 +109,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def too_large(limit: int):
-    return error(413, "body_too_large", f"The body is larger than {limit} bytes.")
-
-
-def _over_limit(code: str, path: str, message: str):
+def over_limit(code: str, path: str, message: str):
     log.info("rejected", extra={"outcome": code, "fields": [path]})
     return error(422, code, message, fields={path: [message]})
 
 
-def _unprocessable(exc: ValidationError, body: dict[str, Any]):
-    fields = error_fields(exc)
-    # The shape (keys and types), never the values: a rejected body still carries answers.
-    log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields), "shape": shape_of(body)})
-    return error(422, "invalid_payload", "The body does not have the shape of a Refiner webhook.", fields=fields)
-
-
-SOURCES = {"/webhooks/refiner": "refiner", "/webhooks/segment": "segment"}
+def too_large(limit: int):
+    return error(413, "body_too_large", f"The body is larger than {limit} bytes.")
 
 
 @bp.after_app_request
@@ -203,8 +138,8 @@ def count_webhook(response: Response) -> Response:
 def openapi():
     document = current_app.extensions.get("refiner_source_openapi")
     if document is None:
-        from . import __version__
-        from .openapi import build_openapi
+        from refiner_source import __version__
+        from refiner_source.web.openapi import build_openapi
 
         document = current_app.extensions["refiner_source_openapi"] = build_openapi(__version__)
     return jsonify(document)
@@ -232,7 +167,7 @@ def readyz():
 @bp.app_errorhandler(HTTPException)
 def http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
-        return too_large(MAX_BODY_BYTES if request.path == "/webhooks/refiner" else LARGEST_BODY_BYTES)
+        return too_large(BODY_LIMITS.get(request.path, LARGEST_BODY_BYTES))
     response, status = error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
     for name, value in exc.get_headers():  # e.g. Allow on a 405, as RFC 9110 requires
         if name.lower() != "content-type":

@@ -8,7 +8,9 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields, validate
 
-from .schemas import (
+from refiner_source.to_refiner.events import MAX_DEPTH as SEGMENT_MAX_DEPTH
+from refiner_source.to_refiner.events import SegmentEventSchema
+from refiner_source.to_segment.events import (
     MAX_ANSWERS,
     MAX_ATTRIBUTES,
     MAX_DEPTH,
@@ -17,8 +19,6 @@ from .schemas import (
     RefinerDateTime,
     WebhookSchema,
 )
-from .segment_events import MAX_DEPTH as SEGMENT_MAX_DEPTH
-from .segment_events import SegmentEventSchema
 
 ERROR_CODES = {
     400: ["empty_body", "invalid_encoding", "invalid_json"],

@@ -17,10 +17,10 @@ import weakref
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from .outbox import StoreUnavailable
+from refiner_source.store import StoreUnavailable
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from refiner_source.store import Outbox
 
 log = logging.getLogger(__name__)
 

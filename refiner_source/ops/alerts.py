@@ -17,8 +17,8 @@ from typing import Any
 
 import requests
 
-from .directions import DIRECTIONS, REFINER, SEGMENT
-from .outbox import Outbox, Stats
+from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
+from refiner_source.store import Outbox, Stats
 
 log = logging.getLogger(__name__)
 

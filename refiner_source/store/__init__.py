@@ -46,11 +46,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
-from .directions import REFINER as REFINER  # re-exported: the store names its destinations
-from .directions import SEGMENT
+from refiner_source.directions import REFINER as REFINER  # re-exported: the store names its destinations
+from refiner_source.directions import SEGMENT
 
 if TYPE_CHECKING:
-    from .intake import Entry  # only a type here: the store never imports the mapping
+    from refiner_source.to_segment.intake import Entry  # only a type here: the store never imports the mapping
 
 SCHEMA_VERSION = 4
 PENDING, DELIVERED, DEAD, PURGED = "pending", "delivered", "dead", "purged"

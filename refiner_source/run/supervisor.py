@@ -145,7 +145,7 @@ class Supervisor:
             "-m",
             "gunicorn",
             "-c",
-            "python:refiner_source.gunicorn_conf",
+            "python:refiner_source.run.gunicorn_conf",
             "--bind",
             f"fd://{self.listener.fileno()}",
             "refiner_source:create_app()",

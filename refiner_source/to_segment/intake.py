@@ -13,10 +13,10 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from .config import MappingRules
-from .directions import SEGMENT
-from .mapping import calls
-from .schemas import ApiResponseSchema, SurveyEvent, error_fields, event_to_json
+from refiner_source.config import MappingRules
+from refiner_source.directions import SEGMENT
+from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, error_fields, event_to_json
+from refiner_source.to_segment.mapping import calls
 
 log = logging.getLogger(__name__)
 _api_item = ApiResponseSchema()

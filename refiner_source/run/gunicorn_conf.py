@@ -11,7 +11,7 @@ import os
 import signal
 
 from refiner_source.config import ConfigError, load_settings
-from refiner_source.serve import PARENT_ENV, stop_when_orphaned
+from refiner_source.run.supervisor import PARENT_ENV, stop_when_orphaned
 
 try:
     _settings = load_settings()

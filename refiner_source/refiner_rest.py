@@ -11,8 +11,8 @@ from typing import Any
 
 import requests
 
-from .backoff import Backoff, retry_after
-from .to_refiner import RefinerCall
+from refiner_source.delivery.backoff import Backoff, retry_after
+from refiner_source.to_refiner.mapping import RefinerCall
 
 PAGE_LENGTH = 500  # responses a page: five times fewer requests than the API's default pages
 

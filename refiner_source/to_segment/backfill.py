@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .config import MappingRules
-from .intake import Entry, ignore_stop_signals, map_api_page
-from .mapping import map_event
-from .outbox import BackfillState, Outbox
-from .refiner_api import BackfillError, Interrupted, Page, RefinerApi
-from .schemas import event_from_json
+from refiner_source.config import MappingRules
+from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerApi
+from refiner_source.store import BackfillState, Outbox
+from refiner_source.to_segment.events import event_from_json
+from refiner_source.to_segment.intake import Entry, ignore_stop_signals, map_api_page
+from refiner_source.to_segment.mapping import map_event
 
 log = logging.getLogger(__name__)
 

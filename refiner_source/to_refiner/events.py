@@ -14,10 +14,10 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from .directions import REFINER
-from .intake import Entry
-from .schemas import storable
-from .to_refiner import contact_key, to_refiner
+from refiner_source.directions import REFINER
+from refiner_source.to_refiner.mapping import contact_key, to_refiner
+from refiner_source.to_segment.events import storable
+from refiner_source.to_segment.intake import Entry
 
 MAX_ID_LENGTH = 255
 MAX_TRAITS = 1000

@@ -17,10 +17,10 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
 
-from .directions import DIRECTIONS, REFINER
-from .outbox import Outbox, Stats
-from .tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
-from .webhook import error, state
+from refiner_source.directions import DIRECTIONS, REFINER
+from refiner_source.ops.tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
+from refiner_source.store import Outbox, Stats
+from refiner_source.web.core import error, state
 
 operator_bp = Blueprint("operator", __name__, template_folder="templates")
 
@@ -197,10 +197,10 @@ def event_page(event_id: int):
 
 def _calls(destination, stored, messages, generation, created_at, rules) -> list[dict[str, Any]]:
     if destination == REFINER:
-        from .to_refiner import to_refiner
+        from refiner_source.to_refiner.mapping import to_refiner
 
         return [] if stored is None else [{"path": c.path, "body": c.body} for c in to_refiner(json.loads(stored), rules)]
-    from .delivery import messages_of
+    from refiner_source.to_segment.delivery import messages_of
 
     return messages_of(stored, messages, generation, created_at, rules)
 

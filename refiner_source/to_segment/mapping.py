@@ -14,8 +14,8 @@ from segment.analytics.client import Client
 from segment.analytics.consumer import MAX_MSG_SIZE
 from slugify import slugify
 
-from .config import RESERVED_PROPERTIES, MappingRules
-from .schemas import COMPLETED, SurveyEvent
+from refiner_source.config import RESERVED_PROPERTIES, MappingRules
+from refiner_source.to_segment.events import COMPLETED, SurveyEvent
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The operator's view and upkeep: the status page, /metrics, alerts, counts, retention."""

@@ -1,0 +1,1 @@
+"""Segment -> Refiner: Segment's Webhooks destination in, Refiner's REST API calls out."""
