@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from refiner_source import create_app  # noqa: E402
 from refiner_source.config import MappingRules, Settings, normalize_database_url  # noqa: E402
-from refiner_source.store import Outbox  # noqa: E402
+from refiner_source.store import Store  # noqa: E402
 from refiner_source.to_segment.events import WebhookSchema, event_from_json  # noqa: E402
 from refiner_source.to_segment.intake import prepare  # noqa: E402
 from refiner_source.to_segment.mapping import map_event  # noqa: E402
@@ -44,7 +44,7 @@ def bodies(n: int) -> list[dict]:
 def webhook(measure) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = normalize_database_url(f"sqlite:///{tmp}/profile.db")
-        Outbox(url).init_schema()
+        Store(url).init_schema()
         app = create_app(Settings(segment_write_key="k", webhook_secrets=(TOKEN,), database_url=url, log_level="WARNING"))
         client = app.test_client()
         raw = [json.dumps(b) for b in bodies(2200)]

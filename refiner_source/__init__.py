@@ -1,4 +1,4 @@
-"""refiner-source: Refiner survey responses into Segment, self-hosted."""
+"""refiner-source: Refiner survey responses into Segment, and Segment's events into Refiner, self-hosted."""
 
 from __future__ import annotations
 
@@ -29,22 +29,26 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     from refiner_source.ops.status_page import operator_bp
     from refiner_source.ops.tally import Tally
     from refiner_source.run.supervisor import PIDFILE_ENV
-    from refiner_source.store import Outbox
+    from refiner_source.store import Store
     from refiner_source.to_refiner.webhook import bp as to_refiner_bp
     from refiner_source.to_segment.webhook import bp as to_segment_bp
-    from refiner_source.web.core import LARGEST_BODY_BYTES, AppState, bp
+    from refiner_source.web.body import LARGEST_BODY_BYTES
+    from refiner_source.web.counts import count_webhook
+    from refiner_source.web.health import bp as health_bp
+    from refiner_source.web.state import AppState
 
     settings = settings_from(config)
     configure_logging(settings.log_level)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = LARGEST_BODY_BYTES + 1  # each route has its own limit: see webhook.read_body
+    app.config["MAX_CONTENT_LENGTH"] = LARGEST_BODY_BYTES + 1  # each route has its own limit: see web.body.read_body
     app.json.sort_keys = False
-    outbox = Outbox(settings.database_url)
+    outbox = Store(settings.database_url)
     app.extensions["refiner_source"] = AppState(
         settings=settings, outbox=outbox, delivery_pidfile=os.environ.get(PIDFILE_ENV), tally=Tally(outbox)
     )
-    app.register_blueprint(bp)
+    app.register_blueprint(health_bp)
     app.register_blueprint(to_segment_bp)
     app.register_blueprint(to_refiner_bp)
     app.register_blueprint(operator_bp)
+    app.after_request(count_webhook)
     return app

@@ -62,7 +62,7 @@ class Settings:
     refiner_api_url: str = "https://api.refiner.io/v1"
     log_level: str = "INFO"
     retention_days: int = 7
-    segment_shared_secret: str | None = None  # set: Segment to Refiner is on (SPEC section 7)
+    segment_shared_secret: str | None = None  # with refiner_api_key: Segment to Refiner is on
     refiner_api_concurrency: int = 4
     admin_password: str | None = None  # set: /status and /metrics answer, behind HTTP Basic auth
     alert_webhook_url: str | None = None  # set: alerts go there (Slack-compatible incoming webhook)
@@ -251,7 +251,7 @@ def normalize_database_url(url: str) -> str:
 
 
 def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
-    """Parse the TOML mapping file of SPEC section 3 into MappingRules."""
+    """Parse the TOML mapping file (its keys: docs/mapping.md) into MappingRules."""
     name = "REFINER_MAPPING_FILE"
     try:
         with open(path, "rb") as fh:

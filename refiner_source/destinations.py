@@ -1,37 +1,39 @@
-"""The destinations, registered once: which delivery loop each direction that is on runs.
+"""The destinations, registered once: each direction's delivery module, which supplies the loop
+that sends its events and the preview of what a stored event becomes.
 
-A third destination is a package beside to_segment/ and to_refiner/ (its mapping and its API
-client) and one entry here.
+A third destination is a package beside to_segment/ and to_refiner/ (its mapping, its API client
+and a delivery module with `build_loop` and `preview`) and one line here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from refiner_source.config import Settings
+    from refiner_source.config import MappingRules, Settings
     from refiner_source.delivery.loop import Loop
-    from refiner_source.store import Outbox
+    from refiner_source.store import Store
+
+# destination -> its delivery module (imported when used: a process loads only what it runs)
+DELIVERY_MODULES = {
+    "segment": "refiner_source.to_segment.delivery",
+    "refiner": "refiner_source.to_refiner.delivery",
+}
 
 
-def _to_segment(settings: Settings, outbox: Outbox) -> Loop:
-    from refiner_source.to_segment.delivery import Worker
-
-    return Worker(outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules)
-
-
-def _to_refiner(settings: Settings, outbox: Outbox) -> Loop:
-    from refiner_source.refiner_rest import RefinerApi
-    from refiner_source.to_refiner.delivery import RefinerWorker
-
-    api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key, timeout=15.0)
-    return RefinerWorker(outbox, api, rules=settings.rules, concurrency=settings.refiner_api_concurrency)
+def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:
+    """A delivery loop for each direction that is on."""
+    return [_module(d).build_loop(settings, outbox) for d in DELIVERY_MODULES if settings.direction_on(d)]
 
 
-# destination -> its delivery loop, built from the settings (imports inside: a process loads only what it runs)
-LOOPS = {"segment": _to_segment, "refiner": _to_refiner}
+def preview(
+    destination: str, stored: str | None, kept: list[dict[str, Any]] | None, generation: str | None, created_at: float, rules: MappingRules
+) -> list[dict[str, Any]]:
+    """The calls a stored event of `destination` becomes now with `rules`, made by the same code as
+    its delivery (raises what its mapping raises)."""
+    return _module(destination).preview(stored, kept, generation, created_at, rules)
 
 
-def delivery_loops(settings: Settings, outbox: Outbox) -> list[Loop]:
-    """A loop for each direction that is on."""
-    return [build(settings, outbox) for destination, build in LOOPS.items() if settings.direction_on(destination)]
+def _module(destination: str):
+    return importlib.import_module(DELIVERY_MODULES[destination])

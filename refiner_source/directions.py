@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SEGMENT = "segment"  # Refiner's responses, to Segment
-REFINER = "refiner"  # Segment's events, to Refiner (SPEC section 7)
+REFINER = "refiner"  # Segment's events, to Refiner
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Refiner's REST API, one client for the backfill (reading responses) and the delivery worker
-to Refiner (identify-user and track-event calls): `Authorization: Bearer $REFINER_API_KEY`, JSON."""
+"""Refiner's REST API client, shared by both directions: `Authorization: Bearer $REFINER_API_KEY`,
+a session per thread, and `GET /responses` a page at a time for the backfill (Refiner -> Segment).
+The calls Segment's events become (Segment -> Refiner) are in to_refiner/api.py, on this client."""
 
 from __future__ import annotations
 
@@ -12,30 +13,8 @@ from typing import Any
 import requests
 
 from refiner_source.delivery.backoff import Backoff, retry_after
-from refiner_source.to_refiner.mapping import RefinerCall
 
 PAGE_LENGTH = 500  # responses a page: five times fewer requests than the API's default pages
-
-
-class RetryLater(Exception):
-    """Refiner or the network said "not now": `delay` is Retry-After when given; `status` is the
-    HTTP status when Refiner answered; `key_problem` when it refused REFINER_API_KEY."""
-
-    def __init__(self, reason: str, delay: float | None, status: int | None = None, *, key_problem: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.delay = delay
-        self.status = status
-        self.key_problem = key_problem
-
-
-class Rejected(Exception):
-    """Refiner refused the call itself (a 4xx other than 401, 403, 408, 429): it becomes a dead letter."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 class BackfillError(Exception):
@@ -55,9 +34,9 @@ class Page:
     last_page: int | None
 
 
-class RefinerApi:
+class RefinerClient:
     """Refiner's REST API: `GET /responses` a page at a time for the backfill (retrying what is
-    worth retrying), and `send()` of one call for the delivery worker (which retries by itself)."""
+    worth retrying); to_refiner/api.py adds the calls of the delivery worker (which retries by itself)."""
 
     def __init__(
         self,
@@ -77,7 +56,7 @@ class RefinerApi:
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/responses"
         self.headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
-        self._local = threading.local()  # a session (its connection pool) per thread: send() runs in a pool
+        self._local = threading.local()  # a session (its connection pool) per thread: the delivery loop sends from a pool
         self.timeout = timeout
         self.backoff = backoff
         self.max_attempts = max_attempts
@@ -120,26 +99,6 @@ class RefinerApi:
             session = self._local.session = requests.Session()
             session.headers.update(self.headers)
         return session
-
-    def send(self, call: RefinerCall) -> None:
-        """POST one call. Returns when Refiner took it (2xx); raises RetryLater (network, 408, 429,
-        5xx; 401/403 with `key_problem`; a 3xx, which is REFINER_API_URL pointing at a redirect)
-        or Rejected (any other answer: the call itself is at fault)."""
-        try:
-            answer = self.session().post(self.base_url + call.path, json=call.body, timeout=self.timeout, allow_redirects=False)
-        except requests.exceptions.InvalidJSONError as exc:  # not writable as JSON (NaN): no retry can help
-            raise Rejected(0, f"the call cannot be written as JSON: {exc}") from exc
-        except requests.RequestException as exc:
-            raise RetryLater(f"network: {type(exc).__name__}", None) from exc
-        status = answer.status_code
-        if 200 <= status < 300:
-            return
-        detail = f"HTTP {status}: {answer.text[:500]}"
-        if status in (401, 403):
-            raise RetryLater(detail, retry_after(answer), status, key_problem=True)
-        if status in (408, 429) or status >= 500 or 300 <= status < 400:
-            raise RetryLater(detail, retry_after(answer), status)
-        raise Rejected(status, detail)
 
     def _pause(self, problem: str, seconds: float, attempt: int) -> None:
         if attempt + 1 >= self.max_attempts:

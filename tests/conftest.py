@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from refiner_source import create_app
 from refiner_source.config import Settings, normalize_database_url
-from refiner_source.store import Outbox
+from refiner_source.store import Store
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SECRET = "test-secret-0123456789"
@@ -81,7 +81,7 @@ def pg_url():
 
 @pytest.fixture
 def outbox(store_url):
-    box = Outbox(normalize_database_url(store_url))
+    box = Store(normalize_database_url(store_url))
     box.init_schema()
     yield box
     box.dispose()

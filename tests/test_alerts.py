@@ -17,7 +17,7 @@ from sqlalchemy import update
 
 from refiner_source.ops.alerts import QUIET_SECONDS, Alerts
 from refiner_source.ops.upkeep import Upkeep
-from refiner_source.store import REFINER, SEGMENT, DeadLetter, Outbox, events
+from refiner_source.store import REFINER, SEGMENT, DeadLetter, Store, events
 from tests.conftest import SECRET, entry_for, load_fixture
 from tests.http_stub import JsonHandler, LoopbackServer
 from tests.segment_stub import SegmentStub
@@ -93,7 +93,7 @@ def alerts(outbox, receiver, clock):
 _numbers = iter(range(1_000_000))
 
 
-def add_dead(outbox: Outbox, n: int = 1, destination: str = SEGMENT, error: str = "HTTP 400 invalid: bad message") -> None:
+def add_dead(outbox: Store, n: int = 1, destination: str = SEGMENT, error: str = "HTTP 400 invalid: bad message") -> None:
     """n events that became dead letters (as a worker settles them)."""
     entries = [dataclasses.replace(entry_for(next(_numbers), answer=ANSWER), destination=destination) for _ in range(n)]
     outbox.store_many(entries)
@@ -101,7 +101,7 @@ def add_dead(outbox: Outbox, n: int = 1, destination: str = SEGMENT, error: str 
     outbox.settle("w", dead=[DeadLetter(c.id, f"m-{c.id}", "track", error) for c in claimed], destination=destination)
 
 
-def add_pending(outbox: Outbox, waited: float, destination: str = SEGMENT) -> None:
+def add_pending(outbox: Store, waited: float, destination: str = SEGMENT) -> None:
     """One pending event that has waited `waited` seconds (and waits to be retried: add_dead does not claim it)."""
     entry = dataclasses.replace(entry_for(next(_numbers), answer=ANSWER), destination=destination)
     outbox.store_many([entry])
@@ -110,7 +110,7 @@ def add_pending(outbox: Outbox, waited: float, destination: str = SEGMENT) -> No
         conn.execute(stmt.values(queued_at=time.time() - waited, available_at=time.time() + 3600))
 
 
-def deliver_all(outbox: Outbox, destination: str = SEGMENT) -> None:
+def deliver_all(outbox: Store, destination: str = SEGMENT) -> None:
     with outbox.engine.begin() as conn:
         conn.execute(update(events).where(events.c.destination == destination, events.c.status == "pending").values(available_at=0))
     claimed = outbox.claim(destination, 1000, 60, "w")
@@ -220,7 +220,7 @@ def at_the_same_moment(calls: list) -> list:
 
 
 def test_two_workers_checking_at_the_same_moment_send_one_message(outbox, receiver, clock):
-    second_store = Outbox(outbox.url)
+    second_store = Store(outbox.url)
     workers = [Alerts(outbox, receiver.url, 900, clock=clock), Alerts(second_store, receiver.url, 900, clock=clock)]
     try:
         for round_ in range(4):
@@ -271,7 +271,7 @@ def test_an_unreachable_webhook_does_not_raise_from_the_workers_check(outbox, cl
     add_dead(outbox)
     assert alerts.check_if_due() == []
     outbox.dispose()
-    broken = Alerts(Outbox("sqlite:////nonexistent-folder/x.db"), "http://127.0.0.1:9/", 900, clock=clock)
+    broken = Alerts(Store("sqlite:////nonexistent-folder/x.db"), "http://127.0.0.1:9/", 900, clock=clock)
     assert broken.check_if_due() == []  # a store that cannot answer: logged, delivery goes on
 
 

@@ -1,4 +1,4 @@
-"""SPEC section 6: backfill from Refiner's REST API, and replay."""
+"""Backfill from Refiner's REST API, and replay."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 import responses
 
 from refiner_source.config import MappingRules
-from refiner_source.store import SCHEMA_VERSION, SEGMENT, Outbox
-from refiner_source.to_segment.backfill import BackfillError, RefinerApi, filters, run_backfill
+from refiner_source.refiner_rest import RefinerClient
+from refiner_source.store import SCHEMA_VERSION, SEGMENT, Entry, Store
+from refiner_source.to_segment.backfill import BackfillError, filters, run_backfill
 from refiner_source.to_segment.events import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
-from refiner_source.to_segment.intake import Entry, prepare
+from refiner_source.to_segment.intake import prepare
 from refiner_source.to_segment.mapping import map_event
 from tests.conftest import load_fixture
 from tests.refiner_stub import RefinerStub, api_item
@@ -23,9 +24,9 @@ RULES = MappingRules()
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 
-def api(**kwargs) -> RefinerApi:
+def api(**kwargs) -> RefinerClient:
     sleeps: list[float] = []
-    client = RefinerApi(API, "key-123", sleep=sleeps.append, **kwargs)
+    client = RefinerClient(API, "key-123", sleep=sleeps.append, **kwargs)
     client.sleeps = sleeps  # type: ignore[attr-defined]
     return client
 
@@ -118,7 +119,7 @@ def test_answer_that_is_not_a_page_is_a_clear_error():
         api().fetch({})
 
 
-def test_filters_are_the_spec_names_in_refiners_format():
+def test_filters_are_the_command_options_in_refiners_format():
     assert filters(datetime(2026, 1, 1), datetime(2026, 2, 1, 12, 30), "form-9") == {
         "date_range_start": "2026-01-01",
         "date_range_end": "2026-02-01 12:30:00",
@@ -171,21 +172,21 @@ def refiner():
 
 
 def test_backfill_stores_every_completed_response_once(outbox, refiner):
-    progress = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
+    progress = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.pages, progress.seen, progress.stored, progress.duplicates) == (3, 230, 230, 0)
     assert outbox.stats().pending == 230
 
 
 def test_backfill_by_page_numbers_when_there_is_no_cursor(outbox):
     with RefinerStub(total=120, cursor=False) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
+        progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
         assert [r["query"].get("page") for r in stub.requests] == [None, "2"]
     assert progress.stored == 120
 
 
 def test_second_run_sends_nothing_new(outbox, refiner):
-    run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
-    again = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
+    run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
+    again = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (again.seen, again.stored, again.duplicates) == (230, 0, 230)
     assert outbox.stats().pending == 230
 
@@ -195,7 +196,7 @@ def test_response_already_received_by_webhook_is_not_sent_again(outbox):
     outbox.store_many([webhook])
     item = load_fixture("api_responses_page.json")["items"][0]
     with RefinerStub(total=1, make=lambda i: item) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
+        progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.stored, progress.duplicates) == (0, 1)
     assert outbox.stats().pending == 1
 
@@ -203,7 +204,7 @@ def test_response_already_received_by_webhook_is_not_sent_again(outbox):
 def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
     pages_done = []
     first = run_backfill(
-        RefinerApi(refiner.url, "refiner-key", page_length=100),
+        RefinerClient(refiner.url, "refiner-key", page_length=100),
         outbox,
         RULES,
         {},
@@ -212,7 +213,7 @@ def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
     )
     assert first.pages == 2 and first.stored == 200
     asked = len(refiner.requests)
-    resumed = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
+    resumed = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert resumed.resumed and resumed.pages == 3 and resumed.stored == 230
     assert len(refiner.requests) == asked + 1  # only the third page was asked for again
     assert "page_cursor" in refiner.requests[-1]["query"]
@@ -220,17 +221,17 @@ def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
 
 
 def test_runs_with_other_filters_keep_their_own_progress(outbox, refiner):
-    run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {"form_uuid": "a"}, should_stop=lambda: False)
-    other = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {"form_uuid": "b"})
+    run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {"form_uuid": "a"}, should_stop=lambda: False)
+    other = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {"form_uuid": "b"})
     assert not other.resumed and other.pages == 3
 
 
 def test_dry_run_stores_nothing_and_shows_the_first_messages(outbox, refiner):
-    progress = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True)
+    progress = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True)
     assert progress.stored == 230 and len(progress.sample) == 3
     assert [m["type"] for m in progress.sample] == ["identify", "group", "track"]
     assert outbox.stats().pending == 0
-    assert not run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True).resumed
+    assert not run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True).resumed
 
 
 def test_not_completed_and_invalid_items_are_skipped_and_counted(outbox):
@@ -242,13 +243,13 @@ def test_not_completed_and_invalid_items_are_skipped_and_counted(outbox):
         return api_item(i)
 
     with RefinerStub(total=5, make=make) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
+        progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.stored, progress.not_completed, progress.invalid) == (3, 1, 1)
 
 
 def test_empty_result_finishes_at_once(outbox):
     with RefinerStub(total=0) as stub:
-        progress = run_backfill(RefinerApi(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
+        progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.pages, progress.seen) == (1, 0)
 
 
@@ -258,7 +259,7 @@ def test_empty_result_finishes_at_once(outbox):
 def test_init_db_upgrades_a_version_1_store(store_url):
     from sqlalchemy import text
 
-    box = Outbox(store_url)
+    box = Store(store_url)
     with box.engine.begin() as conn:
         conn.execute(
             text(
@@ -273,7 +274,7 @@ def test_init_db_upgrades_a_version_1_store(store_url):
     box.init_schema()
     box.init_schema()
     assert box.schema_version() == SCHEMA_VERSION
-    assert box.requeue(response_id="old").forgotten == 1  # a version 1 receipt kept no event to map again
+    assert box.requeue(source_id="old").forgotten == 1  # a version 1 receipt kept no event to map again
     assert box.store_many([Entry("old\nE", "old", "E", "{}")]) == 0  # but it still makes a resend a duplicate
     box.dispose()
 
@@ -417,7 +418,7 @@ def test_e2e_backfill_dry_run_prints_counts_and_messages(store_url):
     assert "12 response(s) read in 1 page(s): 12 would be new" in result.stdout
     assert '"type": "identify"' in result.stdout
     assert refiner.requests[0]["query"]["date_range_start"] == "2026-01-01" and refiner.requests[0]["query"]["form_uuid"] == "form-1"
-    assert Outbox(store_url).stats().pending == 0
+    assert Store(store_url).stats().pending == 0
 
 
 def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox):
@@ -429,7 +430,7 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
                 raise RuntimeError
             return real_page(query)
 
-        api = RefinerApi(refiner.url, "refiner-key", page_length=100, max_attempts=1)
+        api = RefinerClient(refiner.url, "refiner-key", page_length=100, max_attempts=1)
         refiner.page = failing  # page 3 answers 500 (the stub turns the exception into a dropped request)
         with pytest.raises(BackfillError):
             run_backfill(api, outbox, RULES, {}, workers=2)
@@ -437,7 +438,7 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
         assert state is not None and state.pages == 2 and not state.done
         assert outbox.stats().pending == 200
         refiner.page = real_page
-        resumed = run_backfill(RefinerApi(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, workers=2)
+        resumed = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, workers=2)
     assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500
 
 

@@ -1,4 +1,4 @@
-"""SPEC section 1: settings, their defaults, and one clear line for a bad one."""
+"""Settings, their defaults, and one clear line for a bad one."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_malformed_mapping_file_is_explained(tmp_path, text, says):
     assert says in str(info.value)
 
 
-# --- SPEC section 7: Segment to Refiner --------------------------------------------------
+# --- Segment to Refiner --------------------------------------------------------------------
 
 SEGMENT_ON = {**BASE, "SEGMENT_SHARED_SECRET": "segment-shared-secret-0123", "REFINER_API_KEY": "refiner-key"}
 

@@ -217,7 +217,7 @@ def test_e2e_schemathesis_against_openapi_json_finds_no_5xx_and_no_undocumented_
             "--checks",
             "all",
             # The webhook is lenient by design: unknown fields pass, and a body whose event is
-            # not forwarded is acknowledged "ignored" unvalidated (SPEC section 3), so a body the
+            # not forwarded is acknowledged "ignored" unvalidated (docs/http.md), so a body the
             # schema calls invalid may rightly get a 200. Everything else is checked.
             "--exclude-checks",
             "negative_data_rejection,positive_data_acceptance",

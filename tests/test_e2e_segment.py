@@ -1,5 +1,5 @@
-"""End to end, Segment to Refiner (SPEC section 7): `refiner-source serve` as a user starts it, with
-SEGMENT_SHARED_SECRET set, a local HTTP server standing in for Refiner's REST API (tests/refiner_stub.py)
+"""End to end, Segment to Refiner: `refiner-source serve` as a user starts it, with
+SEGMENT_SHARED_SECRET and REFINER_API_KEY set, a local HTTP server standing in for Refiner's REST API (tests/refiner_stub.py)
 and one for Segment (tests/segment_stub.py). Events are posted as Segment's Webhooks destination posts them."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ import requests
 
 from tests.conftest import SECRET, load_fixture
 from tests.refiner_stub import RefinerStub
-from tests.service import Service, command, free_port
+from tests.service import Service, command, free_port, wait_until
 
 SHARED_SECRET = "segment-shared-secret-0123456789"
 API_KEY = "refiner-e2e-key"
@@ -77,17 +76,6 @@ def status(service: Service) -> dict[str, Any]:
     done = subprocess.run([*command(), "status", "--json", "--to", "refiner"], env=service.env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["directions"]["refiner"]
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not so after {timeout}s")
-        time.sleep(0.1)
 
 
 def settled(service: Service, delivered: int, timeout: float = 30.0) -> dict[str, Any]:
@@ -169,7 +157,7 @@ def calls_of(refiner: RefinerStub, status: int | None = 200) -> list[tuple[str, 
 # --- mapping, signatures ------------------------------------------------------------------------------
 
 
-def test_e2e_single_and_batched_events_signed_both_ways_arrive_as_the_spec_calls(make_service, refiner, store_url):
+def test_e2e_single_and_batched_events_signed_both_ways_arrive_as_the_mapping_calls(make_service, refiner, store_url):
     service = make_service(store_url).start()
     identify = {
         "type": "identify",

@@ -17,7 +17,7 @@ from pathlib import Path
 import requests
 
 from refiner_source.config import load_settings
-from refiner_source.store import Outbox
+from refiner_source.store import Store
 from tests.conftest import SECRET, entry_for
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
@@ -60,7 +60,18 @@ def test_app_json_describes_every_variable_the_code_reads():
     assert env.seen - SET_BY_HEROKU == described, "app.json env and config.py disagree"
     assert all(spec.get("description") for spec in app["env"].values())
     assert app["env"]["REFINER_WEBHOOK_SECRET"]["generator"] == "secret"
-    assert app["env"]["SEGMENT_WRITE_KEY"]["required"] is True
+    # Either direction can run alone, which a button cannot require: no pair is required, and each
+    # variable of a pair says which direction it turns on.
+    turns_on = {
+        "SEGMENT_WRITE_KEY": "turns on Refiner -> Segment",
+        "REFINER_WEBHOOK_SECRET": "turns on Refiner -> Segment",
+        "SEGMENT_SHARED_SECRET": "turns on Segment -> Refiner",
+        "REFINER_API_KEY": "turns on Segment -> Refiner",
+    }
+    for name, direction in turns_on.items():
+        assert direction in app["env"][name]["description"], name
+        assert app["env"][name].get("required") is not True, name
+    assert "Leave empty for Segment -> Refiner alone" in app["env"]["SEGMENT_WRITE_KEY"]["description"]
     assert {"plan": "heroku-postgresql", "as": "DATABASE"} in app["addons"]
     assert set(app["formation"]) == set(procfile()) - {"release"}
 
@@ -94,7 +105,7 @@ def _env(store_url: str, segment: SegmentStub, **extra: str) -> dict[str, str]:
 
 
 def test_several_worker_processes_deliver_thousands_of_messages_exactly_once(store_url, segment, tmp_path):
-    outbox = Outbox(store_url)
+    outbox = Store(store_url)
     outbox.init_schema()
     outbox.store_many([entry_for(r) for r in range(1000)])
     total = 1000 * 3  # messages: each event is an identify, a group and a track

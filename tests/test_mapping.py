@@ -1,4 +1,4 @@
-"""SPEC section 3, rule by rule: the pure mapping from a Refiner event to Segment messages."""
+"""docs/mapping.md, rule by rule: the pure mapping from a Refiner event to Segment messages."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from refiner_source import create_app
+from refiner_source.config import DIRECTION_VARIABLES
 from refiner_source.directions import REFINER, SEGMENT
 from refiner_source.ops.tally import DELIVERY, Tally
 from refiner_source.store import DeadLetter
@@ -237,6 +238,7 @@ def check_conventions(families: dict, content_type: str) -> None:
         "refiner_source_dead_events",
         "refiner_source_oldest_pending_age_seconds",
         "refiner_source_delivery_latency_seconds",
+        "refiner_source_direction_enabled",
     }
     for name, family in families.items():
         assert name.startswith("refiner_source_") and re.fullmatch(r"[a-z_]+", name), name
@@ -255,6 +257,7 @@ def check_conventions(families: dict, content_type: str) -> None:
         "refiner_source_dead_events": "gauge",
         "refiner_source_oldest_pending_age_seconds": "gauge",
         "refiner_source_delivery_latency_seconds": "histogram",
+        "refiner_source_direction_enabled": "gauge",
     }
     for s in families["refiner_source_webhooks"].samples:
         assert set(s.labels) == {"source", "outcome"}
@@ -336,6 +339,8 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
     assert value(families, "refiner_source_delivery_latency_seconds_count", destination=SEGMENT) == 2
     assert value(families, "refiner_source_delivery_latency_seconds_sum", destination=SEGMENT) == pytest.approx(2.0)
     assert value(families, "refiner_source_delivery_latency_seconds_count", destination=REFINER) == 0
+    assert value(families, "refiner_source_direction_enabled", destination=SEGMENT) == 1
+    assert value(families, "refiner_source_direction_enabled", destination=REFINER) == 1
 
     # The page shows the same figures.
     page = admin.get("/status", headers=basic()).get_data(as_text=True)
@@ -343,6 +348,69 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
         assert f'data-figure="segment-hour-{name}">{expected}<' in page, name
         assert f'data-figure="segment-day-{name}">{expected}<' in page, name
     assert 'data-figure="refiner-hour-received">4<' in page and 'data-figure="refiner-hour-accepted">2<' in page
+
+
+# --- a direction that is off ---------------------------------------------------------------
+
+ONLY_TO_REFINER = {"segment_write_key": None, "webhook_secrets": (), "segment_shared_secret": SEGMENT_SECRET, "refiner_api_key": "k"}
+ONLY_TO_SEGMENT = {"segment_shared_secret": None, "refiner_api_key": None}
+
+
+@pytest.fixture
+def admin_of(settings, outbox):
+    """A client of an app whose settings are the test's, with the password and `overrides`."""
+    apps = []
+
+    def make(**overrides):
+        apps.append(create_app(replace(settings, admin_password=PASSWORD, **overrides)))
+        return apps[-1].test_client()
+
+    yield make
+    for app in apps:
+        app.extensions["refiner_source"].tally.flush()
+        app.extensions["refiner_source"].outbox.dispose()
+
+
+def off_note(page: str, destination: str) -> str | None:
+    """The note under a direction's heading when it is off (the text of the paragraph after it), else None."""
+    section = re.search(rf'<section class="direction" id="{destination}">(.*?)</section>', page, re.S)
+    assert section, page
+    if f'data-off="{destination}">off<' not in section.group(1):
+        return None
+    return re.sub(r"<[^>]+>", "", re.search(r"</h2>\s*<p[^>]*>(.*?)</p>", section.group(1), re.S).group(1))
+
+
+@pytest.mark.parametrize(
+    "overrides, off, on",
+    [(ONLY_TO_REFINER, SEGMENT, REFINER), (ONLY_TO_SEGMENT, REFINER, SEGMENT)],
+    ids=["only-segment-to-refiner", "only-refiner-to-segment"],
+)
+def test_a_direction_that_is_off_shows_as_off_with_what_turns_it_on_and_as_0_in_metrics(admin_of, overrides, off, on):
+    admin = admin_of(**overrides)
+    page = admin.get("/status", headers=basic()).get_data(as_text=True)
+    note = off_note(page, off)
+    assert note is not None and off_note(page, on) is None
+    first, second = DIRECTION_VARIABLES[off]
+    assert f"{first} and {second} turn it on." in note
+    assert f'data-figure="{off}-pending"' not in page, "an off direction that holds nothing shows no figures"
+    assert f'data-figure="{on}-pending">0<' in page
+
+    families, _ = scrape(lambda: admin.get("/metrics", headers=basic()))
+    assert value(families, "refiner_source_direction_enabled", destination=off) == 0
+    assert value(families, "refiner_source_direction_enabled", destination=on) == 1
+    text = admin.get("/metrics", headers=basic()).get_data(as_text=True)
+    assert f'refiner_source_direction_enabled{{destination="{off}"}} 0.0' in text
+    assert f'refiner_source_direction_enabled{{destination="{on}"}} 1.0' in text
+
+
+def test_a_direction_turned_off_still_shows_the_events_it_stored(admin_of, outbox):
+    make_dead_letter(outbox)
+    outbox.store_many([entry_for(2)])
+    admin = admin_of(**ONLY_TO_REFINER)
+    page = admin.get("/status", headers=basic()).get_data(as_text=True)
+    assert "stored before it was turned off" in off_note(page, SEGMENT)
+    assert 'data-figure="segment-pending">1<' in page and 'data-figure="segment-dead">1<' in page
+    assert ">r1</a>" in page and 'id="replay-segment"' in page  # its dead letters can still be queued again for when it is back on
 
 
 # --- end to end: the real service, two gunicorn workers and the delivery worker ------------
@@ -509,6 +577,8 @@ def test_e2e_metrics_after_a_known_burst_across_two_web_workers_and_the_delivery
         assert value(families, "refiner_source_delivery_latency_seconds_bucket", destination=SEGMENT, le="+Inf") == 30
         assert 0 < value(families, "refiner_source_delivery_latency_seconds_sum", destination=SEGMENT) < 30 * 30
         assert value(families, "refiner_source_delivery_latency_seconds_count", destination=REFINER) == 0
+        assert value(families, "refiner_source_direction_enabled", destination=SEGMENT) == 1
+        assert value(families, "refiner_source_direction_enabled", destination=REFINER) == 0  # its variables are unset
     finally:
         service.stop()
     assert PASSWORD not in service.logs()

@@ -1,4 +1,4 @@
-"""RefinerApi.send against Refiner's REST API (responses mocks the HTTP), SPEC section 7's delivery rules."""
+"""RefinerApi.send against Refiner's REST API (responses mocks the HTTP): what is taken, retried or refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import requests
 import responses
 
-from refiner_source.refiner_rest import RefinerApi, Rejected, RetryLater
+from refiner_source.delivery.loop import Rejected, RetryLater
+from refiner_source.to_refiner.api import RefinerApi
 from refiner_source.to_refiner.mapping import IDENTIFY_USER, TRACK_EVENT, RefinerCall
 
 BASE = "https://refiner.test/v1"

@@ -1,4 +1,4 @@
-"""The delivery worker to Refiner (SPEC section 7, "Delivery"): RefinerWorker against a real local
+"""The delivery worker to Refiner (each contact's calls in order, merged identifies, retries): RefinerWorker against a real local
 HTTP server standing in for Refiner's REST API, on SQLite and PostgreSQL. Nothing of ours is mocked."""
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from sqlalchemy import select, update
 
 from refiner_source.config import MappingRules
 from refiner_source.delivery.backoff import Backoff
-from refiner_source.refiner_rest import RefinerApi
-from refiner_source.store import PENDING, REFINER, Outbox
+from refiner_source.store import PENDING, REFINER, Store
 from refiner_source.store import events as events_table
 from refiner_source.to_refiner import events as segment_events
+from refiner_source.to_refiner.api import RefinerApi
 from refiner_source.to_refiner.delivery import RefinerWorker
+from refiner_source.to_refiner.intake import prepare
 from tests.refiner_stub import RefinerStub
 from tests.service import free_port
 
@@ -51,9 +52,9 @@ def audience(user: str, key: str, entered: bool = True, mid: str | None = None) 
     return track(user, name, mid, properties={key: entered}, context={"personas": {"computation_key": key}})
 
 
-def store(outbox: Outbox, *events: dict[str, Any]) -> list[str]:
+def store(outbox: Store, *events: dict[str, Any]) -> list[str]:
     """Store the events as the webhook does; their messageIds."""
-    entries = [segment_events.prepare(segment_events.load(e), RULES) for e in events]
+    entries = [prepare(segment_events.load(e), RULES) for e in events]
     assert outbox.store_many(entries) == len(entries)
     return [e["messageId"] for e in events]
 
@@ -61,14 +62,14 @@ def store(outbox: Outbox, *events: dict[str, Any]) -> list[str]:
 # --- the store, read directly ------------------------------------------------------------------------
 
 
-def rows(outbox: Outbox) -> dict[str, Any]:
+def rows(outbox: Store) -> dict[str, Any]:
     """messageId -> the event's row."""
     with outbox.engine.connect() as conn:
         found = conn.execute(select(events_table).where(events_table.c.destination == REFINER)).all()
     return {r.response_id: r for r in found}
 
 
-def time_passes(outbox: Outbox) -> None:
+def time_passes(outbox: Store) -> None:
     """Whatever waits to be retried is due now: the wait itself is checked on the row, not slept."""
     with outbox.engine.begin() as conn:
         conn.execute(
@@ -235,7 +236,7 @@ def test_network_errors_are_retried_with_growing_backoff(outbox, refiner, make_w
     row = rows(outbox)[mid]
     assert row.status == "pending" and row.attempts == 2 and "network" in row.last_error
     assert outbox.dead_letters(destination=REFINER) == []
-    worker.api = RefinerApi(refiner.url, KEY, timeout=5)  # Refiner reachable again
+    worker.to.api = RefinerApi(refiner.url, KEY, timeout=5)  # Refiner reachable again
     time_passes(outbox)
     worker.run_once()
     assert bodies(refiner.posted()) == [{"id": "u1", "event": "Signed Up"}]
@@ -266,7 +267,7 @@ def test_401_and_403_are_retried_and_logged_as_a_key_problem(outbox, refiner, ma
 
     assert {c["status"] for c in refiner.calls} == {status}
     if status == 401:
-        worker.api = RefinerApi(refiner.url, KEY, timeout=5)  # the operator fixed REFINER_API_KEY
+        worker.to.api = RefinerApi(refiner.url, KEY, timeout=5)  # the operator fixed REFINER_API_KEY
     forbidden.clear()
     time_passes(outbox)
     worker.run_once()

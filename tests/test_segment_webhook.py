@@ -1,4 +1,4 @@
-"""POST /webhooks/segment: SPEC section 7's status table, row by row, on SQLite and PostgreSQL."""
+"""POST /webhooks/segment: docs/http.md's status table, row by row, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy import select
 from refiner_source import create_app
 from refiner_source.config import Settings
 from refiner_source.store import REFINER, SEGMENT, events
-from refiner_source.to_refiner.webhook import first_element
+from refiner_source.web.auth import first_element
 
 SEGMENT_SECRET = "segment-shared-secret-0123456789"
 URL = "/webhooks/segment"
@@ -105,15 +105,15 @@ def test_batch_stored_answers_200_with_each_event_accepted(post, outbox):
 
 
 def test_stored_events_are_committed_before_the_answer(post, segment_settings, outbox):
-    from refiner_source.store import Outbox
+    from refiner_source.store import Store
 
     assert post([event(1), event(2)]).status_code == 200
-    fresh = Outbox(segment_settings.database_url)  # another connection sees them: committed
+    fresh = Store(segment_settings.database_url)  # another connection sees them: committed
     try:
         claimed = fresh.claim(REFINER, 10, 60, "other", contact_order=True)
     finally:
         fresh.dispose()
-    assert sorted(c.response_id for c in claimed) == ["msg-1", "msg-2"]
+    assert sorted(c.source_id for c in claimed) == ["msg-1", "msg-2"]
 
 
 def test_malformed_event_in_a_batch_never_costs_the_batchs_good_events(post, outbox):

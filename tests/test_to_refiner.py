@@ -1,4 +1,4 @@
-"""SPEC section 7, rule by rule: the pure mapping from one Segment event to Refiner REST calls."""
+"""docs/mapping.md's Segment to Refiner, rule by rule: the pure mapping from one Segment event to Refiner REST calls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC section 2, status by status, on SQLite and PostgreSQL."""
+"""POST /webhooks/refiner, status by status (docs/http.md), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from refiner_source import create_app
-from refiner_source.store import SEGMENT, Outbox
+from refiner_source.store import SEGMENT, Store
 from refiner_source.to_segment.events import WebhookSchema, event_from_json
 from tests.conftest import SECRET
 
@@ -21,7 +21,7 @@ def test_stored_will_be_delivered_answers_202_with_message_count(post_webhook, w
 
 def test_accepted_messages_are_committed_before_the_answer(post_webhook, webhook_body, store_url, settings):
     post_webhook(webhook_body)
-    fresh = Outbox(settings.database_url)  # another connection sees it: committed, not just written
+    fresh = Store(settings.database_url)  # another connection sees it: committed, not just written
     (claimed,) = fresh.claim(SEGMENT, 10, 60, "other")
     fresh.dispose()
     assert event_from_json(claimed.event) == WebhookSchema().load(webhook_body)  # the event as received, normalised

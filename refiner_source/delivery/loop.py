@@ -1,5 +1,14 @@
-"""What every destination's delivery worker does: claim rounds until stopped, back off when the
-store or the destination fails, and settle each round's events in one transaction."""
+"""One delivery loop for every destination: claim stored events, have the destination map them
+into calls, send the calls, and settle what became of each event in one transaction.
+
+What is written once, here: claims and their lease, SIGTERM and the lease running out (what is
+not sent is handed back), which answers are retried (RetryLater, with Retry-After or backoff by
+the event's attempts), dead letters (Rejected, on the one call at fault: a call of several events
+or messages is split and sent again), one contact's calls in order (lanes), and the counts.
+
+What a destination supplies (`Destination`): its mapping (claimed events -> lanes of calls), its
+API call (`send`), and how a refused call of several parts is split.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +17,127 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from refiner_source.delivery.backoff import Backoff
-from refiner_source.directions import SEGMENT
 from refiner_source.ops.tally import DELIVERY, Tally
-from refiner_source.store import Claimed, DeadLetter, Outbox, StoreUnavailable
+from refiner_source.store import Claimed, DeadLetter, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKOFF = Backoff(base=0.5, cap=60.0)
 
 
-class RetryLater(Exception):
-    """Segment or the network said "not now"; `delay` is how long to wait (Retry-After if given);
-    `status` is Segment's HTTP status when it answered, None when it could not be reached."""
+def is_retryable(status: int) -> bool:
+    """Whether an HTTP answer means "not now" rather than "never": 408, 429, 5xx, and a 3xx (one the
+    client does not follow: the URL setting points at a redirector, which the operator must fix)."""
+    return status in (408, 429) or status >= 500 or 300 <= status < 400
 
-    def __init__(self, reason: str, delay: float | None, status: int | None = None) -> None:
+
+class RetryLater(Exception):
+    """The destination or the network said "not now". `delay` is its Retry-After when given;
+    `status` its HTTP status when it answered (None: not reachable); `key_problem` when it refused
+    the credentials or the host (retried while the operator fixes the setting, logged as an error)."""
+
+    def __init__(self, reason: str, delay: float | None, status: int | None = None, *, key_problem: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.delay = delay
         self.status = status
+        self.key_problem = key_problem
 
 
-class HandBack(Exception):
-    """Out of time for this claim (SIGTERM, or the lease running out): give back what is not settled."""
+class Rejected(Exception):
+    """The destination refused the call itself (a 4xx that is not about credentials): the one event
+    at fault becomes a dead letter; `detail` is the destination's answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request to a destination: what it sends, and the events it delivers."""
+
+    body: Any
+    events: tuple[Claimed, ...]
+    message_id: str | None = None  # of a call that is one message: what its dead letter names
+    kind: str | None = None  # what sort of call (a Segment message type, a Refiner API path)
+    parts: tuple[Call, ...] = ()  # of a call made of several (merged calls): what split() may send instead
+
+
+class Destination(Protocol):
+    """What a destination supplies to the loop."""
+
+    name: str  # the destination its events are stored under
+    title: str  # who answers, in the log ("Segment", "Refiner")
+    id_name: str  # what the id its source gave an event is called in the log ("response_id", "message_id")
+    key_hint: str  # what to check when it refuses the credentials
+    contact_order: bool  # claim one contact's events in order, never past an earlier one waiting
+    concurrency: int  # lanes sent at once
+
+    def plan(self, claimed: Sequence[Claimed]) -> tuple[list[list[Call]], list[DeadLetter]]:
+        """The calls of the claimed events, in lanes (each lane in order; lanes independent), and
+        the events that cannot be mapped (dead at once). An event in neither is delivered."""
+
+    def send(self, call: Call) -> None:
+        """Returns when the destination took the call; raises RetryLater or Rejected."""
+
+    def split(self, call: Call) -> list[Call]:
+        """The smaller calls to send instead of a refused one ([]: it is one, and at fault)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the start-up log line says of it (host, concurrency)."""
+
+
+@dataclass
+class LaneResult:
+    """What became of one lane in a round (filled in by the thread that sent it)."""
+
+    dead: list[DeadLetter] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # events to give back, in order
+    retry: RetryLater | None = None  # why they are given back (None: out of time)
+    attempts: int = 0  # tries so far of the first event given back: its backoff exponent
+    progress: bool = False  # a call of this lane was answered (taken or refused)
+    unsent_calls: int = 0
 
 
 class Loop:
-    """What every destination's worker does: claim rounds until `stop()` (or SIGTERM through
-    `install_signal_handlers`), backing off when the store or the destination fails."""
+    """Claims rounds for one destination until `stop()` (or SIGTERM), backing off when the store
+    or the destination fails."""
 
-    destination: str
-
-    def __init__(self, outbox: Outbox, *, batch_size: int, lease_seconds: float, idle_poll: float, backoff: Backoff) -> None:
+    def __init__(
+        self,
+        outbox: Store,
+        destination: Destination,
+        *,
+        batch_size: int,
+        lease_seconds: float = 60.0,
+        idle_poll: float = 0.2,
+        backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> None:
         self.outbox = outbox
+        self.to = destination  # what the events are sent to: its mapping and its API
+        self.destination = destination.name
         self.batch_size = batch_size  # events per claim
         self.lease_seconds = lease_seconds
         self.idle_poll = idle_poll
         self.backoff = backoff
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stopping = False
-        self._failures = 0  # consecutive retryable failures, for the backoff exponent
+        self._failures = 0  # consecutive failures of the store (or a bug), for the loop's own backoff
         self.tally = Tally(outbox, background=False)  # what it delivered, added to the store after each round
+        self.pool = (
+            ThreadPoolExecutor(destination.concurrency, thread_name_prefix=f"to-{self.destination}")
+            if destination.concurrency > 1
+            else None
+        )
 
     def stop(self, *_args: object) -> None:
         # A plain flag, no lock: stop() is a signal handler, and Python runs handlers in the main
@@ -65,35 +150,133 @@ class Loop:
         signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
-        log.info("delivery worker started", extra={"worker": self.name, "destination": self.destination, **self.describe()})
-        while not self._stopping:
-            try:
-                self.before_round()
-                wait = self.run_once()
-                self.tally.flush()
-            except StoreUnavailable as exc:
-                log.error("store unavailable; retrying", extra={"error": str(exc), "destination": self.destination})
-                wait = self.backoff.delay(self._bump())
-            except Exception:  # a bug must not end delivery: its claim was handed back, try again later
-                log.exception("a delivery round failed; retrying", extra={"destination": self.destination})
-                wait = self.backoff.delay(self._bump())
-            if wait:
-                self._nap(wait)
+        log.info("delivery worker started", extra={"worker": self.name, "destination": self.destination, **self.to.describe()})
+        try:
+            while not self._stopping:
+                try:
+                    wait = self.run_once()
+                    self.tally.flush()
+                    self._failures = 0
+                except StoreUnavailable as exc:
+                    log.error("store unavailable; retrying", extra={"error": str(exc), "destination": self.destination})
+                    wait = self.backoff.delay(self._bump())
+                except Exception:  # a bug must not end delivery: its claim was handed back, try again later
+                    log.exception("a delivery round failed; retrying", extra={"destination": self.destination})
+                    wait = self.backoff.delay(self._bump())
+                if wait:
+                    self._nap(wait)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
         log.info("delivery worker stopped", extra={"worker": self.name, "destination": self.destination})
 
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def before_round(self) -> None:
-        pass
-
     def run_once(self) -> float:
-        raise NotImplementedError
+        """Claim events, map them, send their calls; return how long to sleep before the next round."""
+        claimed = self.outbox.claim(self.destination, self.batch_size, self.lease_seconds, self.name, contact_order=self.to.contact_order)
+        if not claimed:
+            return self.idle_wait()
+        outcome = Round({c.id: c.source_id for c in claimed}, time.monotonic() + self.lease_seconds / 2, self.destination, self.tally)
+        outcome.id_name = self.to.id_name
+        outcome.received = {c.id: c.queued_at or c.created_at for c in claimed}
+        try:
+            lanes, outcome.dead = self.to.plan(claimed)
+            if self.pool is not None and len(lanes) > 1:
+                results = list(self.pool.map(lambda lane: self._send_lane(lane, outcome), lanes))
+            else:
+                results = [self._send_lane(lane, outcome) for lane in lanes]
+            return self._conclude(results, outcome, full=len(claimed) >= self.batch_size)
+        except BaseException as exc:  # whatever it is, what was learnt is kept and the rest handed back
+            dead = {d.event_id for d in outcome.dead}
+            outcome.release_events((i for i in outcome.claimed if i not in dead), 0.0, f"handed back: {type(exc).__name__}")
+            raise
+        finally:
+            outcome.settle(self.outbox, self.name)
 
     def idle_wait(self) -> float:
-        """Nothing claimed: sleep until the next event is due, checking at least every `idle_poll * 5`."""
+        """Nothing claimed: sleep until the next event is due, checking at least every `idle_poll * 5`;
+        no faster than idle_poll where a due event may wait behind an earlier one of its contact."""
         due = self.outbox.next_due_in(self.destination)
-        return self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
+        wait = self.idle_poll if due is None else min(max(due, 0.01), self.idle_poll * 5)
+        return max(wait, self.idle_poll) if self.to.contact_order else wait
+
+    def _send_lane(self, lane: list[Call], outcome: Round) -> LaneResult:
+        """One lane's calls in order. On "not now" the rest of the lane waits too, so that its calls
+        never overtake one another; a refused call of several parts is split and its parts sent,
+        so that only the event at fault is a dead letter."""
+        result = LaneResult()
+        queue = deque(lane)
+        while queue:
+            # SIGTERM, or a slow destination eating into the lease: the call in flight is finished,
+            # the rest handed back before another worker could claim it too.
+            if self._out_of_time(outcome):
+                break
+            call = queue[0]
+            try:
+                self.to.send(call)
+            except RetryLater as exc:
+                result.retry = exc
+                result.attempts = min(claim.attempts for claim in call.events)
+                break
+            except Rejected as exc:
+                result.progress = True
+                queue.popleft()
+                parts = self.to.split(call)
+                if parts:
+                    queue.extendleft(reversed(parts))
+                    continue
+                for claim in call.events:
+                    result.dead.append(DeadLetter(claim.id, call.message_id, call.kind, exc.detail))
+                    log.error(
+                        f"{self.to.title} refused a call; kept as a dead letter",
+                        extra={
+                            self.to.id_name: claim.source_id,
+                            "status": exc.status,
+                            "destination": self.destination,
+                            "outcome": "dead",
+                        },
+                    )
+                continue
+            result.progress = True
+            queue.popleft()
+        result.unsent = list(dict.fromkeys(claim.id for call in queue for claim in call.events))
+        result.unsent_calls = len(queue)
+        return result
+
+    def _conclude(self, results: list[LaneResult], outcome: Round, full: bool) -> float:
+        """Settle what each lane learnt. A lane told "not now" waits by Retry-After or by its own
+        backoff (its events' attempts so far); the other lanes go on. The loop itself waits only
+        when no lane got anywhere (the destination down, rate-limiting, or refusing the key)."""
+        delays: list[float] = []
+        for result in results:
+            outcome.dead.extend(result.dead)
+            if result.retry is None:  # out of time: handed back, to be claimed again at once
+                outcome.release_events(result.unsent, 0.0, "handed back unsent")
+                continue
+            delay = result.retry.delay if result.retry.delay is not None else self.backoff.delay(result.attempts)
+            outcome.release_events(result.unsent, delay, result.retry.reason)
+            delays.append(delay)
+        retries = [r.retry for r in results if r.retry is not None]
+        if not retries:
+            return 0.0 if full or any(r.unsent for r in results) else self.idle_poll
+        stuck = all(r.retry is not None and not r.progress for r in results)
+        delay = min(delays)
+        first = next((r for r in retries if r.key_problem), retries[0])
+        extra = {
+            "reason": first.reason,
+            "status": first.status,
+            "events": sum(len(r.unsent) for r in results),
+            "calls": sum(r.unsent_calls for r in results),
+            "retry_in": round(delay, 2),
+            "destination": self.destination,
+            "outcome": "retry",
+        }
+        title = self.to.title
+        if first.key_problem:
+            log.error(f"{title} answered HTTP {first.status}; will retry: {self.to.key_hint}", extra=extra)
+        else:
+            what = f"{title} not reachable now" if first.status is None else f"{title} answered HTTP {first.status}"
+            log.warning(f"{what}; will retry", extra=extra)
+        return delay if stuck else (0.0 if full else self.idle_poll)
 
     def _nap(self, seconds: float) -> None:
         """Sleep up to `seconds`, in short naps that look at stop()."""
@@ -109,34 +292,25 @@ class Loop:
         return self._failures - 1
 
 
-def received_times(claimed: Sequence[Claimed]) -> dict[int, float]:
-    """When each event was put in line (received, or replayed): what its delivery latency counts from."""
-    return {c.id: c.queued_at or c.created_at for c in claimed}
-
-
 @dataclass
 class Round:
-    """One claim: its events (id -> response id), when it must stop sending, and what became of its
-    events, written in one transaction at the end."""
+    """One claim: its events (id -> the id its source gave it), when it must stop sending, and what
+    became of its events, written in one transaction at the end."""
 
     claimed: dict[int, str]
     send_until: float  # time.monotonic()
-    destination: str = SEGMENT
+    destination: str
     tally: Tally | None = None
-    received: dict[int, float] = field(default_factory=dict)  # event -> when it was received (latency)
-    id_name: str = "response_id"  # what the claimed ids are, in the log: Segment's messageIds for Refiner
+    received: dict[int, float] = field(default_factory=dict)  # event -> when it was put in line (latency)
     dead: list[DeadLetter] = field(default_factory=list)
     released: dict[int, tuple[float, str]] = field(default_factory=dict)  # event -> (delay, error)
-
-    def release(self, chunks: Sequence[Sequence[Any]], delay: float, error: str) -> None:
-        for chunk in chunks:
-            self.release_events((item.event_id for item in chunk), delay, error)
+    id_name: str = "event"  # what the claimed ids are called in the log
 
     def release_events(self, event_ids: Iterable[int], delay: float, error: str) -> None:
         for event_id in event_ids:
             self.released.setdefault(event_id, (delay, error))
 
-    def settle(self, outbox: Outbox, worker: str) -> None:
+    def settle(self, outbox: Store, worker: str) -> None:
         dead_ids = {d.event_id for d in self.dead}
         delivered = [e for e in self.claimed if e not in dead_ids and e not in self.released]
         waits: dict[tuple[float, str], list[int]] = {}  # events given back, by how long they wait and why
@@ -158,4 +332,4 @@ class Round:
             for event_id in delivered:
                 self.tally.latency(where, now - self.received.get(event_id, now))
         for event_id in delivered:
-            log.info("delivered", extra={self.id_name: self.claimed[event_id], "outcome": "delivered", "destination": self.destination})
+            log.info("delivered", extra={self.id_name: self.claimed[event_id], "outcome": "delivered", "destination": where})

@@ -18,7 +18,7 @@ from typing import Any
 import requests
 
 from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
-from refiner_source.store import Outbox, Stats
+from refiner_source.store import Stats, Store
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Alerts:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: Store,
         url: str,
         pending_seconds: float = 900,
         *,

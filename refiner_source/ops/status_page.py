@@ -17,10 +17,12 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
 
-from refiner_source.directions import DIRECTIONS, REFINER
+from refiner_source.config import DIRECTION_VARIABLES, Settings
+from refiner_source.destinations import preview
+from refiner_source.directions import DIRECTIONS
 from refiner_source.ops.tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
-from refiner_source.store import Outbox, Stats
-from refiner_source.web.core import error, state
+from refiner_source.store import Stats, Store
+from refiner_source.web.state import error, state
 
 operator_bp = Blueprint("operator", __name__, template_folder="templates")
 
@@ -63,6 +65,8 @@ class Direction:
     destination: str
     title: str
     source: str
+    on: bool
+    turned_on_by: tuple[str, ...]  # the variables that turn it on, named while it is off
     stats: Stats
     hour: dict[str, int]
     day: dict[str, int]
@@ -71,8 +75,12 @@ class Direction:
     last_error_at: float | None
     chart: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def holds_events(self) -> bool:
+        return bool(self.stats.pending or self.stats.delivered or self.stats.dead)
 
-def directions(outbox: Outbox, now: float) -> list[Direction]:
+
+def directions(outbox: Store, settings: Settings, now: float) -> list[Direction]:
     minute = int(now // 60)
     hour = outbox.traffic_totals(since_minute=minute - 59)
     day = outbox.traffic_totals(since_minute=minute - (CHART_MINUTES - 1))
@@ -85,6 +93,8 @@ def directions(outbox: Outbox, now: float) -> list[Direction]:
                 destination=destination,
                 title=title,
                 source=source,
+                on=settings.direction_on(destination),
+                turned_on_by=DIRECTION_VARIABLES[destination],
                 stats=outbox.stats(destination),
                 hour=_figures(hour, source, destination),
                 day=_figures(day, source, destination),
@@ -104,7 +114,7 @@ def _figures(totals: dict[tuple[str, str, str], int], source: str, destination: 
     return figures
 
 
-def _chart(outbox: Outbox, source: str, destination: str, minute: int, width: int = 720, height: int = 120) -> dict[str, Any]:
+def _chart(outbox: Store, source: str, destination: str, minute: int, width: int = 720, height: int = 120) -> dict[str, Any]:
     """Received against delivered per minute over 24 hours, as SVG polyline points (drawn here, no script)."""
     start = minute - (CHART_MINUTES - 1)
     received = outbox.traffic_per_minute(WEBHOOK, source, WEBHOOK_OUTCOMES, start)
@@ -158,7 +168,7 @@ def status_page():
     found = app_state.outbox.find_events(query) if query else None
     return render_template(
         "status.html",
-        directions=directions(app_state.outbox, time.time()),
+        directions=directions(app_state.outbox, app_state.settings, time.time()),
         query=query,
         found=found,
         csrf=csrf_token(),
@@ -179,7 +189,7 @@ def event_page(event_id: int):
         _stop(404, "not_found", f"No event {event_id}.")
     destination, stored, messages, generation, created_at = content
     try:
-        calls, problem = _calls(destination, stored, messages, generation, created_at, app_state.settings.rules), None
+        calls, problem = preview(destination, stored, messages, generation, created_at, app_state.settings.rules), None
     except Exception as exc:  # an event that cannot be mapped (a dead letter): show it as stored, and why
         calls, problem = [json.loads(stored)] if stored else [], f"{type(exc).__name__}: {exc}"
     found = app_state.outbox.find_event(event_id)
@@ -193,16 +203,6 @@ def event_page(event_id: int):
         found=found,
         when=when,
     )
-
-
-def _calls(destination, stored, messages, generation, created_at, rules) -> list[dict[str, Any]]:
-    if destination == REFINER:
-        from refiner_source.to_refiner.mapping import to_refiner
-
-        return [] if stored is None else [{"path": c.path, "body": c.body} for c in to_refiner(json.loads(stored), rules)]
-    from refiner_source.to_segment.delivery import messages_of
-
-    return messages_of(stored, messages, generation, created_at, rules)
 
 
 @operator_bp.post("/status/replay")
@@ -224,16 +224,18 @@ def metrics():
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(state().outbox))
+    registry.register(StoreCollector(state().outbox, state().settings))
     # content_type, not mimetype: a mimetype would replace the header and drop the format's version.
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 class StoreCollector:
-    """Prometheus figures read from the store at each scrape (see the README for why not multiprocess mode)."""
+    """Prometheus figures read from the store at each scrape (see the README for why not multiprocess mode),
+    and which directions this process's settings turn on."""
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Store, settings: Settings) -> None:
         self.outbox = outbox
+        self.settings = settings
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -253,6 +255,11 @@ class StoreCollector:
         latency = HistogramMetricFamily(
             "refiner_source_delivery_latency_seconds", "From receipt to delivery, per event", labels=["destination"]
         )
+        enabled = GaugeMetricFamily(
+            "refiner_source_direction_enabled",
+            "1 when the direction to this destination is on (both its variables set), else 0",
+            labels=["destination"],
+        )
         for destination, names in DIRECTIONS.items():
             source = names.source
             for outcome in WEBHOOK_OUTCOMES:
@@ -268,4 +275,5 @@ class StoreCollector:
                 cumulative += totals.get((LATENCY, destination, f"le_{bound:g}" if bound != float("inf") else "le_inf"), 0)
                 buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
             latency.add_metric([destination], buckets, totals.get((LATENCY, destination, "sum_ms"), 0) / 1000.0)
-        yield from (webhooks, deliveries, pending, dead, oldest, latency)
+            enabled.add_metric([destination], int(self.settings.direction_on(destination)))
+        yield from (webhooks, deliveries, pending, dead, oldest, latency, enabled)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from refiner_source.store import StoreUnavailable
 
 if TYPE_CHECKING:
-    from refiner_source.store import Outbox
+    from refiner_source.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Tally:
     """Counts of one process. `background`: a thread adds them to the store every `every` seconds
     (the web app); otherwise the owner calls flush() (the delivery worker, after each round)."""
 
-    def __init__(self, outbox: Outbox, every: float = 1.0, background: bool = True) -> None:
+    def __init__(self, outbox: Store, every: float = 1.0, background: bool = True) -> None:
         self.outbox = outbox
         self.every = every
         self.background = background

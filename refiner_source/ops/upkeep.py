@@ -10,7 +10,7 @@ import logging
 import time
 
 from refiner_source.ops.alerts import Alerts
-from refiner_source.store import Outbox, StoreUnavailable
+from refiner_source.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Upkeep:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: Store,
         *,
         retention_days: int = 7,
         alert_webhook_url: str | None = None,

@@ -2,7 +2,7 @@
 
 Nothing here opens a database connection or a Segment client: the app is built in each
 worker after the fork (no preload). The delivery worker is gunicorn's sibling, started and
-watched by `refiner-source serve` (serve.py), not by gunicorn's master.
+watched by `refiner-source serve` (run/supervisor.py), not by gunicorn's master.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 WATCHED = STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}  # SIGHUP goes on to gunicorn: it reloads its workers
-STOP_SECONDS = 22.0  # from the stop signal to SIGKILL of what is left: under SPEC's 25 s, above gunicorn's 20
+STOP_SECONDS = 22.0  # from the stop signal to SIGKILL of what is left: under the 25 s a stop may take, above gunicorn's 20
 STEADY_SECONDS = 10.0  # a worker that lived this long is restarted at once; quicker deaths back off
 MAX_RESTART_DELAY = 30.0
 STOPPED_ON_PURPOSE = (0, -signal.SIGTERM, -signal.SIGINT)

@@ -1,6 +1,6 @@
-"""Mapping a Segment event to Refiner REST API calls (SPEC section 7). Pure: no I/O, no clock.
+"""Mapping a Segment event to Refiner REST API calls (the rules: docs/mapping.md). Pure: no I/O, no clock.
 
-It reads an event in Segment's own shape (as posted, or as stored by segment_events.normalise),
+It reads an event in Segment's own shape (as posted, or as stored by to_refiner.events.normalise),
 so that what was stored is mapped again, with the current mapping file, when it is sent.
 """
 

@@ -1,14 +1,12 @@
-"""POST /webhooks/segment: the target of Segment's Webhooks destination (SPEC section 7).
+"""POST /webhooks/segment: the target of Segment's Webhooks destination (statuses: docs/http.md).
 
-Verify first, on the raw body; then each event of the body (one, or an array when Segment's
-batching is on) is validated on its own, so that a malformed one never costs the others.
+The size, then the signature (or token), verified on the raw body; then each event of the body
+(one, or an array when Segment's batching is on) is validated on its own, so that a malformed one
+never costs the others.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import logging
 from typing import Any
 
@@ -16,21 +14,14 @@ from flask import Blueprint, g, jsonify, request
 from marshmallow import ValidationError
 
 from refiner_source.store import StoreUnavailable
-from refiner_source.to_refiner import events as segment_events
+from refiner_source.to_refiner.events import load as load_event
+from refiner_source.to_refiner.intake import prepare
 from refiner_source.to_refiner.mapping import ignored_reason
-from refiner_source.to_segment.events import error_fields
-from refiner_source.web.core import (
-    BODY_LIMITS,
-    LARGEST_BODY_BYTES,
-    SOURCES,
-    error,
-    parse_json,
-    presented_token,
-    read_body,
-    state,
-    token_ok,
-    too_large,
-)
+from refiner_source.validation import error_fields
+from refiner_source.web.auth import presented_token, signature_ok, token_ok
+from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, parse_json, read_body, too_large
+from refiner_source.web.counts import SOURCES
+from refiner_source.web.state import error, state
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +33,10 @@ bp = Blueprint("segment_to_refiner", __name__)
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
-def first_element(raw: bytes) -> bytes | None:
-    """The exact text of a JSON array's first element, which is what Segment signs for a batch."""
-    try:
-        text = raw.decode("utf-8")
-        start = len(text) - len(text.lstrip())
-        if not text.startswith("[", start):
-            return None
-        start += 1
-        start += len(text[start:]) - len(text[start:].lstrip())
-        _, end = json.JSONDecoder().raw_decode(text, start)
-    except (ValueError, RecursionError):
-        return None
-    return text[start:end].encode("utf-8")
-
-
-def signature_ok(raw: bytes, signature: str, secret: str) -> bool:
-    """Whether `signature` is the hex HMAC-SHA1 of the body, or of a batch's first event, keyed with the secret."""
-    given = signature.strip().lower().encode("ascii", "replace")
-    key = secret.encode("utf-8")
-    if hmac.compare_digest(hmac.new(key, raw, hashlib.sha1).hexdigest().encode(), given):
-        return True
-    first = first_element(raw)
-    return first is not None and hmac.compare_digest(hmac.new(key, first, hashlib.sha1).hexdigest().encode(), given)
-
-
 def _authenticate(raw: bytes, secret: str):
     """None when the request carries a valid signature or token, else the 401 to answer."""
     signature = request.headers.get("X-Signature")
-    token = presented_token()
+    token = presented_token(request.args.get("token"), request.headers.get("Authorization"))
     if signature is None and token is None:
         return error(
             401,
@@ -116,7 +82,7 @@ def receive_segment():
     invalid: list[dict[str, Any]] = []
     for index, raw_event in enumerate(events):
         try:
-            event = segment_events.load(raw_event)
+            event = load_event(raw_event)
         except ValidationError as exc:
             fields = error_fields(exc)
             if single:
@@ -128,7 +94,7 @@ def receive_segment():
         if reason is not None:
             ignored.append({"index": index, "message_id": event["messageId"], "reason": reason})
             continue
-        entries.append(segment_events.prepare(event, rules))
+        entries.append(prepare(event, rules))
 
     try:
         if single and entries:

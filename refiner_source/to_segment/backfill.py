@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from refiner_source.config import MappingRules
-from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerApi
-from refiner_source.store import BackfillState, Outbox
+from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerClient
+from refiner_source.store import BackfillState, Entry, Store
 from refiner_source.to_segment.events import event_from_json
-from refiner_source.to_segment.intake import Entry, ignore_stop_signals, map_api_page
+from refiner_source.to_segment.intake import ignore_stop_signals, map_api_page
 from refiner_source.to_segment.mapping import map_event
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class _Inline:
 
 
 def run_backfill(
-    api: RefinerApi,
-    outbox: Outbox,
+    api: RefinerClient,
+    outbox: Store,
     rules: MappingRules,
     query: dict[str, str],
     *,
@@ -169,7 +169,7 @@ def run_backfill(
 
 
 def _store_page(
-    outbox: Outbox,
+    outbox: Store,
     run_key: str,
     result: Page,
     entries: list[Entry],

@@ -10,6 +10,8 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
+from refiner_source.validation import storable
+
 MAX_ID_LENGTH = 255
 MAX_DEPTH = 32  # JSON nesting; Refiner's bodies are 4 deep, answers rarely more than 2
 MAX_ANSWERS = 500  # keys of response.data
@@ -56,17 +58,6 @@ class RefinerDateTime(fields.Field):
         except ValueError:
             raise self.make_error("invalid") from None
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def storable(text: str) -> bool:
-    """Whether a text can be stored and logged as it is: UTF-8 encodable (no lone surrogates), no NUL."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _storable_text(value: str) -> None:
@@ -306,23 +297,3 @@ def event_from_json(text: str) -> SurveyEvent:
         data[key] = datetime.fromisoformat(data[key]) if data[key] else None
     data["account"] = Account(**data["account"]) if data["account"] else None
     return SurveyEvent(**data)
-
-
-def error_fields(error: ValidationError) -> dict[str, list[str]]:
-    """Flatten marshmallow's nested messages into {"response.uuid": ["..."]} for a 422 body."""
-    out: dict[str, list[str]] = {}
-
-    def walk(messages: Any, path: str) -> None:
-        if isinstance(messages, dict):
-            for key, value in messages.items():
-                walk(value, f"{path}.{key}" if path else str(key))
-        elif isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-            out.setdefault(path or "_schema", []).extend(messages)
-        elif isinstance(messages, list):
-            for i, value in enumerate(messages):
-                walk(value, f"{path}.{i}")
-        else:
-            out.setdefault(path or "_schema", []).append(str(messages))
-
-    walk(error.messages, "")
-    return out

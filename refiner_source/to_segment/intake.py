@@ -8,33 +8,18 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import ValidationError
 
 from refiner_source.config import MappingRules
-from refiner_source.directions import SEGMENT
-from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, error_fields, event_to_json
+from refiner_source.entry import Entry
+from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, event_to_json
 from refiner_source.to_segment.mapping import calls
+from refiner_source.validation import error_fields
 
 log = logging.getLogger(__name__)
 _api_item = ApiResponseSchema()
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One accepted event to store: its receipt, what replay selects it by, and the event itself."""
-
-    receipt_key: str
-    response_id: str
-    triggered_event: str
-    event: str  # the normalised event as JSON
-    message_count: int = 0  # what the webhook answers; the messages are made at delivery
-    form_uuid: str | None = None
-    occurred_at: float | None = None
-    destination: str = SEGMENT
-    contact: str | None = None  # whose event, where the destination keeps one contact's order (Refiner)
 
 
 def receipt_key(response_uuid: str, triggered_event: str) -> str:
@@ -47,7 +32,7 @@ def prepare(event: SurveyEvent, rules: MappingRules) -> Entry:
     occurred = event.completed_at or event.dismissed_at or event.received_at
     return Entry(
         receipt_key=receipt_key(event.response_uuid, event.triggered_event),
-        response_id=event.response_uuid,
+        source_id=event.response_uuid,
         triggered_event=event.triggered_event,
         event=event_to_json(event),
         message_count=len(calls(event, rules)),

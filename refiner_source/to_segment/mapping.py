@@ -1,4 +1,4 @@
-"""Pure mapping: one SurveyEvent in, the list of finished Segment messages out (SPEC section 3)."""
+"""Pure mapping: one SurveyEvent in, the list of finished Segment messages out (the rules: docs/mapping.md)."""
 
 from __future__ import annotations
 

@@ -1,30 +1,24 @@
-"""POST /webhooks/refiner: the target of Refiner's webhook. The token first, then the size, then the
-body, validated in one pass and stored as one event before the answer."""
+"""POST /webhooks/refiner: the target of Refiner's webhook. The token, then the size, then the body,
+validated in one pass and stored as one event before the answer. (The token comes first, before
+the body is read: unlike Segment's signature, it does not need the body.)"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, g, jsonify, request
 from marshmallow import ValidationError
 
 from refiner_source.store import StoreUnavailable
-from refiner_source.to_segment.events import WebhookSchema, check_limits, error_fields, shape_of, well_formed_event_name
+from refiner_source.to_segment.events import WebhookSchema, check_limits, shape_of, well_formed_event_name
 from refiner_source.to_segment.intake import prepare
 from refiner_source.to_segment.mapping import event_name
-from refiner_source.web.core import (
-    BODY_LIMITS,
-    SOURCES,
-    error,
-    over_limit,
-    parse_json,
-    presented_token,
-    read_body,
-    state,
-    token_ok,
-    too_large,
-)
+from refiner_source.validation import error_fields
+from refiner_source.web.auth import presented_token, token_ok
+from refiner_source.web.body import BODY_LIMITS, over_limit, parse_json, read_body, too_large
+from refiner_source.web.counts import SOURCES
+from refiner_source.web.state import error, state
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +30,25 @@ bp = Blueprint("refiner_to_segment", __name__)
 _webhook = WebhookSchema()
 
 
+def _authenticate(secrets: tuple[str, ...]):
+    """None when the request carries one of the webhook's tokens, else the 401 to answer."""
+    token = presented_token(request.args.get("token"), request.headers.get("Authorization"))
+    if token is None:
+        return error(401, "missing_token", "Add ?token=<REFINER_WEBHOOK_SECRET> to the webhook URL, or send Authorization: Bearer <token>.")
+    if not token_ok(token, secrets):
+        return error(401, "invalid_token", "The token does not match REFINER_WEBHOOK_SECRET.")
+    return None
+
+
 @bp.post(PATH)
 def receive_webhook():
     app_state = state()
-    if not app_state.settings.to_segment_on:
+    settings = app_state.settings
+    if not settings.to_segment_on:
         return error(404, "not_enabled", "Refiner to Segment is off: set SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET to turn it on.")
-    presented = presented_token()
-    if presented is None:
-        return error(401, "missing_token", "Add ?token=<REFINER_WEBHOOK_SECRET> to the webhook URL, or send Authorization: Bearer <token>.")
-    if not token_ok(presented, app_state.settings.webhook_secrets):
-        return error(401, "invalid_token", "The token does not match REFINER_WEBHOOK_SECRET.")
-
+    refused = _authenticate(settings.webhook_secrets)
+    if refused is not None:
+        return refused
     raw = read_body(MAX_BODY_BYTES)
     if raw is None:
         return too_large(MAX_BODY_BYTES)
@@ -61,9 +63,9 @@ def receive_webhook():
     if isinstance(body.get("response"), dict) and isinstance(body["response"].get("uuid"), str):
         g.response_id = body["response"]["uuid"]
 
-    rules = app_state.settings.rules
+    rules = settings.rules
     triggered_event = body.get("triggered_event")
-    # Not forwarded: answered without validating the rest (SPEC section 3). A name that is not a
+    # Not forwarded: answered 200 ignored, the rest unvalidated. A name that is not a
     # valid one (empty, too long, NUL) goes on to validation, which says so with a 422.
     if well_formed_event_name(triggered_event) and event_name(triggered_event, rules) is None:
         reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"

@@ -1,1 +1,2 @@
-"""The shared HTTP face of both directions: body reading and limits, tokens, errors, health, the app's state."""
+"""The shared HTTP face of both directions: the app's state (state), bodies (body), tokens and signatures
+(auth), webhook counts (counts), health and errors (health)."""

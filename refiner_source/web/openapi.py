@@ -23,8 +23,9 @@ from refiner_source.to_segment.events import (
 ERROR_CODES = {
     400: ["empty_body", "invalid_encoding", "invalid_json"],
     401: ["missing_token", "invalid_token"],
+    404: ["not_enabled"],
     413: ["body_too_large"],
-    422: ["invalid_shape", "invalid_payload", "too_deep", "too_many_answers", "too_many_attributes", "too_long", "too_large_for_segment"],
+    422: ["invalid_shape", "invalid_payload", "too_deep", "too_many_answers", "too_many_attributes", "too_long"],
     503: ["store_unavailable"],
 }
 SEGMENT_ERROR_CODES = {
@@ -108,7 +109,13 @@ def build_openapi(version: str) -> dict[str, Any]:
         version=version,
         openapi_version="3.0.3",
         plugins=[plugin],
-        info={"description": "Receives Refiner survey webhooks and delivers them to Segment as identify, group and track calls."},
+        info={
+            "description": (
+                "Receives Refiner survey webhooks and delivers them to Segment as identify, group and track calls; and "
+                "receives Segment's Webhooks destination and delivers its events to Refiner's REST API. Each direction "
+                "is on by its own pair of settings; a direction that is off answers 404 not_enabled on its route."
+            )
+        },
     )
     plugin.converter.add_attribute_function(_custom_fields)
     spec.components.schema("Webhook", schema=WebhookSchema)
@@ -126,7 +133,7 @@ def build_openapi(version: str) -> dict[str, Any]:
         path="/webhooks/refiner",
         operations={
             "post": {
-                "summary": "Refiner's webhook target",
+                "summary": "Refiner's webhook target (Refiner to Segment); 404 unless SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET are set",
                 "description": (
                     f"Limits: body 1 MiB, JSON nesting {MAX_DEPTH} levels, {MAX_ANSWERS} answers, "
                     f"{MAX_ATTRIBUTES} attributes each for contact and account, ids {MAX_ID_LENGTH} characters. "
@@ -141,6 +148,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "200": {"description": "duplicate, or an event not forwarded", "content": {"application/json": {"schema": "Seen"}}},
                     "400": _error("body empty, not UTF-8 or not JSON", 400),
                     "401": _error("token missing or wrong", 401),
+                    "404": _error("Refiner to Segment is off (SEGMENT_WRITE_KEY or REFINER_WEBHOOK_SECRET unset)", 404),
                     "413": _error("body over 1 MiB", 413),
                     "422": _error("JSON of the wrong shape, or over a limit", 422),
                     "503": _error("store not answering; retry", 503),
@@ -153,7 +161,10 @@ def build_openapi(version: str) -> dict[str, Any]:
         path="/webhooks/segment",
         operations={
             "post": {
-                "summary": "Segment's Webhooks destination target (Segment to Refiner); 404 until SEGMENT_SHARED_SECRET is set",
+                "summary": (
+                    "Segment's Webhooks destination target (Segment to Refiner); "
+                    "404 unless SEGMENT_SHARED_SECRET and REFINER_API_KEY are set"
+                ),
                 "description": (
                     f"One Segment event, or an array of them (batching). Body up to 8 MiB; traits and context nested "
                     f"{SEGMENT_MAX_DEPTH} levels at most. Authenticated by X-Signature (hex HMAC-SHA1 of the body, or of a "
@@ -175,7 +186,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                         for status, description in (
                             (400, "body empty, not UTF-8, not JSON, or not an object or array"),
                             (401, "signature or token missing or wrong"),
-                            (404, "Segment to Refiner is off (SEGMENT_SHARED_SECRET unset)"),
+                            (404, "Segment to Refiner is off (SEGMENT_SHARED_SECRET or REFINER_API_KEY unset)"),
                             (413, "body over 8 MiB"),
                             (422, "a single event of the wrong shape"),
                             (503, "store not answering; Segment retries"),
@@ -191,7 +202,8 @@ def build_openapi(version: str) -> dict[str, Any]:
     ):
         responses: dict[str, Any] = {"200": {"description": summary, "content": {"application/json": {"schema": "Status"}}}}
         if unavailable:
-            responses["503"] = _error("the store is not answering", 503)
+            codes = {503: ["store_unavailable", "delivery_worker_down"]}
+            responses["503"] = _error("the store is not answering, or the embedded delivery worker is not running", 503, codes)
         spec.path(path=path, operations={"get": {"summary": summary, "responses": responses}})
     spec.path(
         path="/openapi.json",

@@ -10,12 +10,11 @@ from datetime import UTC, datetime
 import pytest
 
 from refiner_source.config import MappingRules
-from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Outbox, StoreUnavailable
-from refiner_source.to_segment.intake import Entry
+from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable
 from tests.conftest import entry_for
 
 
-def store(outbox: Outbox, *ids) -> None:
+def store(outbox: Store, *ids) -> None:
     assert outbox.store_many([entry_for(i) for i in ids]) == len(ids)
 
 
@@ -38,7 +37,7 @@ def test_store_of_a_receipt_seen_before_writes_nothing(outbox):
 def test_claim_is_exclusive_until_the_lease_runs_out(outbox, monkeypatch):
     store(outbox, 1, 2)
     first = outbox.claim(SEGMENT, 10, lease_seconds=60, worker="a")
-    assert [c.response_id for c in first] == ["r1", "r2"] and all(c.event for c in first)
+    assert [c.source_id for c in first] == ["r1", "r2"] and all(c.event for c in first)
     assert outbox.claim(SEGMENT, 10, 60, "b") == []
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 61)  # worker "a" died: its lease runs out
@@ -52,7 +51,7 @@ def test_concurrent_claims_never_share_an_event(outbox, settings):
     lock = threading.Lock()
 
     def claimer(name: str) -> None:
-        box = Outbox(settings.database_url)
+        box = Store(settings.database_url)
         while batch := box.claim(SEGMENT, 7, 60, name):
             with lock:
                 seen.extend(c.id for c in batch)
@@ -109,11 +108,11 @@ def test_requeue_selects_by_response_form_and_time_with_a_new_generation(outbox)
     store(outbox, 1, 2)
     for claimed in outbox.claim(SEGMENT, 10, 60, "w"):
         outbox.settle("w", delivered=[claimed.id])
-    result = outbox.requeue(response_id="r2", generation="r123")
+    result = outbox.requeue(source_id="r2", generation="r123")
     assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)
     (again,) = outbox.claim(SEGMENT, 10, 60, "w")
-    assert again.response_id == "r2" and again.generation == "r123"
-    assert outbox.requeue(response_id="nobody").matched == 0
+    assert again.source_id == "r2" and again.generation == "r123"
+    assert outbox.requeue(source_id="nobody").matched == 0
     occurred = entry_for(1).occurred_at
     assert outbox.requeue(since=occurred + 1).matched == 0
     assert outbox.requeue(since=occurred, until=occurred + 1).matched == 2
@@ -129,7 +128,7 @@ def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
     errors: list[Exception] = []
 
     def init() -> None:
-        box = Outbox(store_url)
+        box = Store(store_url)
         try:
             box.init_schema()
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
@@ -151,7 +150,7 @@ def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(o
     outbox.settle("w", delivered=[delivered.id], dead=[DeadLetter(dead.id, None, None, "HTTP 400")], released=[_pending.id])
     assert outbox.purge(delivered_before=time.time() - 60, receipts_before=time.time() - 60) == (0, 0)
     assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() - 60) == (1, 0)  # answers forgotten
-    assert outbox.requeue(response_id="rdelivered").forgotten == 1
+    assert outbox.requeue(source_id="rdelivered").forgotten == 1
     assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() + 1) == (0, 1)  # receipt gone
     assert outbox.store_many([entry_for("delivered")]) == 1  # so a resend is new again
     stats = outbox.stats()
@@ -183,7 +182,7 @@ def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox
 
 
 def test_store_grouped_gives_every_waiting_thread_the_error(store_url):
-    box = Outbox(store_url)  # no schema: the store fails
+    box = Store(store_url)  # no schema: the store fails
     with pytest.raises(StoreUnavailable):
         box.store_grouped(entry_for(1))
     box.dispose()
@@ -206,7 +205,7 @@ def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monke
 
 
 def test_same_receipt_twice_in_one_group_is_stored_once(outbox):
-    from refiner_source.store import _row, _Waiting
+    from refiner_source.store.receipts import _row, _Waiting
 
     entry = entry_for(1)
     queued = _Waiting(entry, _row(entry, time.time()))
@@ -227,7 +226,7 @@ def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tm
     import fcntl
     import os
 
-    from refiner_source.store import _SqliteWriterLock
+    from refiner_source.store.database import _SqliteWriterLock
 
     path = str(tmp_path / "x.db-writer.lock")
     other = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -270,7 +269,7 @@ def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
     from refiner_source.to_segment.events import event_from_json
     from refiner_source.to_segment.mapping import map_event
 
-    box = Outbox(url)
+    box = Store(url)
     payloads: dict[str, list[dict]] = {}
     with box.engine.begin() as conn:
         for statement in V2_TABLES if version == 2 else V2_TABLES[:2]:  # a rollback finds refiner_schema there
@@ -279,13 +278,13 @@ def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
         for n, (response, state) in enumerate([("sent", "delivered"), ("waiting", "pending"), ("refused", "dead")], start=1):
             entry = entry_for(response)
             messages = map_event(event_from_json(entry.event), MappingRules(), _NOW)
-            payloads[entry.response_id] = messages
+            payloads[entry.source_id] = messages
             conn.execute(
                 text("INSERT INTO refiner_receipts VALUES (:id, :key, :rid, :ev, 3, :at, :form, :occurred, :event)"),
                 {
                     "id": n,
                     "key": entry.receipt_key,
-                    "rid": entry.response_id,
+                    "rid": entry.source_id,
                     "ev": entry.triggered_event,
                     "at": time.time() - 60,
                     "form": entry.form_uuid,
@@ -301,7 +300,7 @@ def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
                     {
                         "id": message_id,
                         "mid": message["messageId"],
-                        "rid": entry.response_id,
+                        "rid": entry.source_id,
                         "call": message["type"],
                         "payload": json.dumps(message),
                         "status": status,
@@ -315,18 +314,18 @@ def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
 
 def test_init_db_upgrades_a_version_2_store_losing_no_pending_message(store_url):
     payloads = make_v2_store(store_url)
-    box = Outbox(store_url)
+    box = Store(store_url)
     box.init_schema()
     box.init_schema()  # and again: nothing more happens
     assert box.schema_version() == SCHEMA_VERSION
     stats = box.stats()
     assert (stats.pending, stats.dead) == (1, 1)
     (waiting,) = box.claim(SEGMENT, 10, 60, "w")
-    assert waiting.response_id == "rwaiting" and waiting.messages == payloads["rwaiting"]  # exactly as stored
+    assert waiting.source_id == "rwaiting" and waiting.messages == payloads["rwaiting"]  # exactly as stored
     assert box.dead_letters() == [("rrefused", payloads["rrefused"][-1]["messageId"], "HTTP 400 invalid: too many properties")]
     # Every receipt still makes its resend a duplicate, and replay still finds the stored events.
     assert box.store_many([entry_for("sent"), entry_for("waiting"), entry_for("refused")]) == 0
-    assert box.requeue(response_id="rsent").queued == 1
+    assert box.requeue(source_id="rsent").queued == 1
     with box.engine.connect() as conn:
         names = set(box.engine.dialect.get_table_names(conn))
     assert "refiner_messages" not in names and "refiner_receipts" not in names
@@ -336,7 +335,7 @@ def test_init_db_upgrades_a_version_2_store_losing_no_pending_message(store_url)
 def test_replay_leaves_pending_events_alone_so_one_in_flight_is_not_sent_twice(outbox):
     store(outbox, 1)
     (in_flight,) = outbox.claim(SEGMENT, 10, 60, "w")
-    result = outbox.requeue(response_id="r1", generation="r1")
+    result = outbox.requeue(source_id="r1", generation="r1")
     assert (result.matched, result.queued, result.pending) == (1, 0, 1)
     outbox.settle("w", delivered=[in_flight.id])  # the worker still holds it: its answer counts
     assert outbox.stats().delivered == 1
@@ -347,7 +346,7 @@ def test_oldest_pending_age_counts_from_the_replay_not_from_the_first_receipt(ou
     outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")])
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 30 * 86400)  # a month later
-    outbox.requeue(response_id="r1")
+    outbox.requeue(source_id="r1")
     assert outbox.stats().oldest_pending_age < 60
 
 
@@ -362,12 +361,12 @@ def test_a_receipt_outlives_a_late_delivery_by_the_full_receipt_retention(outbox
 
 
 def test_an_older_release_started_again_is_taken_in_when_rolling_forward(store_url):
-    box = Outbox(store_url)
+    box = Store(store_url)
     box.init_schema()  # version 3
     box.store_many([entry_for("before")])
     box.dispose()
     payloads = make_v2_store(store_url, version=3)  # a rollback: version 2's code makes its tables anew
-    box = Outbox(store_url)
+    box = Store(store_url)
     box.init_schema()
     assert box.store_many([entry_for(r) for r in ("before", "sent", "waiting", "refused")]) == 0
     stats = box.stats()
@@ -379,24 +378,22 @@ def test_an_older_release_started_again_is_taken_in_when_rolling_forward(store_u
 
 def test_replay_of_an_upgraded_response_does_not_send_its_old_messages_again(store_url):
     make_v2_store(store_url)
-    box = Outbox(store_url)
+    box = Store(store_url)
     box.init_schema()
     (legacy,) = box.claim(SEGMENT, 10, 60, "w")
     box.settle("w", delivered=[legacy.id])
-    result = box.requeue(response_id="rwaiting", generation="r9")
+    result = box.requeue(source_id="rwaiting", generation="r9")
     assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)  # the event, mapped anew; not the old copy
     (again,) = box.claim(SEGMENT, 10, 60, "w")
     assert again.messages is None and again.event is not None
     box.dispose()
 
 
-# --- Segment to Refiner: one contact's events in order (SPEC section 7) ----------------------
+# --- Segment to Refiner: one contact's events in order ---------------------------------------
 
 
 def refiner_entry(message_id: str, contact: str) -> Entry:
-    return Entry(
-        receipt_key=message_id, response_id=message_id, triggered_event="identify", event="{}", destination=REFINER, contact=contact
-    )
+    return Entry(receipt_key=message_id, source_id=message_id, triggered_event="identify", event="{}", destination=REFINER, contact=contact)
 
 
 def test_one_contacts_calls_keep_their_order_while_an_earlier_one_waits_to_be_retried(outbox):
@@ -405,7 +402,7 @@ def test_one_contacts_calls_keep_their_order_while_an_earlier_one_waits_to_be_re
     outbox.settle("w", delivered=[b1.id], released=[a1.id], delay=30)  # a1 waits 30 s to be retried
     outbox.store_many([refiner_entry("a2", "id:a"), refiner_entry("b2", "id:b")])
     claimed = outbox.claim(REFINER, 10, 60, "w", contact_order=True)
-    assert [c.response_id for c in claimed] == ["b2"]  # a2 waits behind a1; b's calls go on
+    assert [c.source_id for c in claimed] == ["b2"]  # a2 waits behind a1; b's calls go on
     assert outbox.claim(SEGMENT, 10, 60, "w") == []  # each destination has its own line
 
 
@@ -415,11 +412,11 @@ def test_a_contact_claimed_by_one_worker_is_not_claimed_by_another(outbox):
     outbox.store_many([refiner_entry("a2", "id:a")])
     assert outbox.claim(REFINER, 10, 60, "second", contact_order=True) == []
     outbox.settle("first", delivered=[held.id])
-    assert [c.response_id for c in outbox.claim(REFINER, 10, 60, "second", contact_order=True)] == ["a2"]
+    assert [c.source_id for c in outbox.claim(REFINER, 10, 60, "second", contact_order=True)] == ["a2"]
 
 
 def test_a_version_3_store_gets_the_contact_column(store_url):
-    box = Outbox(store_url)
+    box = Store(store_url)
     box.init_schema()
     box.store_many([entry_for(1)])
     with box.engine.begin() as conn:  # as version 3 left it
@@ -427,7 +424,7 @@ def test_a_version_3_store_gets_the_contact_column(store_url):
         conn.exec_driver_sql("ALTER TABLE refiner_events DROP COLUMN contact")
         conn.exec_driver_sql("UPDATE refiner_schema SET version = 3")
     box.dispose()
-    box = Outbox(store_url)
+    box = Store(store_url)
     box.init_schema()
     box.init_schema()
     assert box.schema_version() == SCHEMA_VERSION == 4

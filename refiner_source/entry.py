@@ -1,0 +1,27 @@
+"""The row type of the store: one accepted event, as either direction hands it over to be kept.
+
+Outside the store package, and importing nothing heavy, because a backfill's mapping processes build
+entries and must not load the database (importing any module of the store package loads it all).
+The store re-exports it: `from refiner_source.store import Entry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from refiner_source.directions import SEGMENT
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One accepted event to store: its receipt, what replay selects it by, and the event itself."""
+
+    receipt_key: str
+    source_id: str  # the id its source gave it: a Refiner response's uuid, a Segment messageId
+    triggered_event: str
+    event: str  # the normalised event as JSON
+    message_count: int = 0  # what the webhook answers; the messages are made at delivery
+    form_uuid: str | None = None
+    occurred_at: float | None = None
+    destination: str = SEGMENT
+    contact: str | None = None  # whose event, where the destination keeps one contact's order (Refiner)

@@ -1,0 +1,168 @@
+"""The operator's commands: status, replay and purge-dead, on the store of both directions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import click
+
+from refiner_source.config import DIRECTION_VARIABLES, Settings
+from refiner_source.directions import DIRECTIONS
+from refiner_source.run.options import DATE, TO, check_range, chosen_directions, epoch, open_outbox, settings_or_exit
+
+if TYPE_CHECKING:
+    from refiner_source.store import Store
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds, in place, until Ctrl-C (with --json: a line each time).")
+@TO
+def status(as_json: bool, watch: bool, to: str | None) -> None:
+    """Print pending, delivered and dead counts, the age of the oldest pending event, the newest dead
+    letters and the last delivery error, per direction."""
+    import time
+
+    settings = settings_or_exit()
+    outbox = open_outbox(settings)
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            if watch and tty and not as_json:
+                click.echo("\x1b[H\x1b[2J", nl=False)  # home and clear: the figures are redrawn in place
+            _print_status(outbox, settings, to, as_json)
+            if not watch:
+                return
+            time.sleep(2.0)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch
+        return
+
+
+def _print_status(outbox: Store, settings: Settings, to: str | None, as_json: bool) -> None:
+    report = {d: outbox.stats(d) for d in chosen_directions(to)}
+    if as_json:
+        directions = {}
+        for d, stats in report.items():
+            error, at = outbox.last_error(d)
+            directions[d] = {
+                "on": settings.direction_on(d),
+                **stats.__dict__,
+                "stalled": stalled_for(stats) is not None,
+                "dead_letters": [{"id": i, "message_id": m, "error": e} for i, m, e in outbox.dead_letters(limit=10, destination=d)],
+                "last_error": None if error is None else {"error": error, "at": datetime.fromtimestamp(at, UTC).isoformat()},
+            }
+        first = next(iter(directions.values()))  # at the top level too, as before there were two directions
+        click.echo(json.dumps({**first, "directions": directions}))
+        return
+    for i, (destination, stats) in enumerate(report.items()):
+        title = DIRECTIONS[destination].title
+        if not settings.direction_on(destination):
+            click.echo(f"{chr(10) if i else ''}{title}: off ({' and '.join(DIRECTION_VARIABLES[destination])} turn it on)")
+            if not (stats.pending or stats.delivered or stats.dead):
+                continue
+            title = f"{title} (stored before it was turned off)"
+            i = 0
+        _print_direction(outbox, destination, stats, title, gap=bool(i))
+
+
+def _print_direction(outbox: Store, destination: str, stats, title: str, gap: bool) -> None:
+    age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f}s"
+    click.echo(f"{chr(10) if gap else ''}{title}")
+    click.echo(f"pending    {stats.pending}\ndelivered  {stats.delivered}\ndead       {stats.dead}\noldest pending age  {age}")
+    stalled = stalled_for(stats)
+    if stalled is not None:
+        target = "Segment" if destination == "segment" else "Refiner's API"
+        click.echo(
+            f"nothing delivered for {stalled:.0f}s while {stats.pending} event(s) wait: is a delivery worker running "
+            f"(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach {target} (see its log)?"
+        )
+    error, at = outbox.last_error(destination)
+    if error is not None:
+        click.echo(f"last delivery error ({datetime.fromtimestamp(at, UTC):%Y-%m-%d %H:%M:%S} UTC): {error}")
+    if stats.dead:
+        ids = "response id" if destination == "segment" else "Segment messageId"
+        click.echo(f"newest dead letters ({ids}, message id, error); `refiner-source replay --to {destination}` resends them:")
+        for source_id, message_id, error in outbox.dead_letters(destination=destination):
+            click.echo(f"  {source_id}  {message_id}  {error}")
+
+
+STALLED_AFTER = 60.0  # seconds; a healthy worker's longest backoff between tries is 60 s
+
+
+def stalled_for(stats) -> float | None:
+    """Seconds without a delivery while the oldest message has waited longer than STALLED_AFTER; else None."""
+    waited = stats.oldest_pending_age
+    if not stats.pending or waited is None or waited < STALLED_AFTER:
+        return None
+    if stats.last_delivered_age is not None and stats.last_delivered_age < STALLED_AFTER:
+        return None
+    return waited if stats.last_delivered_age is None else min(waited, stats.last_delivered_age)
+
+
+@click.command()
+@click.option("--response", "response_id", metavar="UUID", help="Resend this response.")
+@click.option("--form", "form_uuid", metavar="UUID", help="Resend every response of this survey.")
+@click.option("--since", type=DATE, help="Resend responses completed at or after this date (UTC).")
+@click.option("--until", type=DATE, help="... and before this date (UTC).")
+@click.option("--new-ids", is_flag=True, help="New messageIds, so that Segment does not drop what it already has.")
+@click.option("--message", "message_id", metavar="ID", help="Send this Segment event (its messageId) to Refiner again.")
+@TO
+def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids: bool, message_id: str | None, to: str | None) -> None:
+    """Put dead letters back in line (both directions, or --to one); or resend responses (to Segment) or a
+    Segment event (--message, to Refiner), mapped again with the current mapping file."""
+    check_range(since, until)
+    settings = settings_or_exit()
+    outbox = open_outbox(settings)
+    if message_id is not None:
+        if any((response_id, form_uuid, since, until, new_ids)) or to == "segment":
+            raise click.UsageError("--message selects one Segment event for Refiner; it goes with no other selection")
+        result = outbox.requeue(source_id=message_id, destination="refiner")
+        if not result.matched:
+            raise click.ClickException(f"nothing matched --message {message_id}: no Segment event with that messageId was accepted")
+        click.echo(f"{result.queued} event(s) queued again for Refiner" + (f", {result.pending} not sent yet" if result.pending else ""))
+        return
+    if not any((response_id, form_uuid, since, until)):
+        if new_ids:
+            raise click.UsageError("--new-ids goes with --response, --form, --since or --until")
+        for destination in chosen_directions(to):
+            click.echo(f"{outbox.replay_dead(destination)} dead letter(s) queued again ({DIRECTIONS[destination].title})")
+        return
+    if to == "refiner":
+        raise click.UsageError("--response, --form, --since and --until select Refiner's responses (to Segment); use --message ID")
+    now = datetime.now(UTC)
+    generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
+    result = outbox.requeue(response_id, form_uuid, epoch(since), epoch(until), generation)
+    if not result.matched:
+        chosen = {"--response": response_id, "--form": form_uuid, "--since": since, "--until": until}
+        selection = " ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
+        raise click.ClickException(f"nothing matched {selection}: no response received (by webhook or backfill) fits it")
+    how = "with new messageIds" if new_ids else "with their original messageIds (Segment drops repeats it has; add --new-ids)"
+    click.echo(f"{result.queued} response(s) queued again, to be mapped with the current mapping file, {how}")
+    if result.pending:
+        click.echo(f"{result.pending} response(s) not sent yet: left in line as they are (they are mapped when sent)")
+    if result.forgotten:
+        click.echo(
+            f"{result.forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, "
+            "so they cannot be re-mapped"
+        )
+
+
+@click.command("purge-dead")
+@click.option("--older-than", type=click.FloatRange(min=0), default=0, show_default=True, help="Only those older than this many days.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@TO
+def purge_dead(older_than: float, yes: bool, to: str | None) -> None:
+    """Delete dead letters for good (they are otherwise kept until replayed)."""
+    import time
+
+    outbox = open_outbox(settings_or_exit())
+    directions = chosen_directions(to)
+    if not yes:
+        count = sum(outbox.stats(d).dead for d in directions)
+        click.confirm(f"Delete {count} dead letter(s) older than {older_than:g} day(s) for good?", abort=True)
+    for destination in directions:
+        count = outbox.purge_dead(time.time() - older_than * 86400, destination)
+        click.echo(f"{count} dead letter(s) deleted ({DIRECTIONS[destination].title})")

@@ -1,0 +1,55 @@
+"""What the refiner-source commands share: reading the settings, opening the store, --to and dates.
+
+Light on purpose, as every module of the command is: a backfill's mapping processes (spawned)
+import the command again, and should carry only what mapping needs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import click
+
+from refiner_source.config import ConfigError, Settings, load_settings
+from refiner_source.directions import DIRECTIONS
+
+if TYPE_CHECKING:
+    from refiner_source.store import Store
+
+
+def settings_or_exit(*require: str, directions: bool = False) -> Settings:
+    try:
+        return load_settings(require=require, directions=directions)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def open_outbox(settings: Settings) -> Store:
+    from refiner_source.store import Store
+
+    return Store(settings.database_url)
+
+
+TO = click.option(
+    "--to",
+    "to",
+    type=click.Choice(list(DIRECTIONS)),
+    help="Only this direction: segment (Refiner's responses) or refiner (Segment's events). Default: both.",
+)
+
+
+def chosen_directions(to: str | None) -> list[str]:
+    return [to] if to else list(DIRECTIONS)
+
+
+DATE = click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise click.UsageError(f"--since ({since:%Y-%m-%d %H:%M:%S}) must be before --until ({until:%Y-%m-%d %H:%M:%S})")
+
+
+def epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.replace(tzinfo=value.tzinfo or UTC).timestamp()

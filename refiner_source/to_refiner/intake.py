@@ -1,0 +1,44 @@
+"""What the webhook does with a validated Segment event: make the entry the store keeps (its
+receipt, its contact, the event as stored). Pure: no database, no web framework."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from refiner_source.config import MappingRules
+from refiner_source.directions import REFINER
+from refiner_source.entry import Entry
+from refiner_source.to_refiner.events import normalise
+from refiner_source.to_refiner.mapping import contact_key, to_refiner
+from refiner_source.validation import storable
+
+
+def prepare(event: dict[str, Any], rules: MappingRules) -> Entry:
+    """The entry of a validated, forwarded event: its messageId is the receipt (a resend is a
+    duplicate), its contact keeps its place in line."""
+    stored = normalise(event)
+    return Entry(
+        receipt_key=event["messageId"],
+        source_id=event["messageId"],
+        triggered_event=event["type"] if event["type"] != "track" else f"track {event['event']}"[:255],
+        # ASCII escapes: a lone surrogate in a trait (valid JSON: "\\ud800") is stored, not refused by the store.
+        event=json.dumps(stored, separators=(",", ":")),
+        message_count=len(to_refiner(stored, rules)),
+        occurred_at=None,
+        destination=REFINER,
+        contact=_storable_contact(contact_key(stored)),
+    )
+
+
+MAX_CONTACT_LENGTH = 255  # the store's contact column
+
+
+def _storable_contact(key: str | None) -> str | None:
+    """The contact key as the store can keep it: a digest of it when it is too long for the column
+    ("id:" + a 255-character userId, a long email) or not encodable (a lone surrogate in an email).
+    The key is only compared for equality, so a digest keeps one contact's events together."""
+    if key is None or (len(key) <= MAX_CONTACT_LENGTH and storable(key)):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,0 +1,79 @@
+"""A webhook's body: read within its route's limit, parsed as strict JSON, and the 413 and 422
+answers its size, depth and shape earn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from flask import Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from refiner_source.web.state import error
+
+log = logging.getLogger(__name__)
+
+LARGEST_BODY_BYTES = 8 << 20  # POST /webhooks/segment (a batch of Segment events); the app's limit
+# Each webhook route registers its path here with its limit, so that a 413 raised before the route runs names it.
+BODY_LIMITS: dict[str, int] = {}
+
+
+def read_body(limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` bytes (also when it comes chunked, without a length).
+
+    The app's MAX_CONTENT_LENGTH is one byte more than the largest route limit, and this reads at
+    most `limit` + 1 bytes, so a stream over the limit shows itself by that byte instead of being
+    cut off silently at the limit.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= limit:
+            chunk = request.stream.read(min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except RequestEntityTooLarge:
+        return None
+    return None if size > limit else b"".join(chunks)
+
+
+def parse_json(raw: bytes, expected: str) -> tuple[Any, tuple[Response, int] | None]:
+    """(the parsed body, None), or (None, the error answer) when it is empty, not UTF-8 or not JSON."""
+    if not raw.strip():
+        return None, error(400, "empty_body", f"The body is empty; expected {expected}.")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite), None
+    except UnicodeDecodeError:
+        return None, error(400, "invalid_encoding", "The body is not UTF-8.")
+    except RecursionError:
+        return None, over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
+    except ValueError as exc:
+        return None, error(400, "invalid_json", f"The body is not valid JSON: {exc}")
+
+
+def _finite(text: str) -> float:
+    # 1e999 is valid JSON that Python reads as infinity, which no JSON encoder writes back.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259); Python accepts them, Segment would not.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def over_limit(code: str, path: str, message: str):
+    log.info("rejected", extra={"outcome": code, "fields": [path]})
+    return error(422, code, message, fields={path: [message]})
+
+
+def too_large(limit: int):
+    return error(413, "body_too_large", f"The body is larger than {limit} bytes.")

@@ -1,0 +1,25 @@
+"""Each webhook counted, by source and outcome, after its route has answered."""
+
+from __future__ import annotations
+
+from flask import Response, current_app, g, request
+
+from refiner_source.ops.tally import WEBHOOK
+
+# Each webhook route registers its path here with the source it counts under.
+SOURCES: dict[str, str] = {}
+
+
+def count_webhook(response: Response) -> Response:
+    """Count each webhook by source and outcome (accepted, duplicate, ignored, rejected, unavailable):
+    what the route put in `g.webhook_counts` (for a batch of Segment events, each event), else what
+    its error status says. A route that is off (404) is not counted."""
+    source = SOURCES.get(request.path)
+    app_state = current_app.extensions.get("refiner_source")
+    if source is None or app_state is None or app_state.tally is None or request.method != "POST" or response.status_code == 404:
+        return response
+    status = response.status_code
+    counts = g.get("webhook_counts") if status < 400 else {"unavailable" if status == 503 else "rejected": 1}
+    for outcome, n in (counts or {}).items():
+        app_state.tally.add(WEBHOOK, source, outcome, n)
+    return response

@@ -1,0 +1,64 @@
+"""What answers outside the webhooks: /healthz, /readyz, /openapi.json, and every error as JSON."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from refiner_source.run.supervisor import worker_running
+from refiner_source.store import StoreUnavailable
+from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, too_large
+from refiner_source.web.state import error, state
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    document = current_app.extensions.get("refiner_source_openapi")
+    if document is None:
+        from refiner_source import __version__
+        from refiner_source.web.openapi import build_openapi
+
+        document = current_app.extensions["refiner_source_openapi"] = build_openapi(__version__)
+    return jsonify(document)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    app_state = state()
+    try:
+        app_state.outbox.ping()
+    except StoreUnavailable:
+        return error(503, "store_unavailable", "The store is not answering.")
+    if app_state.delivery_pidfile and not worker_running(app_state.delivery_pidfile):
+        return error(
+            503, "delivery_worker_down", "The embedded delivery worker is not running (refiner-source serve restarts it; see the log)."
+        )
+    return jsonify({"status": "ready"})
+
+
+@bp.app_errorhandler(HTTPException)
+def http_error(exc: HTTPException):
+    if isinstance(exc, RequestEntityTooLarge):
+        return too_large(BODY_LIMITS.get(request.path, LARGEST_BODY_BYTES))
+    response, status = error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+    for name, value in exc.get_headers():  # e.g. Allow on a 405, as RFC 9110 requires
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, status
+
+
+@bp.app_errorhandler(Exception)
+def unexpected_error(exc: Exception):
+    log.exception("unexpected error", extra={"path": request.path, "response_id": g.get("response_id")})
+    return error(500, "internal_error", "Unexpected error; it has been logged.")
