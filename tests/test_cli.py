@@ -218,3 +218,21 @@ def test_every_command_is_on_the_group_with_its_help(tmp_path):
     for name in names:
         helped = run([name, "--help"], {})
         assert helped.returncode == 0 and f"Usage: refiner-source {name}" in helped.stdout, helped.stdout + helped.stderr
+
+
+def test_help_speaks_of_both_directions_and_what_turns_each_on():
+    listed = run(["--help"], {})
+    assert listed.returncode == 0, listed.stderr
+    pairs = ("SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET", "SEGMENT_SHARED_SECRET and REFINER_API_KEY")
+    for words in ("Refiner -> Segment", "Segment -> Refiner", *pairs):
+        assert words in listed.stdout, listed.stdout
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["replay"], ["purge-dead", "--yes"]])
+def test_commands_on_a_sqlite_file_that_is_not_there_say_so_and_create_nothing(args, tmp_path):
+    missing = tmp_path / "nowhere" / "refiner-source.db"
+    (tmp_path / "nowhere").mkdir()
+    result = run(args, {"DATABASE_URL": f"sqlite:///{missing}"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and f"no database at {missing}" in result.stderr
+    assert list((tmp_path / "nowhere").iterdir()) == []  # no database, -wal, -shm or lock file left behind

@@ -54,6 +54,8 @@ def test_comma_separated_secrets():
         ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
         ({"SEGMENT_REGION": "mars"}, "SEGMENT_REGION"),
         ({"SEGMENT_HOST": "api.segment.io"}, "SEGMENT_HOST"),
+        ({"SEGMENT_HOST": "https://api.segment.io/v1/batch"}, "SEGMENT_HOST"),
+        ({"SEGMENT_HOST": "https://api.segment.io?x=1"}, "SEGMENT_HOST"),
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
         ({"DATABASE_URL": "refiner.db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite://"}, "DATABASE_URL"),
@@ -237,3 +239,11 @@ def test_malformed_to_refiner_section_stops_start_up_naming_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_settings({**SEGMENT_ON, "REFINER_MAPPING_FILE": str(path)})
     assert str(info.value).startswith("REFINER_MAPPING_FILE")
+
+
+def test_segment_host_with_a_path_is_refused_naming_the_host_to_use_instead():
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "SEGMENT_HOST": "https://api.segment.io/v1/batch"})
+    assert "such as https://api.segment.io," in str(info.value) and "/v1/batch is added" in str(info.value)
+    assert load_settings({**BASE, "SEGMENT_HOST": "https://events.eu1.segmentapis.com/"}).segment_host == "https://events.eu1.segmentapis.com"
+    assert load_settings({**BASE, "SEGMENT_HOST": "http://127.0.0.1:8080"}).segment_host == "http://127.0.0.1:8080"

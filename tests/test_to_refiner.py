@@ -126,6 +126,48 @@ def test_group_account_id_is_the_group_id_even_when_a_trait_is_named_id():
     assert only(event).body["account"] == {"id": "acct-9"}
 
 
+def test_group_traits_email_is_the_accounts_email_never_the_contacts():
+    # A company's address in a group's traits: Refiner must not re-address the user to it.
+    event = {
+        "type": "group",
+        "messageId": "m-4",
+        "userId": "member-7",
+        "groupId": "company-3",
+        "traits": {"name": "Globex", "email": "billing@globex.example"},
+    }
+    assert only(event).body == {"id": "member-7", "account": {"id": "company-3", "name": "Globex", "email": "billing@globex.example"}}
+    assert email_of(event) is None and contact_key(event) == "id:member-7"
+
+
+def test_group_contact_email_comes_from_context_traits_only():
+    event = {
+        "type": "group",
+        "messageId": "m-5",
+        "userId": "member-7",
+        "groupId": "company-3",
+        "traits": {"email": "billing@globex.example"},
+        "context": {"traits": {"email": "member7@globex.example"}},
+    }
+    body = only(event).body
+    assert body["email"] == "member7@globex.example" and body["account"]["email"] == "billing@globex.example"
+
+
+def test_group_without_user_id_and_only_an_account_email_is_ignored_not_a_new_contact():
+    event = {
+        "type": "group",
+        "messageId": "m-6",
+        "anonymousId": "anon-1",
+        "groupId": "company-3",
+        "traits": {"email": "billing@globex.example"},
+    }
+    assert to_refiner(event, RULES) == []
+    assert ignored_reason(event, RULES) == "no userId and no email: Refiner cannot tell whose it is"
+
+
+def test_identify_traits_email_is_still_the_contacts_email():
+    assert only(identify(traits={"email": "ada@example.com"})).body == {"id": "u-1", "email": "ada@example.com"}
+
+
 # --- track and page ------------------------------------------------------------------------
 
 

@@ -79,3 +79,40 @@ def test_a_webhook_that_is_off_answers_404_before_looking_at_anything(settings, 
     finally:
         app.extensions["refiner_source"].tally.flush()
         app.extensions["refiner_source"].outbox.dispose()
+
+
+def test_the_root_says_what_this_is_which_directions_are_on_and_where_to_look(settings, outbox):
+    from refiner_source import __version__
+
+    app = create_app(settings)  # Refiner to Segment only
+    try:
+        answer = app.test_client().get("/")
+        assert answer.status_code == 200
+        body = answer.json
+        assert body["service"] == "refiner-source" and body["version"] == __version__
+        assert body["directions"]["segment"]["on"] is True and body["directions"]["segment"]["webhook"] == "/webhooks/refiner"
+        assert body["directions"]["refiner"]["on"] is False and body["directions"]["refiner"]["webhook"] == "/webhooks/segment"
+        assert body["links"]["status"] == "/status" and body["links"]["openapi"] == "/openapi.json"
+        text = answer.get_data(as_text=True)
+        assert settings.segment_write_key not in text and SECRET not in text and settings.database_url not in text
+    finally:
+        app.extensions["refiner_source"].tally.flush()
+        app.extensions["refiner_source"].outbox.dispose()
+
+
+def test_a_refused_body_is_rejected_in_the_log_as_in_the_counts(both_on, caplog, webhook_body):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    del webhook_body["response"]["uuid"]  # the wrong shape: a 422
+    assert both_on.post(f"/webhooks/refiner?token={SECRET}", json=webhook_body).status_code == 422
+    signed = {"type": "identify", "messageId": 5}  # not a Segment event: a 422
+    assert both_on.post(f"/webhooks/segment?token={SEGMENT_SECRET}", json=signed).status_code == 422
+    nested: dict = {}
+    for _ in range(100):
+        nested = {"a": nested}
+    assert both_on.post(f"/webhooks/refiner?token={SECRET}", json={**webhook_body, "deep": nested}).status_code == 422
+    outcomes = [getattr(r, "outcome", None) for r in caplog.records if r.getMessage() == "rejected"]
+    assert outcomes == ["rejected", "rejected", "rejected"], outcomes
+    reasons = {getattr(r, "reason", None) for r in caplog.records if r.getMessage() == "rejected"}
+    assert reasons == {"invalid_payload", "invalid_event", "too_deep"}

@@ -43,12 +43,18 @@ class _StoreErrors(click.Group):
 @click.group(cls=_StoreErrors)
 @click.version_option(package_name="refiner-source")
 def main() -> None:
-    """Refiner survey responses into Segment: a webhook receiver and a delivery worker."""
+    """Refiner survey responses into Segment, and Segment's events into Refiner.
+
+    \b
+    Refiner -> Segment: on with SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET.
+    Segment -> Refiner: on with SEGMENT_SHARED_SECRET and REFINER_API_KEY.
+    Either pair, or both; `serve` is a complete installation of what is on.
+    """
 
 
 @main.command()
 def serve() -> None:
-    """Run the web app under gunicorn on $PORT, with the delivery worker beside it."""
+    """Run the web app under gunicorn on $PORT, with the delivery worker beside it (each direction that is on)."""
     from refiner_source.run.supervisor import PortInUse, Supervisor, bind
 
     settings = settings_or_exit(directions=True)

@@ -27,7 +27,7 @@ def status(as_json: bool, watch: bool, to: str | None) -> None:
     import time
 
     settings = settings_or_exit()
-    outbox = open_outbox(settings)
+    outbox = open_outbox(settings, existing=True)
     tty = sys.stdout.isatty()
     try:
         while True:
@@ -115,7 +115,7 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
     Segment event (--message, to Refiner), mapped again with the current mapping file."""
     check_range(since, until)
     settings = settings_or_exit()
-    outbox = open_outbox(settings)
+    outbox = open_outbox(settings, existing=True)
     if message_id is not None:
         if any((response_id, form_uuid, since, until, new_ids)) or to == "segment":
             raise click.UsageError("--message selects one Segment event for Refiner; it goes with no other selection")
@@ -158,7 +158,7 @@ def purge_dead(older_than: float, yes: bool, to: str | None) -> None:
     """Delete dead letters for good (they are otherwise kept until replayed)."""
     import time
 
-    outbox = open_outbox(settings_or_exit())
+    outbox = open_outbox(settings_or_exit(), existing=True)
     directions = chosen_directions(to)
     if not yes:
         count = sum(outbox.stats(d).dead for d in directions)

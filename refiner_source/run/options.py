@@ -25,9 +25,21 @@ def settings_or_exit(*require: str, directions: bool = False) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def open_outbox(settings: Settings) -> Store:
+def open_outbox(settings: Settings, *, existing: bool = False) -> Store:
+    """The store at DATABASE_URL. `existing`: for the commands that only read or change what is
+    stored (status, replay, purge-dead): a SQLite file that is not there is said, and not created."""
+    import os
+
+    from sqlalchemy.engine import make_url
+
     from refiner_source.store import Store
 
+    url = make_url(settings.database_url)
+    if existing and url.drivername.startswith("sqlite") and url.database and not os.path.exists(url.database):
+        raise click.ClickException(
+            f"no database at {os.path.abspath(url.database)}: nothing has been stored there (check DATABASE_URL, "
+            "and the folder this runs in for a relative path; `refiner-source serve` or `init-db` creates it)"
+        )
     return Store(settings.database_url)
 
 

@@ -31,8 +31,11 @@ class RefinerCall:
 
 
 def email_of(event: Mapping[str, Any]) -> str | None:
-    """`traits.email`, else `context.traits.email`; None when neither is a non-empty string."""
-    for traits in (event.get("traits"), _dig(event, "context", "traits")):
+    """The contact's email: `traits.email`, else `context.traits.email`; None when neither is a
+    non-empty string. A group's `traits` describe the account (its `email` is the account's), so
+    a group's contact email comes from `context.traits.email` only."""
+    own = () if event.get("type") == "group" else (event.get("traits"),)
+    for traits in (*own, _dig(event, "context", "traits")):
         if isinstance(traits, Mapping) and isinstance(traits.get("email"), str) and traits["email"].strip():
             return traits["email"]
     return None

@@ -86,7 +86,9 @@ def receive_segment():
         except ValidationError as exc:
             fields = error_fields(exc)
             if single:
-                log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields), "source": "segment"})
+                log.info(
+                    "rejected", extra={"outcome": "rejected", "reason": "invalid_event", "fields": sorted(fields), "source": "segment"}
+                )
                 return error(422, "invalid_event", "The body is not a Segment event.", fields=fields)
             invalid.append({"index": index, "error": "; ".join(f"{path}: {' '.join(map(str, m))}" for path, m in sorted(fields.items()))})
             continue
@@ -109,11 +111,11 @@ def receive_segment():
         "segment events",
         extra={
             "source": "segment",
-            "outcome": "accepted" if new else ("duplicate" if duplicate else "ignored" if ignored else "invalid"),
+            "outcome": "accepted" if new else ("duplicate" if duplicate else "ignored" if ignored else "rejected"),
             "accepted": new,
             "duplicate": duplicate,
             "ignored": len(ignored),
-            "invalid": len(invalid),
+            "rejected": len(invalid),
             "message_ids": [e.receipt_key for e in entries][:20],
         },
     )

@@ -95,5 +95,5 @@ def receive_webhook():
 def _unprocessable(exc: ValidationError, body: dict[str, Any]):
     fields = error_fields(exc)
     # The shape (keys and types), never the values: a rejected body still carries answers.
-    log.info("rejected", extra={"outcome": "invalid", "fields": sorted(fields), "shape": shape_of(body)})
+    log.info("rejected", extra={"outcome": "rejected", "reason": "invalid_payload", "fields": sorted(fields), "shape": shape_of(body)})
     return error(422, "invalid_payload", "The body does not have the shape of a Refiner webhook.", fields=fields)

@@ -71,7 +71,7 @@ def _reject_constant(name: str) -> Any:
 
 
 def over_limit(code: str, path: str, message: str):
-    log.info("rejected", extra={"outcome": code, "fields": [path]})
+    log.info("rejected", extra={"outcome": "rejected", "reason": code, "fields": [path]})
     return error(422, code, message, fields={path: [message]})
 
 

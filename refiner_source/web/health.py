@@ -1,4 +1,4 @@
-"""What answers outside the webhooks: /healthz, /readyz, /openapi.json, and every error as JSON."""
+"""What answers outside the webhooks: / (what this is), /healthz, /readyz, /openapi.json, and every error as JSON."""
 
 from __future__ import annotations
 
@@ -15,6 +15,34 @@ from refiner_source.web.state import error, state
 log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
+
+
+@bp.get("/")
+def index():
+    """What this service is and which directions are on, with links: for whoever opens the bare URL.
+    Nothing secret: no settings' values, no counts (those are behind REFINER_ADMIN_PASSWORD on /status)."""
+    from refiner_source import __version__
+    from refiner_source.config import DIRECTION_VARIABLES
+    from refiner_source.directions import DIRECTIONS
+
+    settings = state().settings
+    directions = {
+        destination: {
+            "title": direction.title,
+            "on": settings.direction_on(destination),
+            "webhook": f"/webhooks/{direction.source}",
+            "turned_on_by": list(DIRECTION_VARIABLES[destination]),
+        }
+        for destination, direction in DIRECTIONS.items()
+    }
+    return jsonify(
+        {
+            "service": "refiner-source",
+            "version": __version__,
+            "directions": directions,
+            "links": {"status": "/status", "openapi": "/openapi.json", "healthz": "/healthz", "readyz": "/readyz"},
+        }
+    )
 
 
 @bp.get("/openapi.json")

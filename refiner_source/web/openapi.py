@@ -206,6 +206,15 @@ def build_openapi(version: str) -> dict[str, Any]:
             responses["503"] = _error("the store is not answering, or the embedded delivery worker is not running", 503, codes)
         spec.path(path=path, operations={"get": {"summary": summary, "responses": responses}})
     spec.path(
+        path="/",
+        operations={
+            "get": {
+                "summary": "what this service is: its name, version, which directions are on, links to /status and this document",
+                "responses": {"200": {"description": "JSON, nothing secret"}},
+            }
+        },
+    )
+    spec.path(
         path="/openapi.json",
         operations={"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3.0 document"}}}},
     )
