@@ -203,7 +203,7 @@ def test_e2e_schemathesis_against_openapi_json_finds_no_5xx_and_no_undocumented_
     # Both directions on, one secret for both routes, so that the Bearer header opens each.
     service = make_service(SEGMENT_SHARED_SECRET=SECRET, REFINER_API_KEY="refiner-key", REFINER_API_URL="http://127.0.0.1:9/v1").start()
     document = requests.get(service.url + "/openapi.json", timeout=10).json()
-    assert set(document["paths"]) == {"/webhooks/refiner", "/webhooks/segment", "/healthz", "/readyz", "/openapi.json"}
+    assert set(document["paths"]) == {"/", "/webhooks/refiner", "/webhooks/segment", "/healthz", "/readyz", "/openapi.json"}
     cli = Path(sys.executable).parent / "schemathesis"
     result = subprocess.run(
         [
