@@ -38,6 +38,10 @@ class ToRefinerRules:
     page_event: str | None = "pageview"
 
 
+ANSWER_TYPES = ("number", "boolean", "string", "list")
+PER_ANSWER = "per_answer"  # the [events] key of the event sent once per answer
+
+
 @dataclass(frozen=True)
 class MappingRules:
     """What the mappings need to know: trait prefix and the mapping file's overrides."""
@@ -47,6 +51,9 @@ class MappingRules:
     account_questions: frozenset[str] = frozenset()
     events: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_EVENTS))
     to_refiner: ToRefinerRules = field(default_factory=ToRefinerRules)
+    types: Mapping[str, str] = field(default_factory=dict)  # question identifier -> one of ANSWER_TYPES
+    nps_question: str | None = None  # its answer's category (promoter, passive, detractor) is added
+    per_answer_event: str | None = None  # set: one track of this name per answer, besides the usual calls
 
 
 @dataclass(frozen=True)
@@ -268,10 +275,11 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: {path} is not valid TOML: {exc}") from None
 
-    unknown = set(data) - {"account_questions", "traits", "events", "to_refiner"}
+    unknown = set(data) - {"account_questions", "traits", "events", "types", "nps", "to_refiner"}
     if unknown:
         raise ConfigError(
-            f"{name}: unknown key(s) {', '.join(sorted(unknown))}; expected account_questions, [traits], [events], [to_refiner]"
+            f"{name}: unknown key(s) {', '.join(sorted(unknown))}; "
+            "expected account_questions, [traits], [events], [types], [nps], [to_refiner]"
         )
 
     questions = data.get("account_questions", [])
@@ -291,9 +299,16 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
     overrides = data.get("events", {})
     if not isinstance(overrides, dict):
         raise ConfigError(f'{name}: [events] must be a table of triggered_event = "Event Name" or false')
+    per_answer = overrides.get(PER_ANSWER, False)
+    if per_answer is not False and not (isinstance(per_answer, str) and per_answer.strip()):
+        raise ConfigError(f'{name}: [events] per_answer must be an event name, such as "Survey Question Answered", or false')
     for key, value in overrides.items():
+        if key == PER_ANSWER:
+            continue
         if key not in DEFAULT_EVENTS:
-            raise ConfigError(f"{name}: [events] {key!r} is not a Refiner event; expected one of {', '.join(DEFAULT_EVENTS)}")
+            raise ConfigError(
+                f"{name}: [events] {key!r} is not a Refiner event; expected one of {', '.join(DEFAULT_EVENTS)}, or per_answer"
+            )
         if value is False:
             events[key] = None
         elif isinstance(value, str) and value.strip():
@@ -307,7 +322,32 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
         account_questions=frozenset(questions),
         events=events,
         to_refiner=_to_refiner_rules(data.get("to_refiner", {}), name),
+        types=_answer_types(data.get("types", {}), name),
+        nps_question=_nps_question(data.get("nps", {}), name),
+        per_answer_event=per_answer or None,
     )
+
+
+def _answer_types(section: Any, name: str) -> dict[str, str]:
+    """[types]: question identifier = "number", "boolean", "string" or "list"."""
+    if not isinstance(section, dict):
+        raise ConfigError(f'{name}: [types] must be a table of question identifier = "number", "boolean", "string" or "list"')
+    for key, value in section.items():
+        if value not in ANSWER_TYPES:
+            raise ConfigError(
+                f"{name}: [types] {key!r} = {value!r} is not a type this service converts to; expected one of {', '.join(ANSWER_TYPES)}"
+            )
+    return dict(section)
+
+
+def _nps_question(section: Any, name: str) -> str | None:
+    """[nps]: question = "<identifier>" (the question whose 0-10 answer gets a category)."""
+    if not isinstance(section, dict) or set(section) - {"question"}:
+        raise ConfigError(f'{name}: [nps] must be a table with one key, question = "<question identifier>"')
+    question = section.get("question")
+    if question is not None and not (isinstance(question, str) and question.strip()):
+        raise ConfigError(f"{name}: [nps] question must be a question identifier (a non-empty string)")
+    return question
 
 
 def _to_refiner_rules(section: Any, name: str) -> ToRefinerRules:

@@ -15,6 +15,7 @@ from segment.analytics.consumer import MAX_MSG_SIZE
 from slugify import slugify
 
 from refiner_source.config import RESERVED_PROPERTIES, MappingRules
+from refiner_source.to_segment.answers import nps_category, typed_answers
 from refiner_source.to_segment.events import COMPLETED, SurveyEvent
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,14 @@ def message_id(response_uuid: str, triggered_event: str, call: str, generation: 
     return f"refiner-{digest}-{tail}"
 
 
-def split_answers(event: SurveyEvent, rules: MappingRules) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(user answers, account answers); null answers are left out."""
+def split_answers(
+    event: SurveyEvent, rules: MappingRules, answers: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(user answers, account answers) of `answers` (default: the event's, as they came); null answers are left out."""
     account_attrs = event.account.attributes if event.account else {}
     user: dict[str, Any] = {}
     account: dict[str, Any] = {}
-    for key, value in event.data.items():
+    for key, value in (event.data if answers is None else answers).items():
         if value is None:
             continue
         on_account = key in rules.account_questions or (account_attrs.get(key) is not None and key not in event.contact_attributes)
@@ -119,7 +122,10 @@ def calls(event: SurveyEvent, rules: MappingRules) -> tuple[str, ...]:
         return ()
     if event.triggered_event != COMPLETED:
         return ("track",)
-    return ("identify", "group", "track") if event.account and event.account.remote_id else ("identify", "track")
+    base = ("identify", "group", "track") if event.account and event.account.remote_id else ("identify", "track")
+    if rules.per_answer_event is None:
+        return base
+    return base + ("answer",) * sum(1 for value in event.data.values() if value is not None)
 
 
 def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation: str | None = None) -> list[dict[str, Any]]:
@@ -130,8 +136,12 @@ def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation
     name = event_name(event.triggered_event, rules)
 
     account_attrs = {k: v for k, v in (event.account.attributes if event.account else {}).items() if v is not None}
-    names = trait_names([*event.data, *account_attrs], rules, reserved=RESERVED_PROPERTIES | {rules.prefix + "email"})
-    user_answers, account_answers = split_answers(event, rules)
+    nps_trait = rules.prefix + "nps_category"
+    reserved = RESERVED_PROPERTIES | {rules.prefix + "email"} | ({nps_trait} if rules.nps_question is not None else set())
+    names = trait_names([*event.data, *account_attrs], rules, reserved=reserved)
+    answers = typed_answers(event.data, rules.types, event.response_uuid) if rules.types else event.data
+    user_answers, account_answers = split_answers(event, rules, answers)
+    category = nps_category(answers.get(rules.nps_question)) if rules.nps_question is not None else None
 
     def named(values: Mapping[str, Any]) -> dict[str, Any]:
         return {names[k]: v for k, v in values.items()}
@@ -142,26 +152,40 @@ def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation
         "timestamp": event.completed_at or event.dismissed_at or event.received_at or now,
         "integrations": dict(INTEGRATIONS),
     }
-    ids = {call: message_id(event.response_uuid, event.triggered_event, call, generation) for call in wanted}
+    ids = {call: message_id(event.response_uuid, event.triggered_event, call, generation) for call in wanted if call != "answer"}
     survey = {"survey_id": event.form_uuid, "survey_name": event.form_name, "response_id": event.response_uuid}
 
     if wanted == ("track",):
         return [_build("track", event, common, ids["track"], event=name, properties=survey)]
 
+    nps = {nps_trait: category} if category is not None else {}
     traits = named(user_answers)
     if event.email:
         traits[rules.prefix + "email"] = event.email
+    if rules.nps_question in user_answers:
+        traits.update(nps)
     messages = [_build("identify", event, common, ids["identify"], traits=traits)]
     if "group" in wanted:
         group_traits = {**named(account_attrs), **named(account_answers)}
+        if rules.nps_question in account_answers:
+            group_traits.update(nps)
         messages.append(_build("group", event, common, ids["group"], group_id=event.account.remote_id, traits=group_traits))
     properties = {
         **survey,
         "completed_at": event.completed_at.isoformat() if event.completed_at else None,
         "tags": event.tags,
         **named({**user_answers, **account_answers}),
+        **nps,
     }
     messages.append(_build("track", event, common, ids["track"], event=name, properties=properties))
+    if rules.per_answer_event is not None:
+        for key, value in answers.items():
+            if value is None:
+                continue
+            # Stable per response, event and question: a resend or a backfill never counts an answer twice.
+            answer_id = message_id(event.response_uuid, event.triggered_event, f"answer-{_short_hash(key)}", generation)
+            per_answer = {"question": key, "trait": names[key], "answer": value, **survey}
+            messages.append(_build("track", event, common, answer_id, event=rules.per_answer_event, properties=per_answer))
     return messages
 
 
