@@ -1,8 +1,11 @@
-"""What both directions' validation shares, with no web framework (a backfill's mapping processes
-use it too): a marshmallow error as flat field paths, and whether a text can be kept as it is."""
+"""What both directions' validation shares, with no web framework (a backfill's mapping processes and
+`refiner-source preview` use it too): strict JSON, the refusal a webhook answers, a marshmallow error
+as flat field paths, and whether a text can be kept as it is."""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 from marshmallow import ValidationError
@@ -37,3 +40,48 @@ def storable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+class Refused(Exception):
+    """A body the webhook refuses: the HTTP status, the error code and message it answers, and the
+    failing field paths (422)."""
+
+    def __init__(self, status: int, code: str, message: str, fields: dict[str, list[str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fields = fields
+
+    def answer(self) -> dict[str, Any]:
+        """The JSON the webhook answers."""
+        return {"error": self.code, "message": self.message, **({"fields": self.fields} if self.fields is not None else {})}
+
+
+def strict_json(raw: bytes, expected: str) -> Any:
+    """The body parsed as JSON as RFC 8259 has it (no NaN, no Infinity, no number too large to
+    write back); raises Refused when it is empty, not UTF-8, not JSON or nested too deeply."""
+    if not raw.strip():
+        raise Refused(400, "empty_body", f"The body is empty; expected {expected}.")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite)
+    except UnicodeDecodeError:
+        raise Refused(400, "invalid_encoding", "The body is not UTF-8.") from None
+    except RecursionError:
+        message = "The JSON is nested too deeply."
+        raise Refused(422, "too_deep", message, {"_schema": [message]}) from None
+    except ValueError as exc:
+        raise Refused(400, "invalid_json", f"The body is not valid JSON: {exc}") from None
+
+
+def _finite(text: str) -> float:
+    # 1e999 is valid JSON that Python reads as infinity, which no JSON encoder writes back.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large for a JSON number")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259); Python accepts them, Segment would not.
+    raise ValueError(f"{name} is not a JSON value")

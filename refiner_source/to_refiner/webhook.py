@@ -11,15 +11,12 @@ import logging
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request
-from marshmallow import ValidationError
 
 from refiner_source.store import StoreUnavailable
-from refiner_source.to_refiner.events import load as load_event
-from refiner_source.to_refiner.intake import prepare
-from refiner_source.to_refiner.mapping import ignored_reason
-from refiner_source.validation import error_fields
+from refiner_source.to_refiner.admission import admit
+from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import presented_token, signature_ok, token_ok
-from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, parse_json, read_body, too_large
+from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, read_body, refusal, too_large
 from refiner_source.web.counts import SOURCES
 from refiner_source.web.state import error, state
 
@@ -30,7 +27,6 @@ MAX_SEGMENT_BODY_BYTES = LARGEST_BODY_BYTES
 BODY_LIMITS[PATH] = MAX_SEGMENT_BODY_BYTES
 SOURCES[PATH] = "segment"
 bp = Blueprint("segment_to_refiner", __name__)
-_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def _authenticate(raw: bytes, secret: str):
@@ -65,38 +61,16 @@ def receive_segment():
     refused = _authenticate(raw, settings.segment_shared_secret)
     if refused is not None:
         return refused
-    body, failed = parse_json(raw, "a Segment event (a JSON object) or an array of them")
-    if failed is not None:
-        return failed
-    if isinstance(body, dict):
-        events, single = [body], True
-    elif isinstance(body, list) and body:
-        events, single = body, False
-    else:
-        what = "an empty array" if isinstance(body, list) else f"a JSON {_JSON_TYPES.get(type(body), 'value')}"
-        return error(400, "invalid_shape", f"Expected a Segment event (a JSON object) or an array of them, got {what}.")
-
-    rules = settings.rules
-    entries = []
-    ignored: list[dict[str, Any]] = []
-    invalid: list[dict[str, Any]] = []
-    for index, raw_event in enumerate(events):
-        try:
-            event = load_event(raw_event)
-        except ValidationError as exc:
-            fields = error_fields(exc)
-            if single:
-                log.info(
-                    "rejected", extra={"outcome": "rejected", "reason": "invalid_event", "fields": sorted(fields), "source": "segment"}
-                )
-                return error(422, "invalid_event", "The body is not a Segment event.", fields=fields)
-            invalid.append({"index": index, "error": "; ".join(f"{path}: {' '.join(map(str, m))}" for path, m in sorted(fields.items()))})
-            continue
-        reason = ignored_reason(event, rules)
-        if reason is not None:
-            ignored.append({"index": index, "message_id": event["messageId"], "reason": reason})
-            continue
-        entries.append(prepare(event, rules))
+    try:
+        body = strict_json(raw, "a Segment event (a JSON object) or an array of them")
+        admitted = admit(body, settings.rules)
+    except Refused as exc:
+        if exc.code == "invalid_event":
+            fields = sorted(exc.fields or {})
+            log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": fields, "source": "segment"})
+            return error(exc.status, exc.code, exc.message, fields=exc.fields)
+        return refusal(exc)
+    single, entries, ignored, invalid = admitted.single, admitted.entries, admitted.ignored, admitted.invalid
 
     try:
         if single and entries:

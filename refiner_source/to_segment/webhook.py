@@ -5,18 +5,15 @@ the body is read: unlike Segment's signature, it does not need the body.)"""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Blueprint, g, jsonify, request
-from marshmallow import ValidationError
 
 from refiner_source.store import StoreUnavailable
-from refiner_source.to_segment.events import WebhookSchema, check_limits, shape_of, well_formed_event_name
-from refiner_source.to_segment.intake import prepare
-from refiner_source.to_segment.mapping import event_name
-from refiner_source.validation import error_fields
+from refiner_source.to_segment.admission import Ignored, admit
+from refiner_source.to_segment.events import shape_of
+from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import presented_token, token_ok
-from refiner_source.web.body import BODY_LIMITS, over_limit, parse_json, read_body, too_large
+from refiner_source.web.body import BODY_LIMITS, read_body, refusal, too_large
 from refiner_source.web.counts import SOURCES
 from refiner_source.web.state import error, state
 
@@ -27,7 +24,6 @@ MAX_BODY_BYTES = 1 << 20
 BODY_LIMITS[PATH] = MAX_BODY_BYTES
 SOURCES[PATH] = "refiner"
 bp = Blueprint("refiner_to_segment", __name__)
-_webhook = WebhookSchema()
 
 
 def _authenticate(secrets: tuple[str, ...]):
@@ -52,48 +48,32 @@ def receive_webhook():
     raw = read_body(MAX_BODY_BYTES)
     if raw is None:
         return too_large(MAX_BODY_BYTES)
-    body, failed = parse_json(raw, "a JSON object")
-    if failed is not None:
-        return failed
-    if not isinstance(body, dict):
-        return error(422, "invalid_shape", "Expected a JSON object.", fields={"_schema": ["Expected a JSON object."]})
-    limit = check_limits(body)
-    if limit is not None:
-        return over_limit(limit.code, limit.path, limit.message)
-    if isinstance(body.get("response"), dict) and isinstance(body["response"].get("uuid"), str):
-        g.response_id = body["response"]["uuid"]
-
-    rules = settings.rules
-    triggered_event = body.get("triggered_event")
-    # Not forwarded: answered 200 ignored, the rest unvalidated. A name that is not a
-    # valid one (empty, too long, NUL) goes on to validation, which says so with a 422.
-    if well_formed_event_name(triggered_event) and event_name(triggered_event, rules) is None:
-        reason = "turned off in the mapping file" if triggered_event in rules.events else "not a forwarded event"
-        log.info("ignored", extra={"triggered_event": triggered_event[:100], "outcome": "ignored"})
-        g.webhook_counts = {"ignored": 1}
-        return jsonify({"status": "ignored", "reason": f"triggered_event {triggered_event!r}: {reason}"}), 200
-
+    body = None
     try:
-        event = _webhook.load(body)  # the one validation pass
-    except ValidationError as exc:
-        return _unprocessable(exc, body)
-    entry = prepare(event, rules)
+        body = strict_json(raw, "a JSON object")
+        if isinstance(body, dict) and isinstance(body.get("response"), dict) and isinstance(body["response"].get("uuid"), str):
+            g.response_id = body["response"]["uuid"]
+        admitted = admit(body, settings.rules)
+    except Refused as exc:
+        if exc.code == "invalid_payload":  # logged with its shape (keys and types), never its values: it still carries answers
+            fields = sorted(exc.fields or {})
+            log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": fields, "shape": shape_of(body)})
+            return error(exc.status, exc.code, exc.message, fields=exc.fields)
+        return refusal(exc)
+    if isinstance(admitted, Ignored):
+        log.info("ignored", extra={"triggered_event": admitted.triggered_event[:100], "outcome": "ignored"})
+        g.webhook_counts = {"ignored": 1}
+        return jsonify({"status": "ignored", "reason": admitted.reason}), 200
+    entry = admitted
     try:
         stored = app_state.outbox.store_grouped(entry)
     except StoreUnavailable as exc:
-        log.error("store unavailable", extra={"response_id": event.response_uuid, "error": str(exc), "outcome": "unavailable"})
+        log.error("store unavailable", extra={"response_id": entry.source_id, "error": str(exc), "outcome": "unavailable"})
         return error(503, "store_unavailable", "The store is not answering; please retry.")
     if not stored:
-        log.info("duplicate", extra={"response_id": event.response_uuid, "outcome": "duplicate"})
+        log.info("duplicate", extra={"response_id": entry.source_id, "outcome": "duplicate"})
         g.webhook_counts = {"duplicate": 1}
-        return jsonify({"status": "duplicate", "response_id": event.response_uuid, "messages": 0}), 200
-    log.info("accepted", extra={"response_id": event.response_uuid, "messages": entry.message_count, "outcome": "accepted"})
+        return jsonify({"status": "duplicate", "response_id": entry.source_id, "messages": 0}), 200
+    log.info("accepted", extra={"response_id": entry.source_id, "messages": entry.message_count, "outcome": "accepted"})
     g.webhook_counts = {"accepted": 1}
-    return jsonify({"status": "accepted", "response_id": event.response_uuid, "messages": entry.message_count}), 202
-
-
-def _unprocessable(exc: ValidationError, body: dict[str, Any]):
-    fields = error_fields(exc)
-    # The shape (keys and types), never the values: a rejected body still carries answers.
-    log.info("rejected", extra={"outcome": "rejected", "reason": "invalid_payload", "fields": sorted(fields), "shape": shape_of(body)})
-    return error(422, "invalid_payload", "The body does not have the shape of a Refiner webhook.", fields=fields)
+    return jsonify({"status": "accepted", "response_id": entry.source_id, "messages": entry.message_count}), 202

@@ -3,14 +3,13 @@ answers its size, depth and shape earn."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from typing import Any
 
 from flask import Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from refiner_source.validation import Refused, strict_json
 from refiner_source.web.state import error
 
 log = logging.getLogger(__name__)
@@ -45,29 +44,17 @@ def read_body(limit: int) -> bytes | None:
 
 def parse_json(raw: bytes, expected: str) -> tuple[Any, tuple[Response, int] | None]:
     """(the parsed body, None), or (None, the error answer) when it is empty, not UTF-8 or not JSON."""
-    if not raw.strip():
-        return None, error(400, "empty_body", f"The body is empty; expected {expected}.")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite), None
-    except UnicodeDecodeError:
-        return None, error(400, "invalid_encoding", "The body is not UTF-8.")
-    except RecursionError:
-        return None, over_limit("too_deep", "_schema", "The JSON is nested too deeply.")
-    except ValueError as exc:
-        return None, error(400, "invalid_json", f"The body is not valid JSON: {exc}")
+        return strict_json(raw, expected), None
+    except Refused as exc:
+        return None, refusal(exc)
 
 
-def _finite(text: str) -> float:
-    # 1e999 is valid JSON that Python reads as infinity, which no JSON encoder writes back.
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"{text} is too large for a JSON number")
-    return value
-
-
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON (RFC 8259); Python accepts them, Segment would not.
-    raise ValueError(f"{name} is not a JSON value")
+def refusal(exc: Refused) -> tuple[Response, int]:
+    """The answer to a refused body; a 422 is logged as rejected, with its reason and field paths (never values)."""
+    if exc.status == 422:
+        log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": sorted(exc.fields or {})})
+    return error(exc.status, exc.code, exc.message, **({"fields": exc.fields} if exc.fields is not None else {}))
 
 
 def over_limit(code: str, path: str, message: str):

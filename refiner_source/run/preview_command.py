@@ -1,0 +1,59 @@
+"""`refiner-source preview`: what a body would become, with the mapping file and settings in force,
+stored nowhere and sent nowhere. The webhook's own admission and the delivery's own mapping decide,
+so a body the webhook refuses gets the webhook's error, and what is printed is what is sent."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from refiner_source.run.options import settings_or_exit
+
+
+@click.command()
+@click.argument("file", type=click.File("rb"), default="-", required=False)
+@click.option("--segment", "from_segment", is_flag=True, help="FILE is a Segment event or a batch of them (Segment -> Refiner).")
+def preview(file, from_segment: bool) -> None:
+    """Print, as a JSON array, the calls a Refiner webhook body in FILE (stdin when none) would become:
+    Segment messages; with --segment, the Refiner API calls of a Segment event or batch. Nothing is
+    stored or sent. A body the webhook would refuse gets the webhook's error, and exit status 1."""
+    from refiner_source.destinations import preview as preview_of
+    from refiner_source.validation import Refused, strict_json
+
+    settings = settings_or_exit()
+    rules = settings.rules
+    raw = file.read()
+    if from_segment:
+        from refiner_source.to_refiner.admission import admit
+        from refiner_source.to_refiner.webhook import MAX_SEGMENT_BODY_BYTES as limit
+    else:
+        from refiner_source.to_segment.admission import Ignored, admit
+        from refiner_source.to_segment.webhook import MAX_BODY_BYTES as limit
+    if len(raw) > limit:
+        _refused(413, {"error": "body_too_large", "message": f"The body is larger than {limit} bytes."})
+    expected = "a Segment event (a JSON object) or an array of them" if from_segment else "a JSON object"
+    try:
+        admitted = admit(strict_json(raw, expected), rules)
+    except Refused as exc:
+        _refused(exc.status, exc.answer())
+    now = time.time()
+    if from_segment:
+        for note in admitted.ignored:
+            click.echo(f"event {note['index']} ({note['message_id']}) is ignored: {note['reason']}", err=True)
+        for note in admitted.invalid:
+            click.echo(f"event {note['index']} is not valid: {note['error']}", err=True)
+        calls = [call for entry in admitted.entries for call in preview_of("refiner", entry.event, None, None, now, rules)]
+    elif isinstance(admitted, Ignored):
+        click.echo(f"ignored: {admitted.reason}", err=True)
+        calls = []
+    else:
+        calls = preview_of("segment", admitted.event, None, None, now, rules)
+    click.echo(json.dumps(calls, indent=2, ensure_ascii=False))
+
+
+def _refused(status: int, answer: dict) -> None:
+    click.echo(f"the webhook would answer HTTP {status}: {json.dumps(answer, ensure_ascii=False)}", err=True)
+    sys.exit(1)

@@ -1,0 +1,59 @@
+"""What the Segment webhook decides of a parsed body (one event, or a batch), with no web framework:
+the entries to store, the events ignored (and why), the events of a batch that are not valid; or
+refused (the error the webhook answers). `refiner-source preview --segment` decides with the same code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from marshmallow import ValidationError
+
+from refiner_source.config import MappingRules
+from refiner_source.entry import Entry
+from refiner_source.to_refiner.events import load as load_event
+from refiner_source.to_refiner.intake import prepare
+from refiner_source.to_refiner.mapping import ignored_reason
+from refiner_source.validation import Refused, error_fields
+
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+@dataclass
+class Admitted:
+    """What became of each event of the body: stored (entries), ignored, or not valid (a batch's)."""
+
+    single: bool
+    entries: list[Entry] = field(default_factory=list)
+    ignored: list[dict[str, Any]] = field(default_factory=list)  # {"index", "message_id", "reason"}
+    invalid: list[dict[str, Any]] = field(default_factory=list)  # {"index", "error"}
+
+
+def admit(body: Any, rules: MappingRules) -> Admitted:
+    """Each event of a Segment webhook body validated on its own, so that a malformed one of a batch
+    never costs the others. Raises Refused: 400 for a body that is not an object or a non-empty
+    array, 422 for a single event of the wrong shape."""
+    if isinstance(body, dict):
+        events, single = [body], True
+    elif isinstance(body, list) and body:
+        events, single = body, False
+    else:
+        what = "an empty array" if isinstance(body, list) else f"a JSON {_JSON_TYPES.get(type(body), 'value')}"
+        raise Refused(400, "invalid_shape", f"Expected a Segment event (a JSON object) or an array of them, got {what}.")
+    admitted = Admitted(single)
+    for index, raw_event in enumerate(events):
+        try:
+            event = load_event(raw_event)
+        except ValidationError as exc:
+            fields = error_fields(exc)
+            if single:
+                raise Refused(422, "invalid_event", "The body is not a Segment event.", fields) from None
+            problems = "; ".join(f"{path}: {' '.join(map(str, m))}" for path, m in sorted(fields.items()))
+            admitted.invalid.append({"index": index, "error": problems})
+            continue
+        reason = ignored_reason(event, rules)
+        if reason is not None:
+            admitted.ignored.append({"index": index, "message_id": event["messageId"], "reason": reason})
+            continue
+        admitted.entries.append(prepare(event, rules))
+    return admitted
