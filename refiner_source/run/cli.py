@@ -15,6 +15,7 @@ from refiner_source.run.backfill_command import backfill
 from refiner_source.run.operator_commands import purge_dead, replay, status
 from refiner_source.run.options import open_outbox, settings_or_exit
 from refiner_source.run.preview_command import preview
+from refiner_source.run.questions_command import questions
 
 # Imports of the web app, the database and Segment stay inside the commands, here and in the modules
 # above: a backfill's mapping processes (spawned) import this module again, and should carry only
@@ -138,5 +139,5 @@ def init_db() -> None:
     click.echo(f"schema ready at {_safe_url(settings.database_url)}")
 
 
-for _command in (status, replay, backfill, purge_dead, preview):
+for _command in (status, replay, backfill, purge_dead, preview, questions):
     main.add_command(_command)

@@ -10,6 +10,7 @@ from refiner_source.directions import REFINER, SEGMENT
 from refiner_source.entry import Entry
 from refiner_source.store.alert_state import AlertState
 from refiner_source.store.claims import Claimed, Claims, DeadLetter
+from refiner_source.store.contents import Contents
 from refiner_source.store.counts import Counts
 from refiner_source.store.cursors import BackfillState
 from refiner_source.store.database import UNDEFINED_TABLE, StoreMisconfigured, StoreUnavailable, make_engine
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 
-class Store(Receipts, Claims, Operations, Counts, AlertState, Schema):
+class Store(Receipts, Claims, Operations, Contents, Counts, AlertState, Schema):
     """The durable store of accepted events. Every method is one short transaction.
 
     Composed of one class per concern, each built on Database (engine, write lock, error

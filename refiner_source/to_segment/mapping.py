@@ -49,15 +49,8 @@ def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str
     taken = set(reserved)
     wanted: dict[str, list[tuple[tuple[int, str], str]]] = {}
     for key in set(keys):
-        if key in rules.traits:
-            name, rank = rules.traits[key], 0
-        else:
-            slug = _slug(key)
-            name = rules.prefix + (slug or "answer_" + _short_hash(key))
-            if len(name) > MAX_TRAIT_NAME:
-                name = name[: MAX_TRAIT_NAME - 9].rstrip("_") + "_" + _short_hash(key)
-            rank = 1 if slug == key else 2
-        wanted.setdefault(name, []).append(((rank, key), key))
+        rank = 0 if key in rules.traits else 1 if _slug(key) == key else 2
+        wanted.setdefault(wanted_trait_name(key, rules), []).append(((rank, key), key))
 
     names: dict[str, str] = {}
     for name in sorted(wanted):
@@ -69,6 +62,16 @@ def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str
             names[key] = final
             taken.add(final)
     return names
+
+
+def wanted_trait_name(key: str, rules: MappingRules) -> str:
+    """The name a key asks for before collisions are settled: the mapping file's, else prefix + slug."""
+    if key in rules.traits:
+        return rules.traits[key]
+    name = rules.prefix + (_slug(key) or "answer_" + _short_hash(key))
+    if len(name) > MAX_TRAIT_NAME:
+        name = name[: MAX_TRAIT_NAME - 9].rstrip("_") + "_" + _short_hash(key)
+    return name
 
 
 @lru_cache(maxsize=8192)
