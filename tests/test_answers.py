@@ -252,3 +252,26 @@ def test_e2e_typed_answers_and_one_event_per_answer_reach_segment(tmp_path, stor
         assert again.json()["status"] == "duplicate"
     finally:
         assert service.stop() == 0
+
+
+def test_the_docs_example_of_typed_answers_holds(tmp_path):
+    import hashlib
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "mapping.md").read_text()
+    section = text[text.index("### Typed answers, NPS and one event per answer") :]
+    example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    rules = mapping_file(tmp_path, example)
+    sent = map_event(WebhookSchema().load(webhook()), rules, NOW)
+    track = next(m for m in sent if m.get("event") == "Survey Completed")
+    assert (
+        '"refiner_how_likely_are_you_to_recommend_us": 8' in section
+        and track["properties"]["refiner_how_likely_are_you_to_recommend_us"] == 8
+    )
+    assert '"refiner_nps_category": "passive"' in section and track["properties"]["refiner_nps_category"] == "passive"
+    per_answer = [m for m in sent if m.get("event") == "Survey Question Answered"]
+    assert "three *Survey Question Answered* tracks" in section and len(per_answer) == 3
+    nps = next(m for m in per_answer if m["properties"]["question"] == NPS)
+    digest = hashlib.sha1(NPS.encode()).hexdigest()[:8]
+    assert nps["messageId"] == f"refiner-a3e1c2f0-a5d1-11ef-b050-03a44b320007-completed-survey-answer-{digest}"
