@@ -1,4 +1,5 @@
-"""The operator's view: GET /status, GET /status/event/<id>, POST /status/replay and GET /metrics.
+"""The operator's view: GET /status (its chart, refresh, stalled hint, recovery, dead letters),
+GET /status/event/<id> and /status/events/<key>, POST /status/replay and /status/delete, GET /metrics.
 
 Fast tests with Flask's test client on SQLite and PostgreSQL, then one end-to-end scrape of
 /metrics from the real `refiner-source serve` after a known burst across two gunicorn workers and
@@ -26,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from refiner_source import create_app
 from refiner_source.config import DIRECTION_VARIABLES
 from refiner_source.directions import REFINER, SEGMENT
-from refiner_source.ops.tally import DELIVERY, Tally
 from refiner_source.store import DeadLetter
+from refiner_source.to_segment.delivery import SegmentWorker
 from tests.conftest import SECRET, entry_for, survey_body
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
@@ -206,7 +207,7 @@ def test_replay_needs_the_forms_csrf_token_then_puts_the_dead_letter_back_in_lin
     assert (stats.dead, stats.pending) == (0, 1)
     assert outbox.dead_letters(destination=SEGMENT) == []
     after = admin.get(done.headers["Location"], headers=basic()).get_data(as_text=True)
-    assert "1 dead letter(s) queued again." in after and 'id="replay-segment"' not in after
+    assert "Queued again: 1 event." in after and 'id="replay-segment"' not in after
     assert 'data-figure="segment-pending">1<' in after and 'data-figure="segment-dead">0<' in after
 
 
@@ -286,7 +287,7 @@ def wait_for_scrape(get, ready, timeout: float = 10.0) -> dict:
         time.sleep(0.1)
 
 
-def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(admin_app, admin, outbox):
+def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(admin_app, admin, outbox, monkeypatch):
     for i in range(3):
         assert post_refiner(admin, survey_body(i)).status_code == 202
     assert post_refiner(admin, survey_body(0)).json["status"] == "duplicate"
@@ -296,14 +297,22 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
     assert segment.status_code == 200 and (segment.json["accepted"], segment.json["duplicate"], len(segment.json["invalid"])) == (2, 1, 1)
     admin_app.extensions["refiner_source"].tally.flush()
 
-    (claimed,) = outbox.claim(SEGMENT, 1, 60, "w")
-    outbox.settle("w", dead=[DeadLetter(claimed.id, "m", "track", "HTTP 400")], destination=SEGMENT)
-    worker = Tally(outbox, background=False)  # as the delivery worker counts, after a round
-    worker.add(DELIVERY, SEGMENT, "delivered", 2)
-    worker.add(DELIVERY, SEGMENT, "dead", 1)
-    worker.latency(SEGMENT, 0.3)
-    worker.latency(SEGMENT, 1.7)
-    worker.flush()
+    # The delivery worker's rounds against a stand-in for Segment, one event each: r0 delivered,
+    # r1 dead (Segment refuses its track), r2 delivered. The clock is moved on before each round so
+    # that the latencies land in known buckets: at least 0.26 s and 1.7 s after the webhook.
+    with SegmentStub() as segment:
+        segment.reject["refiner-r1-completed-survey-track"] = (400, {"code": "invalid_request", "message": "bad message"})
+        worker = SegmentWorker(outbox, "wk", segment.url, batch_size=1, idle_poll=0.01)
+        real_time = time.time
+        for later in (0.26, 1.0, 1.7):
+            with monkeypatch.context() as clock:
+                clock.setattr(time, "time", lambda later=later: real_time() + later)
+                worker.run_once()
+        worker.tally.flush()  # as the worker does after each round
+        assert {m["messageId"] for m in segment.received()} == {
+            f"refiner-r{i}-completed-survey-{call}" for i in range(3) for call in ("identify", "group", "track")
+        } - {"refiner-r1-completed-survey-track"}
+    assert [letter[0] for letter in outbox.dead_letters(destination=SEGMENT)] == ["r1"]
 
     def get():
         return admin.get("/metrics", headers=basic())
@@ -325,11 +334,12 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
     assert value(families, "refiner_source_deliveries_total", destination=SEGMENT, outcome="delivered") == 2
     assert value(families, "refiner_source_deliveries_total", destination=SEGMENT, outcome="dead") == 1
     assert value(families, "refiner_source_deliveries_total", destination=REFINER, outcome="delivered") == 0
-    assert value(families, "refiner_source_pending_events", destination=SEGMENT) == 2
+    assert value(families, "refiner_source_pending_events", destination=SEGMENT) == 0
     assert value(families, "refiner_source_pending_events", destination=REFINER) == 2
     assert value(families, "refiner_source_dead_events", destination=SEGMENT) == 1
     assert value(families, "refiner_source_dead_events", destination=REFINER) == 0
-    assert 0 <= value(families, "refiner_source_oldest_pending_age_seconds", destination=SEGMENT) < 60
+    assert value(families, "refiner_source_oldest_pending_age_seconds", destination=SEGMENT) == 0
+    assert 0 <= value(families, "refiner_source_oldest_pending_age_seconds", destination=REFINER) < 60
     latency = {
         float(s.labels["le"]): s.value
         for s in families["refiner_source_delivery_latency_seconds"].samples
@@ -337,7 +347,7 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
     }
     assert (latency[0.25], latency[0.5], latency[1.0], latency[2.5], latency[math.inf]) == (0, 1, 1, 2, 2)
     assert value(families, "refiner_source_delivery_latency_seconds_count", destination=SEGMENT) == 2
-    assert value(families, "refiner_source_delivery_latency_seconds_sum", destination=SEGMENT) == pytest.approx(2.0)
+    assert 1.96 <= value(families, "refiner_source_delivery_latency_seconds_sum", destination=SEGMENT) < 2.46
     assert value(families, "refiner_source_delivery_latency_seconds_count", destination=REFINER) == 0
     assert value(families, "refiner_source_direction_enabled", destination=SEGMENT) == 1
     assert value(families, "refiner_source_direction_enabled", destination=REFINER) == 1
@@ -608,3 +618,308 @@ def test_an_event_that_cannot_be_mapped_opens_as_stored_with_the_reason(admin, o
     response = admin.get(f"/status/event/{claimed.id}", headers=basic())
     assert response.status_code == 200 and "cannot be mapped now" in response.get_data(as_text=True)
     assert response.headers["X-Frame-Options"] == "DENY"
+
+
+# --- the page an operator lives on: chart, refresh, stalled, dead letters one by one, events by key ---
+
+
+def status_html(admin, path: str = "/status") -> str:
+    response = admin.get(path, headers=basic())
+    assert response.status_code == 200, (path, response.status_code)
+    return response.get_data(as_text=True)
+
+
+def section_of(page: str, destination: str) -> str:
+    found = re.search(rf'<section class="direction" id="{destination}">(.*?)</section>', page, re.S)
+    assert found, page
+    return found.group(1)
+
+
+def text_of(html: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()
+
+
+def make_refiner_dead_letter(admin, outbox, i: int) -> int:
+    """Segment event msg-<i> accepted, claimed and dead-lettered as Refiner's 422 would; its event id."""
+    assert post_segment(admin, [segment_identify(i)]).json["accepted"] == 1
+    (claimed,) = outbox.claim(REFINER, 1, 60, "w")
+    outbox.settle("w", dead=[DeadLetter(claimed.id, f"msg-{i}", "/identify-user", "HTTP 422: refused")], destination=REFINER)
+    return claimed.id
+
+
+def test_chart_time_labels_fall_on_the_utc_clock_every_10_minutes_for_an_hour_and_every_3_hours_for_a_day():
+    from datetime import UTC, datetime
+
+    from refiner_source.ops.chart import RANGES, chart
+
+    minute = int(datetime(2030, 1, 2, 12, 34, tzinfo=UTC).timestamp() // 60)
+    hour = chart({minute: 3}, {minute - 5: 1}, minute, RANGES["1h"])
+    assert [text for _, text in hour.labels] == ["11:40", "11:50", "12:00", "12:10", "12:20", "12:30"]
+    assert hour.per == "per minute" and hour.peak == 3 and not hour.empty
+    assert len(hour.received.split()) == 60 and len(hour.delivered.split()) == 60
+    xs = [x for x, _ in hour.labels]
+    assert xs == sorted(xs) and hour.plot[0] <= xs[0] and xs[-1] <= hour.plot[2]
+    # 12:30 is 4 minutes before the last point, at the right edge: its x says so.
+    left, _, right, _ = hour.plot
+    assert xs[-1] == pytest.approx(right - 4 * (right - left) / 59)
+
+    day = chart({minute - 600: 7, minute - 601: 5}, {}, minute, RANGES["24h"])
+    assert [text for _, text in day.labels] == ["15:00", "18:00", "21:00", "Jan 2", "03:00", "06:00", "09:00", "12:00"]
+    assert day.per == "per 10 minutes" and day.peak == 12, "a day's points are 10-minute bins"
+    assert len(day.received.split()) == 144
+    assert chart({}, {}, minute, RANGES["1h"]).empty and chart({minute - 61: 4}, {}, minute, RANGES["1h"]).empty
+
+
+def test_the_chart_shows_the_last_hour_by_default_and_24_hours_on_request_with_utc_time_labels(admin_app, admin, outbox):
+    from datetime import UTC, datetime
+
+    now = int(time.time() // 60)
+    outbox.add_traffic({(now - 5, "webhook", "refiner", "accepted"): 4, (now - 120, "webhook", "refiner", "accepted"): 9})
+    outbox.add_traffic({(now - 4, "delivery", SEGMENT, "delivered"): 4})
+
+    def labels(page: str) -> list[str]:
+        return re.findall(r'class="time">([^<]+)</text>', section_of(page, SEGMENT))
+
+    hour = status_html(admin)
+    expected = [datetime.fromtimestamp(m * 60, UTC).strftime("%H:%M") for m in range(now - 59, now + 1) if m % 10 == 0]
+    assert labels(hour) == expected and len(expected) == 6
+    assert "per minute, last hour, times in UTC." in text_of(section_of(hour, SEGMENT))
+    assert 'class="peak">4<' in section_of(hour, SEGMENT), "the 9 of two hours ago is not in the last hour"
+    assert "<strong>last hour</strong>" in hour and 'href="/status?range=24h#segment"' in hour
+
+    day = status_html(admin, "/status?range=24h")
+    assert all(re.fullmatch(r"(00|03|06|09|12|15|18|21):00|[A-Z][a-z]{2} \d{1,2}", t) for t in labels(day)), labels(day)
+    assert len(labels(day)) in (7, 8)
+    assert "per 10 minutes, last 24 hours, times in UTC." in text_of(section_of(day, SEGMENT))
+    assert 'class="peak">9<' in section_of(day, SEGMENT)
+    assert "<strong>last 24 hours</strong>" in day and 'href="/status#segment"' in day
+    # An unknown range is the default one.
+    assert labels(status_html(admin, "/status?range=7d")) == expected
+
+
+def test_a_fresh_install_says_nothing_yet_instead_of_an_empty_chart(admin_app, admin, outbox):
+    page = status_html(admin)
+    for destination in (SEGMENT, REFINER):
+        mine = section_of(page, destination)
+        assert "Nothing yet: no webhook received and nothing delivered" in text_of(mine), destination
+        assert "<svg" not in mine and "<polyline" not in mine
+    # Traffic, but none in the range: said so, not a flat box.
+    outbox.add_traffic({(int(time.time() // 60) - 180, "webhook", "refiner", "accepted"): 2})
+    page = status_html(admin)
+    assert "Nothing received or delivered in the last hour." in text_of(section_of(page, SEGMENT))
+    assert "<svg" not in section_of(page, SEGMENT) and "Nothing yet" in text_of(section_of(page, REFINER))
+    assert "<polyline" in section_of(status_html(admin, "/status?range=24h"), SEGMENT)
+
+
+def test_the_page_says_as_of_when_in_utc_and_refreshes_itself_keeping_the_search_and_the_range(admin):
+    before = time.time()
+    page = status_html(admin, "/status?q=r9&range=24h")
+    (as_of,) = re.findall(r'id="as-of">as of (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC<', page)
+    from datetime import UTC, datetime
+
+    stamp = datetime.strptime(as_of, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
+    assert before - 1 <= stamp <= time.time()
+    # The script reloads the same view (and restores the scroll position); without script, a meta refresh does.
+    (every, url) = re.findall(r'<body data-refresh="(\d+)" data-refresh-url="([^"]+)"', page)[0]
+    assert every == "10" and url == "/status?q=r9&amp;range=24h"
+    assert '<noscript><meta http-equiv="refresh" content="10; url=/status?q=r9&amp;range=24h"></noscript>' in page
+    assert "sessionStorage" in page and "scrollTo" in page
+    # A one-shot notice is not refreshed into the next page; the refresh can be stopped.
+    assert 'data-refresh-url="/status"' in status_html(admin, "/status?replayed=1")
+    stopped = status_html(admin, "/status?q=r9&refresh=off")
+    assert "data-refresh" not in stopped and 'http-equiv="refresh"' not in stopped
+    assert 'href="/status?q=r9&amp;refresh=off">stop<' in page.replace("range=24h&amp;", "")
+
+
+def test_the_inline_script_runs_by_its_nonce_and_nothing_else_does(admin):
+    response = admin.get("/status", headers=basic())
+    policy = response.headers["Content-Security-Policy"]
+    (nonce,) = re.findall(r"script-src 'nonce-([^']+)'", policy)
+    assert "frame-ancestors 'none'" in policy and len(nonce) >= 16
+    scripts = re.findall(r"<script([^>]*)>", response.get_data(as_text=True))
+    assert scripts == [f' nonce="{nonce}"']
+    assert nonce not in admin.get("/status", headers=basic()).headers["Content-Security-Policy"], "a nonce is used once"
+
+
+def test_the_stalled_hint_of_refiner_source_status_is_on_the_page_per_direction(admin, outbox):
+    from sqlalchemy import update
+
+    from refiner_source.store import events
+
+    outbox.store_many([entry_for(1)])
+    assert "data-stalled" not in status_html(admin), "an event that just arrived is not a stall"
+    with outbox.engine.begin() as conn:
+        conn.execute(update(events).values(created_at=time.time() - 300, queued_at=time.time() - 300))
+    page = status_html(admin)
+    (hint,) = re.findall(r'data-stalled="segment">(.*?)</p>', page, re.S)
+    assert re.fullmatch(
+        r"nothing delivered for 30\ds while 1 event\(s\) wait: is a delivery worker running \(<code>refiner-source serve</code> runs one; "
+        r"<code>refiner-source worker</code> runs one alone\), and can it reach Segment \(see its log\)\?",
+        hint,
+    ), hint
+    assert 'data-stalled="refiner"' not in page
+    assert re.search(r'data-health="segment">stalled<', page) and re.search(r'data-health="refiner">ok<', page)
+
+
+def test_dead_letters_are_listed_by_event_and_the_replay_all_button_counts_events(admin, outbox):
+    outbox.store_many([entry_for(1), entry_for(2)])
+    first, second = outbox.claim(SEGMENT, 2, 60, "w")
+    letters = [DeadLetter(first.id, f"m-1-{call}", call, f"HTTP 400 invalid: {call}") for call in ("identify", "group", "track")]
+    outbox.settle("w", dead=[*letters, DeadLetter(second.id, "m-2-track", "track", "HTTP 400 invalid: track")], destination=SEGMENT)
+    mine = section_of(status_html(admin), SEGMENT)
+    assert 'data-dead-count="segment">4 messages of 2 events<' in mine
+    assert re.search(r'id="replay-segment">Replay 2 events<', mine)
+    rows = re.findall(r'<tr class="dead-letter" data-event="(\d+)">(.*?)</tr>', mine, re.S)
+    assert [int(event) for event, _ in rows] == [second.id, first.id, first.id, first.id], "newest first, each event's letters together"
+    assert 'rowspan="3"' in rows[1][1] and rows[1][1].count("data-replay=") == 1 and rows[2][1].count("data-replay=") == 0
+    for call in ("identify", "group", "track"):
+        assert f"m-1-{call}" in mine
+    outbox.store_many([entry_for(3)])
+    (third,) = outbox.claim(SEGMENT, 1, 60, "w")
+    outbox.settle("w", dead=[DeadLetter(third.id, "m-3-track", "track", "HTTP 400 invalid")], destination=SEGMENT)
+    admin.post("/status/replay", data={"csrf": csrf_of(status_html(admin)), "event": str(first.id)}, headers=basic())
+    mine = section_of(status_html(admin), SEGMENT)
+    assert 'data-dead-count="segment">2 messages of 2 events<' in mine and ">Replay 2 events<" in mine
+
+
+def test_segment_to_refiner_dead_letters_show_the_messageid_once_and_the_refiner_call(admin, outbox):
+    make_refiner_dead_letter(admin, outbox, 7)
+    mine = section_of(status_html(admin), REFINER)
+    table = re.search(r'<table class="dead-letters">(.*?)</table>', mine, re.S).group(1)
+    assert "<th>Segment messageId</th><th>call</th>" in table
+    assert table.count("msg-7") == 2, "the id is shown once (its search link's address holds it too)"
+    assert "<code>/identify-user</code>" in table and "HTTP 422" in table
+    assert 'data-dead-count="refiner">1 message of 1 event<' in mine
+
+
+def test_one_dead_event_is_replayed_with_its_own_button_the_others_stay_dead(admin, outbox):
+    one, two = make_dead_letter(outbox, 1), make_dead_letter(outbox, 2)
+    page = status_html(admin, "/status?q=r1&range=24h")
+    assert f'data-replay="{one}"' in page and f'data-replay="{two}"' in page
+    done = admin.post("/status/replay", data={"csrf": csrf_of(page), "event": str(one), "q": "r1", "range": "24h"}, headers=basic())
+    assert done.status_code == 303 and done.headers["Location"].endswith("/status?q=r1&range=24h&replayed=1")
+    assert [e["status"] for e in outbox.find_events("r1")] == ["pending"] and [e["status"] for e in outbox.find_events("r2")] == ["dead"]
+    assert [source for source, _, _ in outbox.dead_letters()] == ["r2"]
+    after = status_html(admin, done.headers["Location"])
+    assert "Queued again: 1 event." in after and ">Replay 1 event<" in after
+    again = admin.post("/status/replay", data={"csrf": csrf_of(page), "event": str(one)}, headers=basic())
+    assert again.headers["Location"].endswith("/status?replayed=0")
+    assert "Nothing queued again" in status_html(admin, again.headers["Location"])
+    assert outbox.stats(SEGMENT).pending == 1
+
+
+def test_one_dead_event_is_deleted_with_its_own_button_its_receipt_kept(admin, outbox):
+    one, two = make_dead_letter(outbox, 1), make_dead_letter(outbox, 2)
+    page = status_html(admin)
+    assert f'data-delete="{two}"' in page and f'data-delete="{one}"' in page and "data-confirm=" in page
+    done = admin.post("/status/delete", data={"csrf": csrf_of(page), "event": str(one)}, headers=basic())
+    assert done.status_code == 303 and done.headers["Location"].endswith("/status?deleted=1")
+    (gone,) = outbox.find_events("r1")
+    assert gone["status"] == "purged" and gone["dead_letters"] == []
+    assert outbox.event_content(one)[1] is None, "its answers are deleted"
+    assert outbox.stats(SEGMENT).dead == 1 and [source for source, _, _ in outbox.dead_letters()] == ["r2"]
+    assert "Deleted the dead letters of 1 event" in status_html(admin, done.headers["Location"])
+    # The receipt stays: Refiner resending the response is a duplicate, not a new event.
+    assert post_refiner(admin, survey_body(1, answer=ANSWER)).json["status"] == "duplicate"
+    assert (
+        admin.post("/status/delete", data={"csrf": csrf_of(page), "event": str(one)}, headers=basic())
+        .headers["Location"]
+        .endswith("deleted=0")
+    )
+    assert admin.post("/status/delete", data={"csrf": csrf_of(page)}, headers=basic()).status_code == 400
+    assert admin.post("/status/delete", data={"csrf": csrf_of(page), "event": "1; drop"}, headers=basic()).status_code == 400
+    assert admin.post("/status/delete", data={"csrf": csrf_of(page), "event": "99999999999"}, headers=basic()).status_code == 400
+    assert (
+        admin.post("/status/delete", data={"csrf": csrf_of(page), "event": "4294967296"}, headers=basic())
+        .headers["Location"]
+        .endswith("deleted=0")
+    )
+    assert outbox.stats(SEGMENT).dead == 1
+
+
+@pytest.mark.parametrize("route", ["/status/replay", "/status/delete"])
+def test_replay_one_and_delete_one_refuse_a_form_without_the_csrf_token(admin, outbox, route):
+    one = make_dead_letter(outbox, 1)
+    token = csrf_of(status_html(admin))
+    for form in ({"event": str(one)}, {"event": str(one), "csrf": ""}, {"event": str(one), "csrf": token[::-1]}):
+        refused = admin.post(route, data=form, headers=basic())
+        assert refused.status_code == 403 and refused.json["error"] == "csrf", form
+    assert admin.post(f"{route}?csrf={token}", data={"event": str(one)}, headers=basic()).status_code == 403
+    assert admin.post(route, data={"event": str(one), "csrf": token}, headers=basic(PASSWORD + "x")).status_code == 401
+    assert outbox.stats(SEGMENT).dead == 1 and outbox.find_events("r1")[0]["dead_letters"], "nothing changed"
+
+
+def test_an_event_opens_by_its_response_id_its_messageid_or_its_internal_id(admin, outbox):
+    dead = make_dead_letter(outbox, 1)
+    segment_event = make_refiner_dead_letter(admin, outbox, 7)
+    for key, expected in (("r1", dead), ("m-1", dead), ("msg-7", segment_event), (str(dead), dead), (str(segment_event), segment_event)):
+        page = status_html(admin, f"/status/events/{key}")
+        assert f"internal id {expected}." in page, key
+    assert ANSWER in status_html(admin, "/status/events/r1") and SEGMENT_EMAIL in status_html(admin, "/status/events/msg-7")
+    for unknown in ("nothing-here", "999999", "99999999999999999999", "x" * 300):
+        answer = admin.get(f"/status/events/{unknown}", headers=basic())
+        assert answer.status_code == 404 and answer.json["error"] == "not_found", unknown
+    assert admin.get("/status/event/99999999999999", headers=basic()).status_code == 404
+    assert admin.get("/status/events/r1").status_code == 401
+    # A messageId with a slash in it is a key like any other.
+    assert post_segment(admin, [{**segment_identify(8), "messageId": "api/8"}]).json["accepted"] == 1
+    assert "internal id" in status_html(admin, "/status/events/api/8")
+
+
+def test_a_key_that_is_both_an_internal_id_and_another_events_id_lists_both(admin, outbox):
+    dead = make_dead_letter(outbox, 1)
+    # A Segment messageId made of digits, equal to the dead event's internal id.
+    assert post_segment(admin, [{**segment_identify(3), "messageId": str(dead)}]).json["accepted"] == 1
+    page = status_html(admin, f"/status/events/{dead}")
+    assert f"2 events are named <code>{dead}</code>" in page
+    rows = re.findall(r'<tr class="event">(.*?)</tr>', page, re.S)
+    assert len(rows) == 2 and "internal id" in rows[0] and "Segment messageId" in rows[1]
+    links = [re.search(r'href="(/status/event/\d+)"', row).group(1) for row in rows]
+    assert links[0] == f"/status/event/{dead}" and links[1] != links[0]
+    assert ANSWER not in page, "a list shows no answers"
+    # A response id shared by two events of one response lists both too.
+    outbox.store_many([entry_for(1, event="Shown Survey")])
+    assert "2 events are named <code>r1</code>" in status_html(admin, "/status/events/r1")
+
+
+def test_the_last_delivery_error_says_when_delivery_recovered_and_stays_red_only_until_then(admin, outbox):
+    from sqlalchemy import update
+
+    from refiner_source.store import last_errors
+
+    outbox.store_many([entry_for(1), entry_for(2), entry_for(3)])
+    a, b, c = outbox.claim(SEGMENT, 3, 60, "w")
+    outbox.settle("w", released=[a.id], delay=0, error="HTTP 503: later", destination=SEGMENT)
+    failing = section_of(status_html(admin), SEGMENT)
+    assert re.search(r'class="bad last-error">HTTP 503<', failing) and "nothing delivered since" in failing and "recovered" not in failing
+    with outbox.engine.begin() as conn:
+        conn.execute(update(last_errors).values(at=time.time() - 180))
+    outbox.settle("w", delivered=[b.id], destination=SEGMENT)
+    recovered = section_of(status_html(admin), SEGMENT)
+    (line,) = re.findall(r'class="ok recovered">(.*?)<', recovered)
+    assert re.fullmatch(r"recovered \d\d:\d\d UTC, 3 min after", line), line
+    assert 'class="muted last-error">HTTP 503<' in recovered and "nothing delivered since" not in recovered
+    # Failing again after the recovery: red again.
+    time.sleep(0.01)
+    outbox.settle("w", released=[c.id], delay=0, error="HTTP 502: again", destination=SEGMENT)
+    again = section_of(status_html(admin), SEGMENT)
+    assert 'class="bad last-error">HTTP 502<' in again and "recovered" not in again
+
+
+def test_cli_status_shows_the_refiner_call_once_per_segment_dead_letter_and_json_keeps_its_fields(admin_app, admin, outbox, store_url):
+    from click.testing import CliRunner
+
+    from refiner_source.run.cli import main
+
+    make_dead_letter(outbox, 1)
+    make_refiner_dead_letter(admin, outbox, 7)
+    env = {"DATABASE_URL": store_url, "SEGMENT_SHARED_SECRET": SEGMENT_SECRET, "REFINER_API_KEY": "k"}
+    text = CliRunner().invoke(main, ["status"], env=env).output
+    assert "newest dead letters (Segment messageId, call, error)" in text
+    (line,) = [row for row in text.splitlines() if "msg-7" in row]
+    assert line.split() == ["msg-7", "/identify-user", "HTTP", "422:", "refused"]
+    assert "newest dead letters (response id, message id, error)" in text and "  r1  m-1  HTTP 400 invalid" in text
+    report = json.loads(CliRunner().invoke(main, ["status", "--json"], env=env).output)
+    assert report["directions"][REFINER]["dead_letters"] == [{"id": "msg-7", "message_id": "msg-7", "error": "HTTP 422: refused"}]
+    rejected = {"id": "r1", "message_id": "m-1", "error": "HTTP 400 invalid: rejected by the test"}
+    assert report["directions"][SEGMENT]["dead_letters"] == [rejected]

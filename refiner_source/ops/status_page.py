@@ -1,4 +1,5 @@
-"""The operator's view: GET /status (an HTML page), POST /status/replay, GET /metrics (Prometheus).
+"""The operator's view: GET /status (an HTML page), one event's page, the dead letters' replay and
+delete buttons, and GET /metrics (Prometheus).
 
 Behind HTTP Basic auth with REFINER_ADMIN_PASSWORD (any user name); 404 while it is unset. All
 figures are read from the store (events, traffic counts), so every process and dyno shows the
@@ -10,25 +11,35 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import secrets
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
 
-from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
+from flask import Blueprint, Response, abort, g, redirect, render_template, request, url_for
 
-from refiner_source.config import DIRECTION_VARIABLES, Settings
+from refiner_source.config import Settings
 from refiner_source.destinations import preview
 from refiner_source.directions import DIRECTIONS
+from refiner_source.ops.chart import DEFAULT_RANGE, RANGES, chosen_range
+from refiner_source.ops.status_view import (
+    DELIVERY_OUTCOMES,
+    WEBHOOK_OUTCOMES,
+    age,
+    brief,
+    clock,
+    directions,
+    plural,
+    when,
+    with_code,
+)
 from refiner_source.ops.tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
-from refiner_source.store import Stats, Store
+from refiner_source.store import Store
 from refiner_source.web.state import error, state
 
 operator_bp = Blueprint("operator", __name__, template_folder="templates")
 
-WEBHOOK_OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unavailable")
-DELIVERY_OUTCOMES = ("delivered", "dead", "retry")
-CHART_MINUTES = 24 * 60
+REFRESH_SECONDS = 10  # the page reloads itself this often, unless ?refresh=off (or ?refresh=<seconds>)
+ONE_EVENT = re.compile(r"[0-9]{1,10}")  # an event's internal id, as a form or a URL gives it
 
 
 def _stop(status: int, code: str, message: str, **headers: str):
@@ -55,134 +66,114 @@ def _check_admin() -> None:
 
 
 def csrf_token() -> str:
-    """The replay form's token: only a page served behind the password can carry it (a browser
-    sends Basic credentials along with a cross-site POST; it cannot read this page)."""
+    """The forms' token: only a page served behind the password can carry it (a browser sends Basic
+    credentials along with a cross-site POST; it cannot read this page)."""
     return hmac.new(state().settings.admin_password.encode(), b"refiner-source replay", hashlib.sha256).hexdigest()
 
 
-@dataclass
-class Direction:
-    destination: str
-    title: str
-    source: str
-    on: bool
-    turned_on_by: tuple[str, ...]  # the variables that turn it on, named while it is off
-    stats: Stats
-    hour: dict[str, int]
-    day: dict[str, int]
-    dead_letters: list[tuple[str, str, str]]
-    last_error: str | None
-    last_error_at: float | None
-    chart: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def holds_events(self) -> bool:
-        return bool(self.stats.pending or self.stats.delivered or self.stats.dead)
+def _check_csrf() -> None:
+    given = request.form.get("csrf", "")
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), csrf_token().encode()):
+        _stop(403, "csrf", "The form's token is missing or wrong: reload /status and press the button again.")
 
 
-def directions(outbox: Store, settings: Settings, now: float) -> list[Direction]:
-    minute = int(now // 60)
-    hour = outbox.traffic_totals(since_minute=minute - 59)
-    day = outbox.traffic_totals(since_minute=minute - (CHART_MINUTES - 1))
-    found = []
-    for destination, names in DIRECTIONS.items():
-        title, source = names.title, names.source
-        error_text, error_at = outbox.last_error(destination)
-        found.append(
-            Direction(
-                destination=destination,
-                title=title,
-                source=source,
-                on=settings.direction_on(destination),
-                turned_on_by=DIRECTION_VARIABLES[destination],
-                stats=outbox.stats(destination),
-                hour=_figures(hour, source, destination),
-                day=_figures(day, source, destination),
-                dead_letters=outbox.dead_letters(limit=20, destination=destination),
-                last_error=error_text,
-                last_error_at=error_at,
-                chart=_chart(outbox, source, destination, minute),
-            )
-        )
-    return found
-
-
-def _figures(totals: dict[tuple[str, str, str], int], source: str, destination: str) -> dict[str, int]:
-    figures = {outcome: totals.get((WEBHOOK, source, outcome), 0) for outcome in WEBHOOK_OUTCOMES}
-    figures["received"] = sum(figures.values())
-    figures.update({outcome: totals.get((DELIVERY, destination, outcome), 0) for outcome in DELIVERY_OUTCOMES})
-    return figures
-
-
-def _chart(outbox: Store, source: str, destination: str, minute: int, width: int = 720, height: int = 120) -> dict[str, Any]:
-    """Received against delivered per minute over 24 hours, as SVG polyline points (drawn here, no script)."""
-    start = minute - (CHART_MINUTES - 1)
-    received = outbox.traffic_per_minute(WEBHOOK, source, WEBHOOK_OUTCOMES, start)
-    delivered = outbox.traffic_per_minute(DELIVERY, destination, ("delivered",), start)
-    peak = max([1, *received.values(), *delivered.values()])
-
-    def points(series: dict[int, int]) -> str:
-        return " ".join(
-            f"{(m - start) * width / (CHART_MINUTES - 1):.1f},{height - series.get(m, 0) * height / peak:.1f}"
-            for m in range(start, minute + 1)
-        )
-
-    return {"width": width, "height": height, "peak": peak, "received": points(received), "delivered": points(delivered)}
-
-
-def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def when(at: float | None) -> str:
-    return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def brief(error: str | None) -> str:
-    """An error as the main page shows it: its kind and status, never the destination's answer,
-    which may quote the data (an email, an answer); the opened event shows it whole."""
-    if not error:
-        return ""
-    return error.split(":", 1)[0][:80]
+def script_nonce() -> str:
+    """This response's nonce: the page's own inline script runs, nothing injected into it would."""
+    if "csp_nonce" not in g:
+        g.csp_nonce = secrets.token_urlsafe(16)
+    return g.csp_nonce
 
 
 @operator_bp.after_request
 def no_framing(response: Response) -> Response:
-    # The replay button must not be clickable from inside another site's frame.
+    # The buttons must not be clickable from inside another site's frame.
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+    scripts = f"'nonce-{g.csp_nonce}'" if "csp_nonce" in g else "'none'"
+    response.headers["Content-Security-Policy"] = (
+        f"default-src 'self'; script-src {scripts}; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
     return response
+
+
+def _view() -> dict[str, str]:
+    """What the page's address keeps across refreshes and buttons: the search, the range, the refresh."""
+    kept = {"q": (request.values.get("q") or "").strip()[:255], "range": request.values.get("range") or "", "refresh": ""}
+    if kept["range"] not in RANGES or kept["range"] == DEFAULT_RANGE:
+        kept["range"] = ""
+    refresh = request.values.get("refresh") or ""
+    if refresh == "off" or (refresh.isdigit() and 1 <= int(refresh) <= 3600 and int(refresh) != REFRESH_SECONDS):
+        kept["refresh"] = refresh
+    return kept
+
+
+def _status_url(view: dict[str, str], **changes) -> str:
+    """/status with the view's parameters that are set (changed by `changes`) and nothing else."""
+    chosen = {**view, **changes}
+    if chosen.get("range") == DEFAULT_RANGE:
+        chosen["range"] = ""
+    return url_for("operator.status_page", **{k: v for k, v in chosen.items() if v not in ("", None)})
+
+
+def _helpers() -> dict:
+    return {"csrf": csrf_token(), "nonce": script_nonce(), "age": age, "when": when, "brief": brief, "plural": plural}
 
 
 @operator_bp.get("/status")
 def status_page():
     _check_admin()
     app_state = state()
-    query = (request.args.get("q") or "").strip()[:255]
-    found = app_state.outbox.find_events(query) if query else None
+    view = _view()
+    now = time.time()
+    found = app_state.outbox.find_events(view["q"]) if view["q"] else None
+    refresh = None if view["refresh"] == "off" else int(view["refresh"] or REFRESH_SECONDS)
     return render_template(
         "status.html",
-        directions=directions(app_state.outbox, app_state.settings, time.time()),
-        query=query,
+        directions=directions(app_state.outbox, app_state.settings, now, chosen_range(view["range"])),
+        ranges=RANGES,
+        range_key=view["range"] or DEFAULT_RANGE,
+        view=view,
+        status_url=lambda **changes: _status_url(view, **changes),
+        now=now,
+        refresh=refresh,
+        query=view["q"],
         found=found,
-        csrf=csrf_token(),
-        age=age,
-        when=when,
-        brief=brief,
+        clock=clock,
+        with_code=with_code,
         replayed=request.args.get("replayed", type=int),
+        deleted=request.args.get("deleted", type=int),
+        **_helpers(),
     )
 
 
 @operator_bp.get("/status/event/<int:event_id>")
 def event_page(event_id: int):
-    """One event opened: its calls as they would be sent now, with their content (answers, emails)."""
+    """One event opened, by its internal id: its calls as they would be sent now, with their content (answers, emails)."""
     _check_admin()
+    return _event(event_id)
+
+
+@operator_bp.get("/status/events/<path:key>")
+def event_by_key(key: str):
+    """One event opened by the id its source gave it (a Refiner response id, a Segment messageId,
+    or a dead letter's messageId) or by its internal id; a list when the key names several."""
+    _check_admin()
+    outbox = state().outbox
+    by_id = outbox.find_event(int(key)) if ONE_EVENT.fullmatch(key) else []
+    named = outbox.find_events(key) if len(key) <= 255 else []
+    matches = [(e, "internal id") for e in by_id]
+    for e in named:
+        if all(e["id"] != m["id"] for m, _ in matches):
+            how = "response id" if e["destination"] == "segment" else "Segment messageId"
+            matches.append((e, how if e["response_id"] == key else "a dead letter's messageId"))
+    if not matches:
+        _stop(404, "not_found", f"No event is named {key[:255]!r}: not a response id, a Segment messageId or an internal id.")
+    if len(matches) == 1:
+        return _event(matches[0][0]["id"])
+    return render_template("events.html", key=key, matches=matches, **_helpers())
+
+
+def _event(event_id: int):
     app_state = state()
     content = app_state.outbox.event_content(event_id)
     if content is None:
@@ -192,7 +183,6 @@ def event_page(event_id: int):
         calls, problem = preview(destination, stored, messages, generation, created_at, app_state.settings.rules), None
     except Exception as exc:  # an event that cannot be mapped (a dead letter): show it as stored, and why
         calls, problem = [json.loads(stored)] if stored else [], f"{type(exc).__name__}: {exc}"
-    found = app_state.outbox.find_event(event_id)
     return render_template(
         "event.html",
         event_id=event_id,
@@ -200,21 +190,47 @@ def event_page(event_id: int):
         calls=calls,
         problem=problem,
         kept=stored is not None or bool(messages),
-        found=found,
-        when=when,
+        found=app_state.outbox.find_event(event_id),
+        **_helpers(),
     )
+
+
+def _chosen_event() -> int | None:
+    """The form's `event` (an internal id), None when absent; 400 when it is not one."""
+    given = request.form.get("event")
+    if given is None:
+        return None
+    if not ONE_EVENT.fullmatch(given):
+        _stop(400, "invalid_event", "The form's event is not an event's id: reload /status and press the button again.")
+    return int(given)
 
 
 @operator_bp.post("/status/replay")
 def replay_dead_letters():
+    """Dead events back in line: one (`event`), one direction's (`destination`), or all."""
     _check_admin()
-    given = request.form.get("csrf", "")
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), csrf_token().encode()):
-        _stop(403, "csrf", "The form's token is missing or wrong: reload /status and press the button again.")
-    destination = request.form.get("destination")
-    chosen = [destination] if destination in DIRECTIONS else list(DIRECTIONS)
-    queued = sum(state().outbox.replay_dead(d) for d in chosen)
-    return redirect(url_for("operator.status_page", replayed=queued), code=303)
+    _check_csrf()
+    outbox = state().outbox
+    event_id = _chosen_event()
+    if event_id is not None:
+        queued = outbox.replay_dead_event(event_id)
+    else:
+        destination = request.form.get("destination")
+        queued = sum(outbox.replay_dead(d) for d in ([destination] if destination in DIRECTIONS else list(DIRECTIONS)))
+    return redirect(_status_url(_view(), replayed=queued), code=303)
+
+
+@operator_bp.post("/status/delete")
+def delete_dead_event():
+    """Give up on one dead event, as `refiner-source purge-dead` does on all: its letters and answers
+    are deleted, its receipt kept (a resend is still a duplicate)."""
+    _check_admin()
+    _check_csrf()
+    event_id = _chosen_event()
+    if event_id is None:
+        _stop(400, "invalid_event", "Name the dead event to delete (the form's `event`).")
+    deleted = state().outbox.purge_dead_event(event_id)
+    return redirect(_status_url(_view(), deleted=deleted), code=303)
 
 
 @operator_bp.get("/metrics")

@@ -11,6 +11,7 @@ import click
 
 from refiner_source.config import DIRECTION_VARIABLES, Settings
 from refiner_source.directions import DIRECTIONS
+from refiner_source.ops.health import stalled_for, stalled_hint
 from refiner_source.run.options import DATE, TO, check_range, chosen_directions, epoch, open_outbox, settings_or_exit
 
 if TYPE_CHECKING:
@@ -72,34 +73,19 @@ def _print_direction(outbox: Store, destination: str, stats, title: str, gap: bo
     age = "-" if stats.oldest_pending_age is None else f"{stats.oldest_pending_age:.0f}s"
     click.echo(f"{chr(10) if gap else ''}{title}")
     click.echo(f"pending    {stats.pending}\ndelivered  {stats.delivered}\ndead       {stats.dead}\noldest pending age  {age}")
-    stalled = stalled_for(stats)
-    if stalled is not None:
-        target = "Segment" if destination == "segment" else "Refiner's API"
-        click.echo(
-            f"nothing delivered for {stalled:.0f}s while {stats.pending} event(s) wait: is a delivery worker running "
-            f"(`refiner-source serve` runs one; `refiner-source worker` runs one alone), and can it reach {target} (see its log)?"
-        )
+    hint = stalled_hint(stats, destination)
+    if hint is not None:
+        click.echo(hint)
     error, at = outbox.last_error(destination)
     if error is not None:
         click.echo(f"last delivery error ({datetime.fromtimestamp(at, UTC):%Y-%m-%d %H:%M:%S} UTC): {error}")
     if stats.dead:
-        ids = "response id" if destination == "segment" else "Segment messageId"
-        click.echo(f"newest dead letters ({ids}, message id, error); `refiner-source replay --to {destination}` resends them:")
-        for source_id, message_id, error in outbox.dead_letters(destination=destination):
-            click.echo(f"  {source_id}  {message_id}  {error}")
-
-
-STALLED_AFTER = 60.0  # seconds; a healthy worker's longest backoff between tries is 60 s
-
-
-def stalled_for(stats) -> float | None:
-    """Seconds without a delivery while the oldest message has waited longer than STALLED_AFTER; else None."""
-    waited = stats.oldest_pending_age
-    if not stats.pending or waited is None or waited < STALLED_AFTER:
-        return None
-    if stats.last_delivered_age is not None and stats.last_delivered_age < STALLED_AFTER:
-        return None
-    return waited if stats.last_delivered_age is None else min(waited, stats.last_delivered_age)
+        # A Segment event's id is the messageId of its one call to Refiner: show the call instead of the id again.
+        columns = "response id, message id" if destination == "segment" else "Segment messageId, call"
+        click.echo(f"newest dead letters ({columns}, error); `refiner-source replay --to {destination}` resends them:")
+        for source_id, message_id, call, error in outbox.dead_letter_calls(destination=destination):
+            second = (message_id if destination == "segment" else call) or "-"
+            click.echo(f"  {source_id}  {second}  {error}")
 
 
 @click.command()

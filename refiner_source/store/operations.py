@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 
 from refiner_source.directions import SEGMENT
-from refiner_source.store.database import Database, chunks
+from refiner_source.store.dead import KEPT, LARGEST_ID, DeadLetters
 from refiner_source.store.tables import DEAD, DELIVERED, LEGACY_EVENT, PENDING, PURGED, dead_letters, events, last_errors
 
 
@@ -35,11 +34,7 @@ class Requeued:
     pending: int = 0  # not sent yet: left in line as they are
 
 
-# What replay can send again: an event kept, or a dead row of messages kept from before version 3.
-_KEPT = or_(events.c.event.is_not(None), and_(events.c.messages.is_not(None), events.c.status == DEAD))
-
-
-class Operations(Database):
+class Operations(DeadLetters):
     """Reads for the status page and the CLI, and the commands that put events back in line or forget them."""
 
     def stats(self, destination: str = SEGMENT) -> Stats:
@@ -56,24 +51,6 @@ class Operations(Database):
             oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
             last_delivered_age=None if newest is None else max(0.0, now - newest),
         )
-
-    def dead_letters(self, limit: int = 20, destination: str = SEGMENT) -> list[tuple[str, str, str]]:
-        """(response id, message id, error) of the newest dead letters."""
-        stmt = (
-            select(events.c.source_id, dead_letters.c.message_id, dead_letters.c.error)
-            .join(events, events.c.id == dead_letters.c.event_id)
-            .where(events.c.destination == destination, events.c.status == DEAD)
-            .order_by(dead_letters.c.id.desc())
-            .limit(limit)
-        )
-        with self._guard(), self.engine.connect() as conn:
-            return [(r.source_id, r.message_id or "-", r.error) for r in conn.execute(stmt).all()]
-
-    def replay_dead(self, destination: str = SEGMENT) -> int:
-        """Put every dead event back in line, to be mapped again with the current mapping; how many."""
-        with self._guard(), self.engine.connect() as conn:
-            ids = list(conn.execute(select(events.c.id).where(events.c.destination == destination, events.c.status == DEAD)).scalars())
-        return self._requeue(ids, generation=None)
 
     def requeue(
         self,
@@ -100,34 +77,10 @@ class Operations(Database):
         with self._guard(), self.engine.connect() as conn:  # a read: no write lock while it scans
             already = conn.execute(select(func.count()).select_from(events).where(*selection, events.c.status == PENDING)).scalar()
             settled = or_(events.c.status == DEAD, and_(events.c.status == DELIVERED, events.c.triggered_event != LEGACY_EVENT))
-            rows = conn.execute(select(events.c.id, _KEPT).where(*selection, settled)).all()
+            rows = conn.execute(select(events.c.id, KEPT).where(*selection, settled)).all()
         ids = [r[0] for r in rows if r[1]]
         queued = self._requeue(ids, generation)
         return Requeued(matched=len(rows) + already, queued=queued, forgotten=len(rows) - len(ids), pending=already)
-
-    def _requeue(self, ids: Sequence[int], generation: str | None) -> int:
-        """Back in line, 500 to a transaction (webhooks keep their turns at the write lock)."""
-        queued = 0
-        for chunk in chunks(list(ids), 500):
-            now = time.time()
-            values: dict[str, Any] = {
-                "status": PENDING,
-                "available_at": now,
-                "queued_at": now,
-                "attempts": 0,
-                "claimed_by": None,
-                "last_error": None,
-            }
-            if generation is not None:
-                values["generation"] = generation
-            with self._write() as conn:
-                # Still delivered or dead, and still kept (a purge may have come in between). A dead
-                # row of messages kept from before version 3 is sent again as it is; an event is mapped anew.
-                stmt = update(events).where(events.c.id.in_(chunk), events.c.status.in_([DELIVERED, DEAD]), _KEPT)
-                queued += conn.execute(stmt.values(**values)).rowcount
-                requeued = select(events.c.id).where(events.c.id.in_(chunk), events.c.status == PENDING)
-                conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(requeued)))
-        return queued
 
     def purge(self, delivered_before: float, receipts_before: float) -> tuple[int, int]:
         """Forget the answers of events delivered before `delivered_before`; delete the rows of events
@@ -147,24 +100,17 @@ class Operations(Database):
             ).rowcount
         return forgotten, deleted
 
-    def purge_dead(self, before: float, destination: str = SEGMENT) -> int:
-        """Give up on dead events that arrived before `before` (an operator's decision, by command):
-        their letters and answers are deleted; the receipt stays, so a resend is still a duplicate."""
-        chosen = and_(events.c.destination == destination, events.c.status == DEAD, events.c.created_at < before)
-        with self._write() as conn:
-            ids = list(conn.execute(select(events.c.id).where(chosen)).scalars())
-            for chunk in chunks(ids, 500):
-                conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(chunk)))
-                conn.execute(
-                    update(events).where(events.c.id.in_(chunk)).values(status=PURGED, event=None, messages=None, delivered_at=time.time())
-                )
-        return len(ids)
-
     def last_error(self, destination: str = SEGMENT) -> tuple[str | None, float | None]:
         """The newest delivery error of a destination (a retry or a dead letter) and when, even if it recovered since."""
         with self._guard(), self.engine.connect() as conn:
             row = conn.execute(select(last_errors.c.error, last_errors.c.at).where(last_errors.c.destination == destination)).first()
         return (row.error, row.at) if row else (None, None)
+
+    def last_delivered_at(self, destination: str = SEGMENT) -> float | None:
+        """When the newest delivery still kept happened: after the last error's time, delivery has recovered."""
+        stmt = select(func.max(events.c.delivered_at)).where(events.c.destination == destination, events.c.status == DELIVERED)
+        with self._guard(), self.engine.connect() as conn:
+            return conn.execute(stmt).scalar()
 
     def find_events(self, key: str, limit: int = 20) -> list[dict[str, Any]]:
         """The events a response id or a Segment messageId names (both directions; a messageId sent to
@@ -174,7 +120,7 @@ class Operations(Database):
 
     def find_event(self, event_id: int) -> list[dict[str, Any]]:
         """One event's state and dead letters (as find_events), by its id; [] when there is none."""
-        return self._find(events.c.id == event_id, 1)
+        return self._find(events.c.id == event_id, 1) if 0 < event_id <= LARGEST_ID else []
 
     def _find(self, condition, limit: int) -> list[dict[str, Any]]:
         columns = [c for c in events.c if c.name not in ("event", "messages")]
@@ -190,6 +136,8 @@ class Operations(Database):
 
     def event_content(self, event_id: int) -> tuple[str, str | None, list[dict[str, Any]] | None, str | None, float] | None:
         """(destination, stored event JSON, messages kept from before version 3, generation, created_at) of one event."""
+        if not 0 < event_id <= LARGEST_ID:
+            return None
         with self._guard(), self.engine.connect() as conn:
             row = conn.execute(
                 select(events.c.destination, events.c.event, events.c.messages, events.c.generation, events.c.created_at).where(
