@@ -64,11 +64,14 @@ class RefinerClient:
         self.sleep = sleep or self._sleep
         self.on_retry = on_retry
         self.page_length = page_length
+        self._answered = False  # whether the API has answered fetch() at all: a refusal after that is a blip
 
     def fetch(self, filters: dict[str, str], cursor: str | None = None, page: int | None = None) -> Page:
-        # with_attributes: the contact's and the account's attributes, which split answers between
-        # user and account traits exactly as a webhook's do.
-        query: dict[str, Any] = {**filters, "page_length": self.page_length, "with_attributes": 1}
+        # include=completed (unless `filters` says otherwise): the backfill sends completed responses
+        # only, so views and partial responses need not cross the network. with_attributes=1: the
+        # contact's attributes, which decide with the account's whether an answer is the user's, as
+        # in a webhook (docs/backfill.md says what the API still leaves out).
+        query: dict[str, Any] = {"include": "completed", "with_attributes": 1, **filters, "page_length": self.page_length}
         if cursor:
             query["page_cursor"] = cursor
         elif page:
@@ -78,9 +81,14 @@ class RefinerClient:
             try:
                 answer = self.session().get(self.url, params=query, timeout=self.timeout)
             except requests.RequestException as exc:
+                if not self._answered and _refused(exc):
+                    # Refused before the API ever answered this run: a wrong REFINER_API_URL (or a
+                    # local stand-in not started), which ten retries over minutes would only hide.
+                    raise BackfillError(f"Refiner's API at {self.base_url} refused the connection: check REFINER_API_URL") from None
                 problem = f"network: {type(exc).__name__}"
                 self._pause(problem, self.backoff.delay(attempt), attempt)
                 continue
+            self._answered = True
             if answer.status_code == 200:
                 return _page(answer, page)
             if answer.status_code in (401, 403):
@@ -91,7 +99,7 @@ class RefinerClient:
                 self._pause(problem, wait if wait is not None else self.backoff.delay(attempt), attempt)
                 continue
             raise BackfillError(f"Refiner's API answered HTTP {answer.status_code} for {answer.url}: {answer.text[:200]}")
-        raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem}); run the command again to resume")
+        raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem})")
 
     def session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -118,6 +126,22 @@ class RefinerClient:
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not (self.stop is not None and self.stop.is_set()):
             time.sleep(min(left, 0.1))
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection was refused, somewhere in what requests wraps (urllib3's MaxRetryError,
+    its NewConnectionError, the OSError under it)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionRefusedError):
+            return True
+        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
+    return False
 
 
 def _page(answer: requests.Response, asked_page: int | None) -> Page:

@@ -1,5 +1,8 @@
 """A real local HTTP server standing in for Refiner's REST API: `GET /responses` (the backfill),
-`POST /identify-user` and `POST /track-event` (Segment to Refiner)."""
+`POST /identify-user` and `POST /track-event` (Segment to Refiner).
+
+`GET /responses` answers as Refiner documents it (docs/backfill.md): the contact's `attributes` only
+with `with_attributes=1`, and responses without `completed_at` left out with `include=completed`."""
 
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ from tests.http_stub import JsonHandler, LoopbackServer
 
 
 def api_item(i: int, *, account: bool = True, remote_id: bool = True, completed: bool = True) -> dict[str, Any]:
-    """A response as the API lists it (see tests/fixtures/api_responses_page.json)."""
+    """A response as the API lists it with `with_attributes=1` (see tests/fixtures/api_responses_page.json)."""
     contact: dict[str, Any] = {
         "uuid": f"contact-{i}",
         "remote_id": f"user-{i}" if remote_id else None,
         "email": f"person{i}@example.com",
         "display_name": f"Person {i}",
+        "attributes": {"email": f"person{i}@example.com", "first_name": f"Person {i}", "form_submissions_count": "1"},
     }
     if account:
         contact["account"] = {
@@ -42,13 +46,68 @@ def api_item(i: int, *, account: bool = True, remote_id: bool = True, completed:
     }
 
 
+def api_item_of_webhook(body: dict[str, Any], *, account_attributes: bool = False) -> dict[str, Any]:
+    """The item `GET /responses?with_attributes=1` lists for the response a webhook `body` carries.
+
+    The account comes with its uuid, remote_id, display_name and domain; its `attributes` only with
+    `account_attributes`, which Refiner's documentation does not promise (docs/backfill.md)."""
+    response = body["response"]
+    account = body.get("account")
+    contact: dict[str, Any] = {k: body.get(k) for k in ("uuid", "remote_id", "email", "display_name", "attributes")}
+    if account:
+        contact["account"] = {k: account.get(k) for k in ("uuid", "remote_id", "display_name", "domain")}
+        if account_attributes:
+            contact["account"]["attributes"] = account.get("attributes")
+    return {
+        "uuid": response["uuid"],
+        **{key: _api_time(response.get(key)) for key in _TIMES},
+        "show_counter": response.get("show_counter"),
+        "form": body.get("form"),
+        "data": response.get("data"),
+        "contact": contact,
+    }
+
+
+_TIMES = (
+    "first_shown_at",
+    "last_shown_at",
+    "first_data_reception_at",
+    "last_data_reception_at",
+    "completed_at",
+    "received_at",
+    "dismissed_at",
+)
+
+
+def _api_time(webhook_time: str | None) -> str | None:
+    # Webhooks write 2026-11-18T16:42:57.000000Z; the API writes 2026-11-18 16:42:57 (UTC, to the second).
+    return webhook_time[:19].replace("T", " ") if webhook_time else None
+
+
+def as_asked(item: Any, query: dict[str, str]) -> Any:
+    """`item` as the API lists it for `query`: the attributes only with `with_attributes=1` (a copy: a
+    test's `make` may hand the same item out again)."""
+    if query.get("with_attributes") in ("1", "true") or not isinstance(item, dict) or not isinstance(item.get("contact"), dict):
+        return item
+    contact = {k: v for k, v in item["contact"].items() if k != "attributes"}
+    if isinstance(contact.get("account"), dict):
+        contact["account"] = {k: v for k, v in contact["account"].items() if k != "attributes"}
+    return {**item, "contact": contact}
+
+
+def _wanted(item: Any, query: dict[str, str]) -> bool:
+    # include=completed leaves out views and partial responses; without it every item is listed.
+    return query.get("include") != "completed" or not isinstance(item, dict) or bool(item.get("completed_at"))
+
+
 # An answer to give: (status, headers) or (status, headers, JSON body).
 Answer = tuple[int, dict[str, str]] | tuple[int, dict[str, str], Any]
 POST_PATHS = ("/v1/identify-user", "/v1/track-event")
 
 
 class RefinerStub(LoopbackServer):
-    """Serves `total` responses, `page_length` a page, by cursor (default) or by page number; and
+    """Serves `total` responses (`make(i)`, each as listed with `with_attributes=1`; see as_asked()),
+    `page_length` a page, by cursor (default) or by page number; and
     takes identify-user and track-event calls, each recorded in `calls` as
     {"path", "body", "auth", "at", "done", "status"} (`at` when it arrived and `done` when it was
     answered, both time.monotonic()).
@@ -147,7 +206,10 @@ class RefinerStub(LoopbackServer):
             number = int(query.get("page", 1))
         last = max(1, -(-self.total // length))
         start = (number - 1) * length
-        items = [self.make(i) for i in range(start, min(start + length, self.total))]
+        # A page keeps its window of `total` even when include= leaves some of it out: the real API
+        # fills pages, but the backfill follows cursors and last_page either way, which is what matters.
+        made = (self.make(i) for i in range(start, min(start + length, self.total)))
+        items = [as_asked(item, query) for item in made if _wanted(item, query)]
         pagination: dict[str, Any] = {"current_page": number, "last_page": last, "page_length": length}
         if self.cursor:
             has_next = number < last

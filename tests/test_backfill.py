@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 
 import pytest
 import responses
 
-from refiner_source.config import MappingRules
+from refiner_source.config import MappingRules, normalize_database_url
 from refiner_source.refiner_rest import RefinerClient
 from refiner_source.store import SCHEMA_VERSION, SEGMENT, Entry, Store
 from refiner_source.to_segment.backfill import BackfillError, filters, run_backfill
 from refiner_source.to_segment.events import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
-from refiner_source.to_segment.intake import prepare
+from refiner_source.to_segment.intake import map_api_page, prepare
 from refiner_source.to_segment.mapping import map_event
 from tests.conftest import load_fixture
 from tests.refiner_stub import RefinerStub, api_item
@@ -57,13 +58,13 @@ def test_pages_follow_next_page_cursor_as_page_cursor():
 
 
 @responses.activate
-def test_backfill_asks_for_attributes_and_large_pages():
-    # with_attributes=1: the contact's and the account's attributes come along, so answers split
-    # between user and account traits exactly as a webhook's do (issue "Segment to Refiner").
+def test_backfill_asks_for_attributes_completed_responses_and_large_pages():
+    # with_attributes=1: the contact's attributes, which split answers between user and account as a
+    # webhook's do; include=completed: only what the backfill sends crosses the network.
     responses.get(URL, json=page([api_item(0)]))
     api().fetch({})
     params = responses.calls[0].request.params
-    assert params["with_attributes"] == "1" and params["page_length"] == "500"
+    assert params["with_attributes"] == "1" and params["include"] == "completed" and params["page_length"] == "500"
 
 
 @responses.activate
@@ -239,12 +240,16 @@ def test_not_completed_and_invalid_items_are_skipped_and_counted(outbox):
         if i == 0:
             return api_item(0, completed=False)
         if i == 1:
-            return {"uuid": "broken", "contact": "nobody"}
+            return {"uuid": "broken", "completed_at": "2026-11-18 16:42:57", "contact": "nobody"}
         return api_item(i)
 
     with RefinerStub(total=5, make=make) as stub:
         progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
-    assert (progress.stored, progress.not_completed, progress.invalid) == (3, 1, 1)
+    # include=completed: the API leaves the response without completed_at out...
+    assert (progress.seen, progress.stored, progress.not_completed, progress.invalid) == (4, 3, 0, 1)
+    # ...and one that comes all the same is skipped and counted.
+    mapped = map_api_page([api_item(0, completed=False), api_item(1)], RULES)
+    assert mapped.not_completed == 1 and [e.source_id for e in mapped.entries] == ["response-0000001"]
 
 
 def test_empty_result_finishes_at_once(outbox):
@@ -333,14 +338,40 @@ def test_replay_new_ids_alone_is_a_usage_error(store_url, outbox):
     assert result.returncode == 2 and "--new-ids goes with" in result.stderr
 
 
-def test_event_json_holds_the_answers_so_purge_forgets_it(outbox, webhook_body):
+def test_event_json_holds_the_answers_so_purge_forgets_it(outbox, webhook_body, monkeypatch):
+    import time
+
+    from sqlalchemy import select
+
+    from refiner_source.store import events
+
+    def stored_row() -> dict:
+        with outbox.engine.connect() as conn:
+            return dict(conn.execute(select(events)).one()._mapping)
+
     outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
     ((claimed),) = outbox.claim(SEGMENT, 10, 60, "t")
-    stored = claimed.event
-    assert "Product Manager" in json.loads(stored)["data"].values()
+    assert "Product Manager" in json.loads(claimed.event)["data"].values()
+    outbox.settle("t", delivered=[claimed.id])
+    assert "Product Manager" in json.dumps(stored_row())  # delivered, but still within retention
+
+    day, now = 86400, time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 8 * day)  # past the 7 days of REFINER_RETENTION_DAYS
+    assert outbox.purge(delivered_before=time.time() - 7 * day, receipts_before=time.time() - 90 * day) == (1, 0)
+    row = stored_row()  # the receipt is kept (a resend stays a duplicate)...
+    assert row["id"] == claimed.id and row["event"] is None and row["messages"] is None
+    assert "Product Manager" not in json.dumps(row)  # ...and no column holds an answer any more
+    assert outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)]) == 0
 
 
 # --- end to end: the command, a stand-in for Refiner's API and one for Segment ----------------
+
+
+def requested_page(query: dict[str, str]) -> int:
+    """The page a request to the Refiner stand-in asked for: by its cursor, by number, or the first."""
+    if "page_cursor" in query:
+        return json.loads(base64.urlsafe_b64decode(query["page_cursor"]))["page"]
+    return int(query.get("page", 1))
 
 
 def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(store_url, tmp_path):
@@ -375,11 +406,17 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
         assert first.returncode == 130, err
         assert "run the same command again to resume" in err and "Traceback" not in err
         assert "page 1/5" in err  # not a terminal: a line per page
+        box = Store(normalize_database_url(store_url))
+        saved = box.backfill_state(json.dumps({}))
+        box.dispose()
+        assert saved is not None and not saved.done and 1 <= saved.pages < 5, saved  # stopped with pages stored and pages to go
+        asked_before = len(refiner.requests)
 
         second = subprocess.run([*command(), "backfill"], env=full_env, capture_output=True, text=True, timeout=60)
         assert second.returncode == 0, second.stderr
         assert "2250 response(s) read in 5 page(s)" in second.stdout
-        assert len(refiner.requests) < 2 + 5 + 1  # resumed: the pages already stored were not asked for again
+        # Resumed: it asked for the remaining pages, each once, and for none of those already stored.
+        assert [requested_page(r["query"]) for r in refiner.requests[asked_before:]] == list(range(saved.pages + 1, 6))
 
         worker = Service(["worker"], env, tmp_path / "worker.log").start()
         try:

@@ -70,10 +70,12 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
         f"{progress.seen} response(s) read in {progress.pages} page(s): {progress.stored} {verb}, "
         f"{progress.duplicates} already sent, {progress.not_completed} not completed, {progress.invalid} not valid (see the log)"
     )
-    if dry_run:
-        click.echo(f"first {len(progress.sample)} message(s) that would be sent:")
+    if dry_run and progress.sample:
+        click.echo(f"first {len(progress.sample)} message(s) that would be sent (of responses not sent before):")
         for message in progress.sample:
             click.echo(json.dumps(message, indent=2, ensure_ascii=False))
+    elif dry_run:
+        click.echo("no message would be sent: none of the responses read is new")
     if stop.is_set():
         click.echo("stopped before the end" + ("" if dry_run else ": run the same command again to resume"), err=True)
         sys.exit(130)

@@ -18,9 +18,9 @@ from typing import Any
 
 from refiner_source.config import MappingRules
 from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerClient
-from refiner_source.store import BackfillState, Entry, Store
+from refiner_source.store import BackfillState, Store
 from refiner_source.to_segment.events import event_from_json
-from refiner_source.to_segment.intake import ignore_stop_signals, map_api_page
+from refiner_source.to_segment.intake import MappedPage, ignore_stop_signals, map_api_page
 from refiner_source.to_segment.mapping import map_event
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,10 @@ def run_backfill(
                 break
             result, future = in_flight.popleft()
             try:
-                entries, not_completed, invalid = future.result()
+                mapped = future.result()
             except BrokenProcessPool:  # a mapping process died (killed, out of memory): map here
-                entries, not_completed, invalid = map_api_page(result.items, rules)
-            _store_page(outbox, run_key, result, entries, not_completed, invalid, progress, dry_run, sample_size, rules)
+                mapped = map_api_page(result.items, rules)
+            _store_page(outbox, run_key, result, mapped, progress, dry_run, sample_size, rules)
             report(progress)
     finally:
         pool.shutdown(cancel_futures=True)
@@ -172,24 +172,29 @@ def _store_page(
     outbox: Store,
     run_key: str,
     result: Page,
-    entries: list[Entry],
-    not_completed: int,
-    invalid: int,
+    mapped: MappedPage,
     progress: Progress,
     dry_run: bool,
     sample_size: int,
     rules: MappingRules,
 ) -> None:
+    for skipped in mapped.skipped:  # logged here: a mapping process has no logging of its own
+        log.warning(
+            "skipped an API item that is not a valid response", extra={"response_id": skipped.response_id, "fields": skipped.fields}
+        )
+    entries = mapped.entries
     progress.pages += 1
     progress.seen += len(result.items)
     progress.last_page = result.last_page
-    progress.not_completed += not_completed
-    progress.invalid += invalid
+    progress.not_completed += mapped.not_completed
+    progress.invalid += len(mapped.skipped)
     finished = result.next_cursor is None and result.next_page is None
     saved = BackfillState(result.next_cursor, result.next_page, finished, progress.pages, progress.seen, progress.stored)
     if dry_run:
-        new = len(entries) - len(outbox.known_receipts([e.receipt_key for e in entries]))
-        for entry in entries:
+        known = outbox.known_receipts([e.receipt_key for e in entries])
+        fresh = [e for e in entries if e.receipt_key not in known]
+        new = len(fresh)
+        for entry in fresh:  # a response already sent would not be sent again: no sample of it
             if len(progress.sample) >= sample_size:
                 break
             messages = map_event(event_from_json(entry.event), rules, datetime.now(UTC))  # as delivery will map it

@@ -170,7 +170,10 @@ class WebhookSchema(EnvelopeSchema, ContactSchema):
 
 
 class ApiResponseSchema(_Lenient):
-    """One item of Refiner's REST API `GET /responses`: the contact nested, form and data on top."""
+    """One item of Refiner's REST API `GET /responses`: form and data on top, the contact nested under
+    `contact` (with `attributes` when asked for with `with_attributes=1`) and its account under
+    `contact.account`. The contact's fields load into the same SurveyEvent fields as a webhook's, so
+    whatever the API gives is mapped as the webhook's is; docs/backfill.md lists what it leaves out."""
 
     uuid = Identifier(required=True)
     completed_at = _optional(RefinerDateTime)

@@ -6,8 +6,8 @@ stored as it is, normalised; the delivery worker maps it when it sends it.
 
 from __future__ import annotations
 
-import logging
 import signal
+from dataclasses import dataclass, field
 from typing import Any
 
 from marshmallow import ValidationError
@@ -18,7 +18,6 @@ from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, eve
 from refiner_source.to_segment.mapping import calls
 from refiner_source.validation import error_fields
 
-log = logging.getLogger(__name__)
 _api_item = ApiResponseSchema()
 
 
@@ -41,24 +40,39 @@ def prepare(event: SurveyEvent, rules: MappingRules) -> Entry:
     )
 
 
-def map_api_page(items: list[Any], rules: MappingRules) -> tuple[list[Entry], int, int]:
-    """(entries, not completed, invalid) of one page of Refiner's REST API."""
-    entries: list[Entry] = []
-    not_completed = invalid = 0
+@dataclass(frozen=True)
+class Skipped:
+    """An API item that is not a valid response: its id (when it has one) and the failing field paths, never values."""
+
+    response_id: str | None
+    fields: list[str]
+
+
+@dataclass
+class MappedPage:
+    """What one page of Refiner's REST API becomes. Returned, not logged, by a mapping process: that
+    process has no logging set up, so the process that stores the page logs what was skipped."""
+
+    entries: list[Entry] = field(default_factory=list)
+    not_completed: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def map_api_page(items: list[Any], rules: MappingRules) -> MappedPage:
+    """The entries of one page of Refiner's REST API, and what it skipped."""
+    page = MappedPage()
     for item in items:
         try:
             event = _api_item.load(item)
         except ValidationError as exc:
-            invalid += 1
             response_id = item.get("uuid") if isinstance(item, dict) and isinstance(item.get("uuid"), str) else None
-            fields = sorted(error_fields(exc))
-            log.warning("skipped an API item that is not a valid response", extra={"response_id": response_id, "fields": fields})
+            page.skipped.append(Skipped(response_id, sorted(error_fields(exc))))
             continue
         if event.completed_at is None:
-            not_completed += 1
+            page.not_completed += 1
             continue
-        entries.append(prepare(event, rules))
-    return entries, not_completed, invalid
+        page.entries.append(prepare(event, rules))
+    return page
 
 
 def ignore_stop_signals() -> None:
