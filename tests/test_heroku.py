@@ -162,7 +162,13 @@ def test_procfile_under_honcho_delivers_a_burst_exactly_once_and_sigterm_loses_n
     threads = [threading.Thread(target=burst, args=(k * 1000, 80)) for k in range(4)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60
     while len(acknowledged) < 40:
+        if time.monotonic() > deadline or not any(t.is_alive() for t in threads):
+            os.killpg(web.process.pid, signal.SIGKILL)
+            web.process.wait(30)
+            log = (tmp_path / "honcho.log").read_text()[-3000:]
+            raise AssertionError(f"only {len(acknowledged)} webhooks acknowledged, the burst over or 60 s gone; honcho's log:\n{log}")
         time.sleep(0.01)
     stopped_at = time.monotonic()
     os.killpg(web.process.pid, signal.SIGTERM)  # a daily dyno restart, in the middle of the burst

@@ -3,13 +3,17 @@ replay, retention, and the upgrade of a version 2 store."""
 
 from __future__ import annotations
 
+import select
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
 
-from refiner_source.config import MappingRules
+from refiner_source.config import MappingRules, normalize_database_url
 from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable
 from tests.conftest import entry_for
 
@@ -124,24 +128,64 @@ def test_init_schema_is_safe_to_run_twice(outbox):
     assert outbox.stats().pending == 0 and outbox.schema_version() == SCHEMA_VERSION
 
 
+# Each process connects, says "ready", and waits for a line on stdin: they all begin init_schema at once.
+INIT_SCHEMA_PROCESS = """
+import sys
+from refiner_source.store import Store
+box = Store(sys.argv[1])
+box.engine.connect().close()  # connected first, so that what races is init_schema itself
+print("ready", flush=True)
+sys.stdin.readline()
+box.init_schema()
+box.dispose()
+print("done", flush=True)
+"""
+
+
 def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
-    errors: list[Exception] = []
+    """serve, worker and Heroku's release phase are separate processes that may all start at once."""
+    url = normalize_database_url(store_url)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", INIT_SCHEMA_PROCESS, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        for process in processes:
+            ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "a process did not get ready in time"
+            assert process.stdout.readline().strip() == "ready", process.stderr.read() if process.poll() is not None else ""
+        for process in processes:  # the start signal, to all as nearly together as can be
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results = [process.communicate(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert [p.returncode for p in processes] == [0] * 6, [_last_error(err) for _, err in results if err.strip()]
+    assert all(out.strip() == "done" for out, _ in results)
+    box = Store(url)
+    try:
+        with box.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, SCHEMA_VERSION)]
+        assert box.store_many([entry_for(1)]) == 1 and box.stats().pending == 1
+    finally:
+        box.dispose()
 
-    def init() -> None:
-        box = Store(store_url)
-        try:
-            box.init_schema()
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
-        finally:
-            box.dispose()
 
-    threads = [threading.Thread(target=init) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+def _last_error(stderr: str) -> str:
+    """The line of a traceback that says what went wrong (the exception's, not SQLAlchemy's link)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("(Background on this error")]
+    errors = [line for line in lines if "Error" in line.split(":", 1)[0]]
+    return (errors or lines or [""])[-1][:300]
 
 
 def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(outbox):
@@ -181,11 +225,45 @@ def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox
     assert outbox.store_grouped(entry_for(0)) is False
 
 
-def test_store_grouped_gives_every_waiting_thread_the_error(store_url):
-    box = Store(store_url)  # no schema: the store fails
-    with pytest.raises(StoreUnavailable):
-        box.store_grouped(entry_for(1))
-    box.dispose()
+def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch):
+    real_write = outbox._write
+    leader_writing = threading.Event()
+
+    @contextmanager
+    def failing_commit():
+        # The leader's write holds until a second caller waits in its group, then its commit fails.
+        with real_write() as conn:
+            leader_writing.set()
+            deadline = time.monotonic() + 10
+            while len(outbox._waiting) < 2:
+                assert time.monotonic() < deadline, "the second caller never joined the group"
+                time.sleep(0.005)
+            yield conn
+            raise StoreUnavailable("the commit was lost")
+
+    monkeypatch.setattr(outbox, "_write", failing_commit)
+    answers: dict[str, object] = {}
+
+    def call(name: str, entry: Entry) -> None:
+        try:
+            answers[name] = outbox.store_grouped(entry)
+        except Exception as exc:  # noqa: BLE001 - the answer each caller got, asserted below
+            answers[name] = exc
+
+    leader = threading.Thread(target=call, args=("leader", entry_for("lead")))
+    leader.start()
+    assert leader_writing.wait(10), "the leader never began its write"
+    follower = threading.Thread(target=call, args=("follower", entry_for("follow")))
+    follower.start()
+    for thread in (leader, follower):
+        thread.join(10)
+        assert not thread.is_alive(), "a caller of store_grouped() never got its answer"
+    assert isinstance(answers["leader"], StoreUnavailable), answers
+    assert isinstance(answers["follower"], StoreUnavailable), answers  # its webhook answers 503, not 200 "duplicate"
+    monkeypatch.setattr(outbox, "_write", real_write)
+    keys = [entry_for(i).receipt_key for i in ("lead", "follow")]
+    assert outbox.known_receipts(keys) == set() and outbox.stats().pending == 0
+    assert outbox._waiting == []
 
 
 def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monkeypatch):

@@ -95,8 +95,32 @@ def test_token_as_authorization_bearer_header(client, webhook_body):
     assert wrong.status_code == 401
 
 
-def test_token_is_checked_before_the_body_is_read(post_webhook):
-    assert post_webhook(b"{not json", token="wrong").status_code == 401
+class RecordedBody:
+    """A request body that remembers whether anyone read it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.read_by_someone = False
+
+    def read(self, *args) -> bytes:
+        self.read_by_someone = True
+        data, self.data = self.data, b""
+        return data
+
+    readline = read
+
+
+def test_token_is_checked_before_the_body_is_read(client, outbox):
+    def post(query: str) -> tuple[int, bool]:
+        body = RecordedBody(b"{not json")
+        environ = {"CONTENT_LENGTH": str(len(body.data)), "CONTENT_TYPE": "application/json", "wsgi.input": body}
+        response = client.post(f"/webhooks/refiner{query}", environ_overrides=environ)
+        return response.status_code, body.read_by_someone
+
+    assert post("?token=wrong-token-0123456789") == (401, False)
+    assert post("") == (401, False)  # no token at all
+    assert post(f"?token={SECRET}") == (400, True)  # the same request with the token: read, and found not JSON
+    assert outbox.stats().pending == 0
 
 
 def test_body_over_1_mib_answers_413(post_webhook, webhook_body, outbox):
