@@ -275,3 +275,18 @@ def test_the_docs_example_of_typed_answers_holds(tmp_path):
     nps = next(m for m in per_answer if m["properties"]["question"] == NPS)
     digest = hashlib.sha1(NPS.encode()).hexdigest()[:8]
     assert nps["messageId"] == f"refiner-a3e1c2f0-a5d1-11ef-b050-03a44b320007-completed-survey-answer-{digest}"
+
+
+def test_the_readmes_typed_answers_example_is_a_valid_mapping_file_that_types_and_adds(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (example,) = [block for block in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[types]" in block]
+    rules = mapping_file(tmp_path, example)
+    sent = map_event(WebhookSchema().load(webhook()), rules, NOW)
+    track = next(m for m in sent if m.get("event") == "Survey Completed")
+    assert (
+        track["properties"]["refiner_how_likely_are_you_to_recommend_us"] == 8 and track["properties"]["refiner_nps_category"] == "passive"
+    )
+    assert [m.get("event") for m in sent].count("Survey Question Answered") == 3

@@ -184,3 +184,16 @@ def test_preview_reads_a_file_named_on_the_command_line(env, tmp_path):
     path.write_text(json.dumps(load_fixture("webhook_completed_survey.json")))
     done = subprocess.run([*command(), "preview", str(path)], env=env, capture_output=True, timeout=60)
     assert done.returncode == 0 and [m["type"] for m in json.loads(done.stdout)][:2] == ["identify", "group"]
+
+
+def test_preview_of_the_documented_example_body_prints_what_the_docs_say_segment_receives(env):
+    from tests.test_readme import MAPPING_DOC, _json_objects
+
+    shown = _json_objects(MAPPING_DOC.split("### Worked example")[1])
+    env = {k: v for k, v in env.items() if k != "REFINER_MAPPING_FILE"}  # the example is with no mapping file
+    done = preview([], json.dumps(load_fixture("webhook_completed_survey.json")).encode(), env)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert [m["type"] for m in printed] == [m["type"] for m in shown]
+    for expected, actual in zip(shown, printed, strict=True):
+        assert {key: actual[key] for key in expected} == expected  # what the docs show is exact; the rest is trimmed there

@@ -246,7 +246,7 @@ def metrics():
 
 
 class StoreCollector:
-    """Prometheus figures read from the store at each scrape (see the README for why not multiprocess mode),
+    """Prometheus figures read from the store at each scrape (docs/operations.md, "Metrics", says why not multiprocess mode),
     and which directions this process's settings turn on."""
 
     def __init__(self, outbox: Store, settings: Settings) -> None:
