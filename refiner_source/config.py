@@ -123,7 +123,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
     segment_host = get("SEGMENT_HOST") or SEGMENT_REGION_HOSTS[region]
     _check_http_url("SEGMENT_HOST", segment_host, "https://api.segment.io")
     host_parts = urlsplit(segment_host)
-    if host_parts.path not in ("", "/") or host_parts.query or host_parts.fragment:
+    if host_parts.path not in ("", "/") or "?" in segment_host or "#" in segment_host:
         # The Segment library appends /v1/batch itself: a path here would be sent to, and retried, forever.
         bare = f"{host_parts.scheme}://{host_parts.netloc}"
         raise ConfigError(f"SEGMENT_HOST must be a host without a path (/v1/batch is added to it), such as {bare}, got {segment_host!r}")

@@ -290,3 +290,23 @@ def test_the_readmes_typed_answers_example_is_a_valid_mapping_file_that_types_an
         track["properties"]["refiner_how_likely_are_you_to_recommend_us"] == 8 and track["properties"]["refiner_nps_category"] == "passive"
     )
     assert [m.get("event") for m in sent].count("Survey Question Answered") == 3
+
+
+def test_a_number_too_long_for_python_is_no_number_and_costs_nothing_else(caplog):
+    rules = replace(MappingRules(), types={NPS: "number"}, nps_question=NPS)
+    huge = "1" * 5000  # over Python's 4,300-digit limit for int()
+    found = messages(webhook(**{NPS: huge}), rules)
+    assert found["track"]["properties"]["refiner_how_likely_are_you_to_recommend_us"] == huge  # sent as it came
+    assert "refiner_nps_category" not in found["track"]["properties"]
+    assert nps_category(huge) is None
+
+
+def test_per_answer_message_ids_stay_within_100_characters_with_a_long_response_uuid_and_new_ids(tmp_path):
+    rules = mapping_file(tmp_path, '[events]\nper_answer = "Survey Question Answered"\n')
+    body = webhook()
+    body["response"]["uuid"] = "u" * 200
+    first = map_event(WebhookSchema().load(body), rules, NOW, generation="r1700000000000")
+    again = map_event(WebhookSchema().load(body), rules, NOW, generation="r1700000000000")
+    ids = [m["messageId"] for m in first]
+    assert all(len(i) <= 100 for i in ids) and len(set(ids)) == len(ids) == 6
+    assert ids == [m["messageId"] for m in again]

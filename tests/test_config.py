@@ -56,6 +56,8 @@ def test_comma_separated_secrets():
         ({"SEGMENT_HOST": "api.segment.io"}, "SEGMENT_HOST"),
         ({"SEGMENT_HOST": "https://api.segment.io/v1/batch"}, "SEGMENT_HOST"),
         ({"SEGMENT_HOST": "https://api.segment.io?x=1"}, "SEGMENT_HOST"),
+        ({"SEGMENT_HOST": "https://api.segment.io?"}, "SEGMENT_HOST"),
+        ({"SEGMENT_HOST": "https://api.segment.io#"}, "SEGMENT_HOST"),
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
         ({"DATABASE_URL": "refiner.db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "sqlite://"}, "DATABASE_URL"),

@@ -341,3 +341,30 @@ def test_an_unexpected_error_in_a_round_hands_the_claim_back(worker, outbox, mon
     with pytest.raises(RuntimeError):
         worker.run_once()
     assert len(outbox.claim(SEGMENT, 10, 60, "next")) == 3  # due again at once, not after the lease
+
+
+@responses.activate
+def test_segment_down_backs_off_more_and_more_whatever_new_events_arrive(outbox):
+    worker = SegmentWorker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=1.0, cap=64.0))
+    responses.post(URL, body=requests.ConnectionError("refused"))
+    waits = []
+    for round_ in range(6):
+        outbox.store_many([entry_for(f"new-{round_}")])  # a fresh event (no tries yet) in every claim
+        make_due(outbox)
+        waits.append(worker.run_once())
+    ceilings = [min(64.0, 2.0**n) for n in range(6)]
+    assert all(ceiling / 2 <= wait <= ceiling for wait, ceiling in zip(waits, ceilings, strict=True)), waits
+    responses.replace(responses.POST, URL, json={"success": True})
+    make_due(outbox)
+    worker.run_once()
+    assert worker._failures == 0  # delivered: the next outage starts from the bottom again
+
+
+@responses.activate
+def test_segment_rate_limit_after_a_delivered_batch_still_waits_its_retry_after(outbox):
+    worker = SegmentWorker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
+    answers = iter([(200, {}, json.dumps({"success": True})), (429, {"Retry-After": "7"}, json.dumps({"code": "rate_limited"}))])
+    responses.add_callback(responses.POST, URL, callback=lambda request: next(answers))
+    fill(outbox, 12, size=60_000)  # messages near Segment's 32 KB: several batches of 500 KB in one round
+    assert worker.run_once() == 7  # the round got somewhere, then was told to wait: it waits
+    assert len(responses.calls) == 2 and outbox.stats().delivered > 0 and outbox.stats().pending > 0

@@ -197,3 +197,21 @@ def test_preview_of_the_documented_example_body_prints_what_the_docs_say_segment
     assert [m["type"] for m in printed] == [m["type"] for m in shown]
     for expected, actual in zip(shown, printed, strict=True):
         assert {key: actual[key] for key in expected} == expected  # what the docs show is exact; the rest is trimmed there
+
+
+def test_a_body_delivery_would_keep_as_a_dead_letter_is_said_so_by_preview(monkeypatch):
+    from click.testing import CliRunner
+
+    from refiner_source.run.cli import main
+    from refiner_source.to_segment import delivery
+    from refiner_source.to_segment.mapping import MessageTooLarge
+
+    def too_large(event, *args, **kwargs):  # what the mapping raises when nothing is left to shorten
+        raise MessageTooLarge(f"identify for response {event.response_uuid} is over 32 KB with nothing left to shorten")
+
+    monkeypatch.setattr(delivery, "map_event", too_large)
+    for name in ("REFINER_MAPPING_FILE", "REFINER_MAPPING"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["preview"], input=json.dumps(load_fixture("webhook_completed_survey.json")))
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("would be a dead letter (it cannot be mapped): MessageTooLarge: identify for response")

@@ -83,3 +83,24 @@ def test_questions_with_api_needs_the_api_key(tmp_path):
 
 def test_questions_on_an_empty_store_says_so(outbox, store_url):
     assert "no answers in the stored events" in run(["questions"], {"DATABASE_URL": store_url}).stdout
+
+
+def test_questions_show_the_name_delivery_gives_a_question_that_asks_for_a_reserved_one(outbox, store_url, tmp_path):
+    from refiner_source.to_segment.mapping import map_event
+
+    outbox.store_many([stored(1, email="work address", nps_category="x")])
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('[nps]\nquestion = "How likely are you to recommend us?"\n')
+    rows = {
+        r["question"]: r
+        for r in json.loads(run(["questions", "--json"], {"DATABASE_URL": store_url, "REFINER_MAPPING_FILE": str(mapping)}).stdout)[
+            "questions"
+        ]
+    }
+    body = survey_body("q1")
+    body["response"]["data"].update(email="work address", nps_category="x")
+    rules = MappingRules(nps_question="How likely are you to recommend us?")
+    (track,) = [m for m in map_event(WebhookSchema().load(body), rules, datetime.now(UTC)) if m["type"] == "track"]
+    for question in ("email", "nps_category"):
+        assert rows[question]["trait"] != f"refiner_{question}"
+        assert track["properties"][rows[question]["trait"]] == body["response"]["data"][question]

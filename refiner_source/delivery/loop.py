@@ -131,7 +131,7 @@ class Loop:
         self.backoff = backoff
         self.name = f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xFFFF:x}"
         self._stopping = False
-        self._failures = 0  # consecutive failures of the store (or a bug), for the loop's own backoff
+        self._failures = 0  # consecutive failed rounds (the store, a bug, or a one-lane destination): the loop's backoff
         self.tally = Tally(outbox, background=False)  # what it delivered, added to the store after each round
         self.pool = (
             ThreadPoolExecutor(destination.concurrency, thread_name_prefix=f"to-{self.destination}")
@@ -156,7 +156,6 @@ class Loop:
                 try:
                     wait = self.run_once()
                     self.tally.flush()
-                    self._failures = 0
                 except StoreUnavailable as exc:
                     log.error("store unavailable; retrying", extra={"error": str(exc), "destination": self.destination})
                     wait = self.backoff.delay(self._bump())
@@ -243,22 +242,28 @@ class Loop:
         return result
 
     def _conclude(self, results: list[LaneResult], outcome: Round, full: bool) -> float:
-        """Settle what each lane learnt. A lane told "not now" waits by Retry-After or by its own
-        backoff (its events' attempts so far); the other lanes go on. The loop itself waits only
-        when no lane got anywhere (the destination down, rate-limiting, or refusing the key)."""
+        """Settle what each lane learnt. A lane of one contact told "not now" waits by Retry-After or
+        by its own backoff (its events' attempts so far), and the other lanes go on; the loop itself
+        waits only when no lane got anywhere (the destination down, rate-limiting, or refusing the
+        key). A destination of one lane (Segment: batches of any events) backs off as a whole, by the
+        loop's consecutive failed rounds, and waits whatever the round delivered before it failed."""
+        per_contact = self.to.contact_order
+        if per_contact or not any(r.retry for r in results):
+            self._failures = 0  # the store answered; a one-lane destination took everything
         delays: list[float] = []
         for result in results:
             outcome.dead.extend(result.dead)
             if result.retry is None:  # out of time: handed back, to be claimed again at once
                 outcome.release_events(result.unsent, 0.0, "handed back unsent")
                 continue
-            delay = result.retry.delay if result.retry.delay is not None else self.backoff.delay(result.attempts)
+            attempts = result.attempts if per_contact else self._bump()
+            delay = result.retry.delay if result.retry.delay is not None else self.backoff.delay(attempts)
             outcome.release_events(result.unsent, delay, result.retry.reason)
             delays.append(delay)
         retries = [r.retry for r in results if r.retry is not None]
         if not retries:
             return 0.0 if full or any(r.unsent for r in results) else self.idle_poll
-        stuck = all(r.retry is not None and not r.progress for r in results)
+        stuck = not per_contact or all(r.retry is not None and not r.progress for r in results)
         delay = min(delays)
         first = next((r for r in retries if r.key_problem), retries[0])
         extra = {

@@ -20,7 +20,6 @@ def preview(file, from_segment: bool) -> None:
     """Print, as a JSON array, the calls a Refiner webhook body in FILE (stdin when none) would become:
     Segment messages; with --segment, the Refiner API calls of a Segment event or batch. Nothing is
     stored or sent. A body the webhook would refuse gets the webhook's error, and exit status 1."""
-    from refiner_source.destinations import preview as preview_of
     from refiner_source.validation import Refused, strict_json
 
     settings = settings_or_exit()
@@ -30,7 +29,7 @@ def preview(file, from_segment: bool) -> None:
         from refiner_source.to_refiner.admission import admit
         from refiner_source.to_refiner.webhook import MAX_SEGMENT_BODY_BYTES as limit
     else:
-        from refiner_source.to_segment.admission import Ignored, admit
+        from refiner_source.to_segment.admission import admit
         from refiner_source.to_segment.webhook import MAX_BODY_BYTES as limit
     if len(raw) > limit:
         _refused(413, {"error": "body_too_large", "message": f"The body is larger than {limit} bytes."})
@@ -40,18 +39,28 @@ def preview(file, from_segment: bool) -> None:
     except Refused as exc:
         _refused(exc.status, exc.answer())
     now = time.time()
+    try:
+        calls = _calls(admitted, from_segment, now, rules)
+    except Exception as exc:  # what delivery would keep as a dead letter: say so, as delivery would
+        click.echo(f"would be a dead letter (it cannot be mapped): {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(calls, indent=2, ensure_ascii=False))
+
+
+def _calls(admitted, from_segment: bool, now: float, rules) -> list:
+    from refiner_source.destinations import preview as preview_of
+    from refiner_source.to_segment.admission import Ignored
+
     if from_segment:
         for note in admitted.ignored:
             click.echo(f"event {note['index']} ({note['message_id']}) is ignored: {note['reason']}", err=True)
         for note in admitted.invalid:
             click.echo(f"event {note['index']} is not valid: {note['error']}", err=True)
-        calls = [call for entry in admitted.entries for call in preview_of("refiner", entry.event, None, None, now, rules)]
-    elif isinstance(admitted, Ignored):
+        return [call for entry in admitted.entries for call in preview_of("refiner", entry.event, None, None, now, rules)]
+    if isinstance(admitted, Ignored):
         click.echo(f"ignored: {admitted.reason}", err=True)
-        calls = []
-    else:
-        calls = preview_of("segment", admitted.event, None, None, now, rules)
-    click.echo(json.dumps(calls, indent=2, ensure_ascii=False))
+        return []
+    return preview_of("segment", admitted.event, None, None, now, rules)
 
 
 def _refused(status: int, answer: dict) -> None:

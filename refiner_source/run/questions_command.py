@@ -43,9 +43,9 @@ def questions(from_api: bool, days: int, as_json: bool) -> None:
 
 def describe(answers: Mapping[str, int], rules) -> list[dict[str, Any]]:
     """One row per question, most answered first: its count, trait name, type, collisions."""
-    from refiner_source.to_segment.mapping import trait_names, wanted_trait_name
+    from refiner_source.to_segment.mapping import reserved_names, trait_names, wanted_trait_name
 
-    names = trait_names(answers, rules)
+    names = trait_names(answers, rules, reserved=reserved_names(rules))
     wanted = {q: wanted_trait_name(q, rules) for q in answers}
     by_name: dict[str, list[str]] = {}
     for question, name in wanted.items():

@@ -34,7 +34,7 @@ def plan(claimed: Sequence[Claimed], rules: MappingRules) -> tuple[list[list[Cal
         try:
             calls = to_refiner(json.loads(claim.event or "null"), rules)
         except Exception as exc:  # a bug, or an event stored by another version: keep it, say so
-            dead.append(DeadLetter(claim.id, None, None, f"cannot be mapped: {type(exc).__name__}: {exc}"))
+            dead.append(DeadLetter(claim.id, claim.source_id, None, f"cannot be mapped: {type(exc).__name__}: {exc}"))
             log.exception("an event could not be mapped; kept as a dead letter", extra={"message_id": claim.source_id, "outcome": "dead"})
             continue
         lane = contacts.setdefault(claim.contact, [])

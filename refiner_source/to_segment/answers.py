@@ -51,7 +51,10 @@ def _number(value: Any) -> int | float:
     if isinstance(value, str):
         text = value.strip()
         if _WHOLE.fullmatch(text):
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:  # over Python's 4,300 digits: no such answer is a number anyone means
+                raise NotConverted from None
         try:
             number = float(text)
         except ValueError:

@@ -64,6 +64,12 @@ def trait_names(keys: Iterable[str], rules: MappingRules, reserved: Iterable[str
     return names
 
 
+def reserved_names(rules: MappingRules) -> frozenset[str]:
+    """The names no answer takes: the track's own properties, the contact's email, the NPS category."""
+    nps = {rules.prefix + "nps_category"} if rules.nps_question is not None else set()
+    return RESERVED_PROPERTIES | {rules.prefix + "email"} | nps
+
+
 def wanted_trait_name(key: str, rules: MappingRules) -> str:
     """The name a key asks for before collisions are settled: the mapping file's, else prefix + slug."""
     if key in rules.traits:
@@ -101,7 +107,8 @@ def message_id(response_uuid: str, triggered_event: str, call: str, generation: 
     if len(candidate) <= MAX_MESSAGE_ID:
         return candidate
     digest = hashlib.sha256(f"{response_uuid}\x00{triggered_event}".encode("utf-8", "surrogatepass")).hexdigest()
-    return f"refiner-{digest}-{tail}"
+    # A per-answer call with a replay generation is the longest tail (23 characters): the digest gives way.
+    return f"refiner-{digest[: MAX_MESSAGE_ID - len('refiner--') - len(tail)]}-{tail}"
 
 
 def split_answers(
@@ -140,8 +147,7 @@ def map_event(event: SurveyEvent, rules: MappingRules, now: datetime, generation
 
     account_attrs = {k: v for k, v in (event.account.attributes if event.account else {}).items() if v is not None}
     nps_trait = rules.prefix + "nps_category"
-    reserved = RESERVED_PROPERTIES | {rules.prefix + "email"} | ({nps_trait} if rules.nps_question is not None else set())
-    names = trait_names([*event.data, *account_attrs], rules, reserved=reserved)
+    names = trait_names([*event.data, *account_attrs], rules, reserved=reserved_names(rules))
     answers = typed_answers(event.data, rules.types, event.response_uuid) if rules.types else event.data
     user_answers, account_answers = split_answers(event, rules, answers)
     category = nps_category(answers.get(rules.nps_question)) if rules.nps_question is not None else None
