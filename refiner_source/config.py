@@ -169,8 +169,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
 
     prefix = env.get("REFINER_TRAIT_PREFIX", "refiner_")
-    mapping_file = get("REFINER_MAPPING_FILE")
-    rules = load_mapping_file(mapping_file, prefix) if mapping_file else MappingRules(prefix=prefix)
+    mapping_file, mapping_text = get("REFINER_MAPPING_FILE"), get("REFINER_MAPPING")
+    if mapping_file and mapping_text:
+        raise ConfigError("REFINER_MAPPING and REFINER_MAPPING_FILE are both set: keep one (the TOML itself, or a file holding it)")
+    if mapping_text:
+        rules = load_mapping_text(mapping_text, prefix)
+    else:
+        rules = load_mapping_file(mapping_file, prefix) if mapping_file else MappingRules(prefix=prefix)
 
     return Settings(
         segment_write_key=get("SEGMENT_WRITE_KEY"),
@@ -274,6 +279,22 @@ def load_mapping_file(path: str, prefix: str = "refiner_") -> MappingRules:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: {path} is not valid TOML: {exc}") from None
+    return mapping_rules(data, prefix, name)
+
+
+def load_mapping_text(text: str, prefix: str = "refiner_") -> MappingRules:
+    """REFINER_MAPPING: the mapping file's TOML as the text of a variable (Heroku's button, no fork),
+    checked exactly as the file is."""
+    name = "REFINER_MAPPING"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name} is not valid TOML: {exc}") from None
+    return mapping_rules(data, prefix, name)
+
+
+def mapping_rules(data: dict[str, Any], prefix: str, name: str) -> MappingRules:
+    """The rules of a parsed mapping file; `name` is the variable it came from, for the errors."""
 
     unknown = set(data) - {"account_questions", "traits", "events", "types", "nps", "to_refiner"}
     if unknown:

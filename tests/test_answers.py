@@ -310,3 +310,35 @@ def test_per_answer_message_ids_stay_within_100_characters_with_a_long_response_
     ids = [m["messageId"] for m in first]
     assert all(len(i) <= 100 for i in ids) and len(set(ids)) == len(ids) == 6
     assert ids == [m["messageId"] for m in again]
+
+
+def test_e2e_refiner_mapping_with_a_trait_name_reaches_segment_and_both_variables_are_refused(tmp_path, store_url, segment):
+    import requests
+
+    from tests.conftest import SECRET
+    from tests.service import Service, free_port
+    from tests.test_cli import run
+
+    env = {
+        "PORT": str(free_port()),
+        "WEB_CONCURRENCY": "1",
+        "DATABASE_URL": store_url,
+        "SEGMENT_WRITE_KEY": "wk-mapping",
+        "REFINER_WEBHOOK_SECRET": SECRET,
+        "SEGMENT_HOST": segment.url,
+        "REFINER_MAPPING": '[traits]\n"what_is_your_job_role" = "job_role"\n',
+    }
+    service = Service(["serve"], env, tmp_path / "serve.log").start()
+    try:
+        assert requests.post(f"{service.url}/webhooks/refiner?token={SECRET}", json=webhook(), timeout=10).status_code == 202
+        received = segment.wait_for(lambda r: len(r) >= 3, timeout=30)
+        identify = next(m for m in received if m["type"] == "identify")
+        assert identify["traits"]["job_role"] == "Product Manager" and "refiner_what_is_your_job_role" not in identify["traits"]
+    finally:
+        assert service.stop() == 0
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text("")
+    refused = run(["serve"], {**env, "REFINER_MAPPING_FILE": str(mapping)})
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "Error: REFINER_MAPPING and REFINER_MAPPING_FILE are both set: keep one (the TOML itself, or a file holding it)"
+    ]

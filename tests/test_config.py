@@ -247,5 +247,29 @@ def test_segment_host_with_a_path_is_refused_naming_the_host_to_use_instead():
     with pytest.raises(ConfigError) as info:
         load_settings({**BASE, "SEGMENT_HOST": "https://api.segment.io/v1/batch"})
     assert "such as https://api.segment.io," in str(info.value) and "/v1/batch is added" in str(info.value)
-    assert load_settings({**BASE, "SEGMENT_HOST": "https://events.eu1.segmentapis.com/"}).segment_host == "https://events.eu1.segmentapis.com"
+    assert (
+        load_settings({**BASE, "SEGMENT_HOST": "https://events.eu1.segmentapis.com/"}).segment_host == "https://events.eu1.segmentapis.com"
+    )
     assert load_settings({**BASE, "SEGMENT_HOST": "http://127.0.0.1:8080"}).segment_host == "http://127.0.0.1:8080"
+
+
+def test_refiner_mapping_is_the_mapping_files_toml_as_a_variable():
+    text = '[traits]\n"what_is_your_job_role" = "job_role"\n[types]\n"How likely are you to recommend us?" = "number"\n'
+    rules = load_settings({**BASE, "REFINER_MAPPING": text}).rules
+    assert rules.traits == {"what_is_your_job_role": "job_role"} and rules.types == {"How likely are you to recommend us?": "number"}
+
+
+def test_refiner_mapping_is_checked_as_the_file_is_and_errors_name_it():
+    for text, words in (("[traits\n", "is not valid TOML"), ("colour = 1\n", "unknown key(s) colour"), ('[types]\nq = "int"\n', "'int'")):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**BASE, "REFINER_MAPPING": text})
+        assert str(info.value).startswith("REFINER_MAPPING") and not str(info.value).startswith("REFINER_MAPPING_FILE")
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_refiner_mapping_and_refiner_mapping_file_both_set_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "mapping.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "REFINER_MAPPING": "[traits]\n", "REFINER_MAPPING_FILE": str(path)})
+    assert "REFINER_MAPPING and REFINER_MAPPING_FILE are both set" in str(info.value) and "\n" not in str(info.value)
