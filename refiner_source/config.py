@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
+
 SEGMENT_REGION_HOSTS = {
     "us": "https://api.segment.io",
     "eu": "https://events.eu1.segmentapis.com",
@@ -87,15 +89,7 @@ class Settings:
 
     def direction_on(self, destination: str) -> bool:
         """Whether the direction to `destination` ("segment" or "refiner") is on."""
-        return self.to_segment_on if destination == "segment" else self.to_refiner_on
-
-
-# What turns each direction on (the destination it delivers to -> its pair of variables).
-DIRECTION_VARIABLES = {
-    "segment": ("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET"),
-    "refiner": ("SEGMENT_SHARED_SECRET", "REFINER_API_KEY"),
-}
-DIRECTION_TITLES = {"segment": "Refiner -> Segment", "refiner": "Segment -> Refiner"}
+        return self.to_segment_on if destination == SEGMENT else self.to_refiner_on
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = (), directions: bool = False) -> Settings:
@@ -115,7 +109,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         if get(name) is None:
             raise ConfigError(f"{name} is not set: {_REQUIRED_HINTS.get(name, 'it is required')}")
     if directions:
-        check_directions({name for pair in DIRECTION_VARIABLES.values() for name in pair if get(name) is not None})
+        check_directions({name for direction in DIRECTIONS.values() for name in direction.variables if get(name) is not None})
 
     region = (get("SEGMENT_REGION") or "us").lower()
     if region not in SEGMENT_REGION_HOSTS:
@@ -200,20 +194,20 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
 def check_directions(present: set[str]) -> None:
     """Raise ConfigError, in one line, unless at least one direction's pair of variables is set and
     no pair is half set. REFINER_API_KEY alone is no half pair: backfill uses it without Segment -> Refiner."""
-    to_segment, to_refiner = DIRECTION_VARIABLES["segment"], DIRECTION_VARIABLES["refiner"]
+    to_segment, to_refiner = DIRECTIONS[SEGMENT].variables, DIRECTIONS[REFINER].variables
     half = [pair for pair in (to_segment,) if 0 < len(present & set(pair)) < 2]
     if half:
         (pair,) = half
         (missing,) = [name for name in pair if name not in present]
         (given,) = [name for name in pair if name in present]
         raise ConfigError(
-            f"{missing} is not set: {DIRECTION_TITLES['segment']} needs it beside {given} ({_REQUIRED_HINTS[missing]}); "
-            f"for {DIRECTION_TITLES['refiner']} alone, unset {given} and set {' and '.join(to_refiner)}"
+            f"{missing} is not set: {DIRECTIONS[SEGMENT].arrow} needs it beside {given} ({_REQUIRED_HINTS[missing]}); "
+            f"for {DIRECTIONS[REFINER].arrow} alone, unset {given} and set {' and '.join(to_refiner)}"
         )
     if not (set(to_segment) <= present or set(to_refiner) <= present):
         needs = [
-            f"{DIRECTION_TITLES[d]} needs {' and '.join(name for name in pair if name not in present)}"
-            for d, pair in DIRECTION_VARIABLES.items()
+            f"{direction.arrow} needs {' and '.join(name for name in direction.variables if name not in present)}"
+            for direction in DIRECTIONS.values()
         ]
         raise ConfigError(f"no direction is on, so there is nothing to do: {'; '.join(needs)} (set one pair, or both)")
 

@@ -58,6 +58,11 @@ class Refused(Exception):
         return {"error": self.code, "message": self.message, **({"fields": self.fields} if self.fields is not None else {})}
 
 
+def too_large(limit: int) -> Refused:
+    """The refusal of a body over its route's limit."""
+    return Refused(413, "body_too_large", f"The body is larger than {limit} bytes.")
+
+
 def strict_json(raw: bytes, expected: str) -> Any:
     """The body parsed as JSON as RFC 8259 has it (no NaN, no Infinity, no number too large to
     write back); raises Refused when it is empty, not UTF-8, not JSON or nested too deeply."""

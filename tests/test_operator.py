@@ -25,8 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from refiner_source import create_app
-from refiner_source.config import DIRECTION_VARIABLES
-from refiner_source.directions import REFINER, SEGMENT
+from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
 from refiner_source.store import DeadLetter
 from refiner_source.to_segment.delivery import SegmentWorker
 from tests.conftest import SECRET, entry_for, survey_body
@@ -400,7 +399,7 @@ def test_a_direction_that_is_off_shows_as_off_with_what_turns_it_on_and_as_0_in_
     page = admin.get("/status", headers=basic()).get_data(as_text=True)
     note = off_note(page, off)
     assert note is not None and off_note(page, on) is None
-    first, second = DIRECTION_VARIABLES[off]
+    first, second = DIRECTIONS[off].variables
     assert f"{first} and {second} turn it on." in note
     assert f'data-figure="{off}-pending"' not in page, "an off direction that holds nothing shows no figures"
     assert f'data-figure="{on}-pending">0<' in page

@@ -174,9 +174,14 @@ class Loop:
         claimed = self.outbox.claim(self.destination, self.batch_size, self.lease_seconds, self.name, contact_order=self.to.contact_order)
         if not claimed:
             return self.idle_wait()
-        outcome = Round({c.id: c.source_id for c in claimed}, time.monotonic() + self.lease_seconds / 2, self.destination, self.tally)
-        outcome.id_name = self.to.id_name
-        outcome.received = {c.id: c.queued_at or c.created_at for c in claimed}
+        outcome = Round(
+            {c.id: c.source_id for c in claimed},
+            time.monotonic() + self.lease_seconds / 2,
+            self.destination,
+            self.tally,
+            received={c.id: c.queued_at or c.created_at for c in claimed},
+            id_name=self.to.id_name,
+        )
         try:
             lanes, outcome.dead = self.to.plan(claimed)
             if self.pool is not None and len(lanes) > 1:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from markupsafe import Markup, escape
 
-from refiner_source.config import DIRECTION_VARIABLES, Settings
+from refiner_source.config import Settings
 from refiner_source.directions import DIRECTIONS
 from refiner_source.ops.chart import Chart, Range, chart
 from refiner_source.ops.health import stalled_hint
@@ -79,7 +79,7 @@ def directions(outbox: Store, settings: Settings, now: float, chosen: Range) -> 
                 title=names.title,
                 source=source,
                 on=settings.direction_on(destination),
-                turned_on_by=DIRECTION_VARIABLES[destination],
+                turned_on_by=DIRECTIONS[destination].variables,
                 stats=stats,
                 hour=_figures(hour, source, destination),
                 day=_figures(day, source, destination),

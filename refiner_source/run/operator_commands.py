@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from refiner_source.config import DIRECTION_VARIABLES, Settings
+from refiner_source.config import Settings
 from refiner_source.directions import DIRECTIONS
 from refiner_source.ops.health import stalled_for, stalled_hint
 from refiner_source.run.options import DATE, TO, check_range, chosen_directions, epoch, open_outbox, settings_or_exit
@@ -61,7 +61,7 @@ def _print_status(outbox: Store, settings: Settings, to: str | None, as_json: bo
     for i, (destination, stats) in enumerate(report.items()):
         title = DIRECTIONS[destination].title
         if not settings.direction_on(destination):
-            click.echo(f"{chr(10) if i else ''}{title}: off ({' and '.join(DIRECTION_VARIABLES[destination])} turn it on)")
+            click.echo(f"{chr(10) if i else ''}{title}: off ({' and '.join(DIRECTIONS[destination].variables)} turn it on)")
             if not (stats.pending or stats.delivered or stats.dead):
                 continue
             title = f"{title} (stored before it was turned off)"

@@ -20,7 +20,7 @@ def preview(file, from_segment: bool) -> None:
     """Print, as a JSON array, the calls a Refiner webhook body in FILE (stdin when none) would become:
     Segment messages; with --segment, the Refiner API calls of a Segment event or batch. Nothing is
     stored or sent. A body the webhook would refuse gets the webhook's error, and exit status 1."""
-    from refiner_source.validation import Refused, strict_json
+    from refiner_source.validation import Refused, strict_json, too_large
 
     settings = settings_or_exit()
     rules = settings.rules
@@ -31,10 +31,10 @@ def preview(file, from_segment: bool) -> None:
     else:
         from refiner_source.to_segment.admission import admit
         from refiner_source.to_segment.webhook import MAX_BODY_BYTES as limit
-    if len(raw) > limit:
-        _refused(413, {"error": "body_too_large", "message": f"The body is larger than {limit} bytes."})
     expected = "a Segment event (a JSON object) or an array of them" if from_segment else "a JSON object"
     try:
+        if len(raw) > limit:
+            raise too_large(limit)
         admitted = admit(strict_json(raw, expected), rules)
     except Refused as exc:
         _refused(exc.status, exc.answer())

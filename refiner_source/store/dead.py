@@ -48,16 +48,8 @@ class DeadLetters(Database):
     """What died, and the operator's two answers to it: send again, or give up."""
 
     def dead_letters(self, limit: int = 20, destination: str = SEGMENT) -> list[tuple[str, str, str]]:
-        """(response id, message id, error) of the newest dead letters."""
-        stmt = (
-            select(events.c.source_id, dead_letters.c.message_id, dead_letters.c.error)
-            .join(events, events.c.id == dead_letters.c.event_id)
-            .where(events.c.destination == destination, events.c.status == DEAD)
-            .order_by(dead_letters.c.id.desc())
-            .limit(limit)
-        )
-        with self._guard(), self.engine.connect() as conn:
-            return [(r.source_id, r.message_id or "-", r.error) for r in conn.execute(stmt).all()]
+        """(response id, message id or "-", error) of the newest dead letters."""
+        return [(source_id, message_id or "-", error) for source_id, message_id, _call, error in self.dead_letter_calls(limit, destination)]
 
     def dead_letter_calls(self, limit: int = 20, destination: str = SEGMENT) -> list[tuple[str, str | None, str | None, str]]:
         """(event's id from its source, message id, call, error) of the newest dead letters."""

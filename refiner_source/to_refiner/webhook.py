@@ -65,11 +65,7 @@ def receive_segment():
         body = strict_json(raw, "a Segment event (a JSON object) or an array of them")
         admitted = admit(body, settings.rules)
     except Refused as exc:
-        if exc.code == "invalid_event":
-            fields = sorted(exc.fields or {})
-            log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": fields, "source": "segment"})
-            return error(exc.status, exc.code, exc.message, fields=exc.fields)
-        return refusal(exc)
+        return refusal(exc, **({"source": "segment"} if exc.code == "invalid_event" else {}))
     single, entries, ignored, invalid = admitted.single, admitted.entries, admitted.ignored, admitted.invalid
 
     try:

@@ -55,11 +55,8 @@ def receive_webhook():
             g.response_id = body["response"]["uuid"]
         admitted = admit(body, settings.rules)
     except Refused as exc:
-        if exc.code == "invalid_payload":  # logged with its shape (keys and types), never its values: it still carries answers
-            fields = sorted(exc.fields or {})
-            log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": fields, "shape": shape_of(body)})
-            return error(exc.status, exc.code, exc.message, fields=exc.fields)
-        return refusal(exc)
+        # A body of the wrong shape is logged with its shape (keys and types), never its values: it still carries answers.
+        return refusal(exc, **({"shape": shape_of(body)} if exc.code == "invalid_payload" else {}))
     if isinstance(admitted, Ignored):
         log.info("ignored", extra={"triggered_event": admitted.triggered_event[:100], "outcome": "ignored"})
         g.webhook_counts = {"ignored": 1}

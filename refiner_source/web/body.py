@@ -1,16 +1,16 @@
-"""A webhook's body: read within its route's limit, parsed as strict JSON, and the 413 and 422
-answers its size, depth and shape earn."""
+"""A webhook's body: read within its route's limit, and the answers a body too large (413) or
+refused by its route's admission (400, 422) earns."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from flask import Response, request
+from flask import Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from refiner_source.validation import Refused, strict_json
-from refiner_source.web.state import error
+from refiner_source.validation import Refused
+from refiner_source.validation import too_large as body_too_large
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,13 @@ def read_body(limit: int) -> bytes | None:
     return None if size > limit else b"".join(chunks)
 
 
-def parse_json(raw: bytes, expected: str) -> tuple[Any, tuple[Response, int] | None]:
-    """(the parsed body, None), or (None, the error answer) when it is empty, not UTF-8 or not JSON."""
-    try:
-        return strict_json(raw, expected), None
-    except Refused as exc:
-        return None, refusal(exc)
-
-
-def refusal(exc: Refused) -> tuple[Response, int]:
-    """The answer to a refused body; a 422 is logged as rejected, with its reason and field paths (never values)."""
+def refusal(exc: Refused, **log_extra: Any) -> tuple[Response, int]:
+    """The answer to a refused body. A 422 is logged as rejected, with its reason and field paths
+    (never values), and what the route adds in `log_extra`."""
     if exc.status == 422:
-        log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": sorted(exc.fields or {})})
-    return error(exc.status, exc.code, exc.message, **({"fields": exc.fields} if exc.fields is not None else {}))
+        log.info("rejected", extra={"outcome": "rejected", "reason": exc.code, "fields": sorted(exc.fields or {}), **log_extra})
+    return jsonify(exc.answer()), exc.status
 
 
-def over_limit(code: str, path: str, message: str):
-    log.info("rejected", extra={"outcome": "rejected", "reason": code, "fields": [path]})
-    return error(422, code, message, fields={path: [message]})
-
-
-def too_large(limit: int):
-    return error(413, "body_too_large", f"The body is larger than {limit} bytes.")
+def too_large(limit: int) -> tuple[Response, int]:
+    return refusal(body_too_large(limit))

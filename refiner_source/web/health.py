@@ -22,7 +22,6 @@ def index():
     """What this service is and which directions are on, with links: for whoever opens the bare URL.
     Nothing secret: no settings' values, no counts (those are behind REFINER_ADMIN_PASSWORD on /status)."""
     from refiner_source import __version__
-    from refiner_source.config import DIRECTION_VARIABLES
     from refiner_source.directions import DIRECTIONS
 
     settings = state().settings
@@ -31,7 +30,7 @@ def index():
             "title": direction.title,
             "on": settings.direction_on(destination),
             "webhook": f"/webhooks/{direction.source}",
-            "turned_on_by": list(DIRECTION_VARIABLES[destination]),
+            "turned_on_by": list(DIRECTIONS[destination].variables),
         }
         for destination, direction in DIRECTIONS.items()
     }
