@@ -2,9 +2,13 @@
 
 1. ingest    acknowledged webhooks/s and p50/p99 latency under wrk, for the ceiling (Flask only
              parses JSON), the naive bridge (segment-analytics-python's async client called from
-             the request) and refiner-source, under the same gunicorn settings;
+             the request) and refiner-source, under the same gunicorn settings; refiner-source with
+             both directions on, measured on POST /webhooks/refiner and on POST /webhooks/segment,
+             and the peak resident memory of its whole process tree meanwhile;
 2. delivery  responses whose identify and track reached the Segment stand-in per second, first
              request to last arrival, and acknowledged responses that never arrived, after a burst;
+             and refiner-source's drain: a backlog stored while Segment was down, delivered by a
+             `refiner-source worker` started once Segment is back;
 3. latency   webhook to Segment, p50/p99, at a steady 100 webhooks/s;
 4. backfill  responses/s from a Refiner API stand-in into the outbox, and peak memory;
 5. to_refiner Segment events in per second (POST /webhooks/segment), and Refiner calls delivered per
@@ -83,6 +87,7 @@ class App:
         else:
             module = {"ceiling": "bench.apps.ceiling", "naive": "bench.apps.naive"}[kind]
             cmd = [str(bin_dir / "gunicorn"), "-c", "python:refiner_source.run.gunicorn_conf", f"{module}:create_app()"]
+        self.env = env
         self.log = open(workdir / f"{kind}.log", "ab")  # noqa: SIM115 - the child writes it
         self.process = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self._wait()
@@ -132,10 +137,36 @@ end
 """
 
 
+SEGMENT_WRK_SCRIPT = """
+local template = %s
+local prefix = "w" .. tostring(os.time())
+local counter = 0
+local n = 0
+function setup(thread)
+  n = n + 1
+  thread:set("tid", n)
+end
+function request()
+  counter = counter + 1
+  local id = prefix .. "t" .. tostring(tid) .. "x" .. tostring(counter)
+  local body = string.gsub(template, "EVENTID", id)
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %s"}, body)
+end
+"""
+
+
 def wrk_script(workdir: Path) -> Path:
     template = body_for("RESPONSEID").decode()
     path = workdir / "post.lua"
     path.write_text(WRK_SCRIPT % json.dumps(template).replace("\\/", "/"))
+    return path
+
+
+def segment_wrk_script(workdir: Path) -> Path:
+    """Segment tracks, each of its own user and messageId (one Refiner call each), as section 5 sends."""
+    event = {"type": "track", "messageId": "EVENTID", "userId": "user-EVENTID", "event": "Plan Upgraded", "properties": {"plan": "pro"}}
+    path = workdir / "post_segment.lua"
+    path.write_text(SEGMENT_WRK_SCRIPT % (json.dumps(json.dumps(event)), SEGMENT_SECRET))
     return path
 
 
@@ -165,6 +196,52 @@ def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
 def _ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
     return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit], 2)
+
+
+def ingest(kind: str, workdir: Path, seconds: int, warmup: int) -> dict:
+    """wrk against one app; refiner-source runs both directions and is measured on each webhook,
+    with the peak resident memory of its process tree (supervisor, gunicorn, worker) meanwhile."""
+    with SegmentStub() as segment, RefinerStub(delay=REFINER_LATENCY) as refiner:
+        segment.keep_requests = False
+        both = {"SEGMENT_SHARED_SECRET": SEGMENT_SECRET, "REFINER_API_KEY": refiner.api_key, "REFINER_API_URL": refiner.url}
+        app = App(kind, workdir, segment.url, both if kind == "refiner-source" else None)
+        try:
+            runs = [(kind, app.url, wrk_script(workdir))]
+            if kind == "refiner-source":
+                runs.append(("segment-webhook", f"http://127.0.0.1:{app.port}/webhooks/segment", segment_wrk_script(workdir)))
+            results = {}
+            for name, url, script in runs:
+                run_wrk(url, script, warmup, connections=16)  # warm-up, discarded
+                with PeakRss(app.process.pid) as rss:
+                    results[name] = run_wrk(url, script, seconds, connections=16)
+                results[name]["peak_rss_mb"] = round(rss.peak, 1)
+                results[name]["peak_pss_mb"] = round(rss.peak_pss, 1)
+            return results
+        finally:
+            app.stop()
+
+
+class PeakRss:
+    """The highest resident memory of a process tree, sampled 4 times a second while in the block."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.peak_pss, self._stop = pid, 0.0, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self.peak_pss = max(self.peak_pss, tree_rss_mb(self.pid, "Pss"))
+            if self._stop.wait(0.25):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # --- 2. delivery after a burst, 3. steady latency ----------------------------------------------
@@ -243,6 +320,60 @@ def delivery(kind: str, workdir: Path, burst: int) -> dict:
             }
         finally:
             app.stop()
+
+
+def drain(workdir: Path, backlog: int) -> dict:
+    """refiner-source's delivery capacity: `backlog` webhooks acknowledged while Segment answers 503,
+    the service stopped, then `refiner-source worker` alone started with Segment back. Delivered/s counts
+    from the worker's start to the last arrival."""
+    with SegmentStub() as segment:
+        segment.keep_requests = False
+        segment.down = True
+        app = App("refiner-source", workdir, segment.url, {"DATABASE_URL": _database_url(workdir, "drain")})
+        try:
+            ids = [f"b{int(time.time())}x{i}" for i in range(backlog)]
+            acknowledged, _ = post_all(app, ids)
+        finally:
+            app.stop()
+        segment.down = False
+        env = {**app.env, "LOG_LEVEL": "WARNING"}
+        started = time.monotonic()
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "refiner-source"), "worker"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_until_quiet(segment, set(acknowledged), timeout=600)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(30)
+        done = arrived(segment)
+        ok = [rid for rid in acknowledged if rid in done]
+        last = max((done[rid] for rid in ok), default=started)
+        return {
+            "backlog": backlog,
+            "acknowledged": len(acknowledged),
+            "delivered": len(ok),
+            "lost": len(acknowledged) - len(ok),
+            "delivered_per_s": round(len(ok) / max(last - started, 1e-9), 1),
+        }
+
+
+def _database_url(workdir: Path, name: str) -> str:
+    url = os.environ.get("BENCH_DATABASE_URL")
+    if url:  # a fresh schema each time: the drain must find only its own backlog
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+        return url
+    return f"sqlite:///{workdir / (name + '.db')}"
 
 
 def latency(workdir: Path, seconds: int, rate: int = 100) -> dict:
@@ -343,14 +474,17 @@ def to_refiner(workdir: Path, events: int, concurrency: int = 4) -> dict:
             app.stop()
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, from /proc."""
+def tree_rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process and all its descendants, from /proc: VmRSS counts the pages the
+    processes share (libraries, what gunicorn's workers inherit) once per process, the most cautious
+    sum; Pss (`field="Pss"`) shares each such page among them, as the machine's own total does."""
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            source = "status" if field == "VmRSS" else "smaps_rollup"
+            for line in Path(f"/proc/{current}/{source}").read_text().splitlines():
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1])
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except (FileNotFoundError, ProcessLookupError):
@@ -408,23 +542,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="refiner-bench-") as tmp:
         workdir = Path(tmp)
         if "ingest" in sections:
-            script = wrk_script(workdir)
             results["ingest"] = {}
             for kind in APPS:
-                with SegmentStub() as segment:
-                    segment.keep_requests = False
-                    app = App(kind, workdir, segment.url)
-                    try:
-                        run_wrk(app.url, script, 3 if not args.quick else 1, connections=16)  # warm-up, discarded
-                        results["ingest"][kind] = run_wrk(app.url, script, seconds, connections=16)
-                    finally:
-                        app.stop()
+                results["ingest"].update(ingest(kind, workdir, seconds, warmup=1 if args.quick else 3))
             ceiling = results["ingest"]["ceiling"]["acknowledged_per_s"]
-            results["ingest"]["refiner_source_to_ceiling"] = round(results["ingest"]["refiner-source"]["acknowledged_per_s"] / ceiling, 2)
+            ours = results["ingest"]["refiner-source"]["acknowledged_per_s"]
+            results["ingest"]["refiner_source_to_ceiling"] = round(ours / ceiling, 2)
+            results["ingest"]["segment_to_refiner_source"] = round(results["ingest"]["segment-webhook"]["acknowledged_per_s"] / ours, 2)
         if "delivery" in sections:
             results["delivery"] = {kind: delivery(kind, workdir, burst) for kind in ("naive", "refiner-source")}
             naive = results["delivery"]["naive"]["delivered_per_s"]
             results["delivery"]["refiner_source_to_naive"] = round(results["delivery"]["refiner-source"]["delivered_per_s"] / naive, 2)
+            results["delivery"]["drain"] = drain(workdir, burst)
+            results["delivery"]["drain_to_naive"] = round(results["delivery"]["drain"]["delivered_per_s"] / naive, 2)
         if "latency" in sections:
             results["latency"] = latency(workdir, seconds)
         if "backfill" in sections:
@@ -442,16 +572,26 @@ def print_table(r: dict) -> None:
     print(f"machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}{' (quick run)' if r['quick'] else ''}")
     if "ingest" in r:
         print("\n1. ingest (wrk, 16 connections)          ack/s    p50 ms   p99 ms   non-2xx")
-        for kind in APPS:
+        for kind in (*APPS, "segment-webhook"):
             x = r["ingest"][kind]
-            print(f"   {kind:<36}{x['acknowledged_per_s']:>8.0f}{x['p50_ms']:>10.2f}{x['p99_ms']:>9.2f}{x['non_2xx']:>10}")
+            name = "refiner-source, Segment events" if kind == "segment-webhook" else kind
+            print(f"   {name:<36}{x['acknowledged_per_s']:>8.0f}{x['p50_ms']:>10.2f}{x['p99_ms']:>9.2f}{x['non_2xx']:>10}")
         print(f"   refiner-source / ceiling: {r['ingest']['refiner_source_to_ceiling']}")
+        print(f"   Segment events / Refiner webhooks: {r['ingest']['segment_to_refiner_source']}")
+        peak = max(r["ingest"][k]["peak_rss_mb"] for k in ("refiner-source", "segment-webhook"))
+        pss = max(r["ingest"][k]["peak_pss_mb"] for k in ("refiner-source", "segment-webhook"))
+        print(f"   refiner-source serve, peak resident memory of the process tree: {peak:.0f} MB (shared pages shared: {pss:.0f} MB)")
     if "delivery" in r:
         print("\n2. delivery after a burst                 burst   acked   delivered  lost   delivered/s")
         for kind in ("naive", "refiner-source"):
             x = r["delivery"][kind]
             print(f"   {kind:<36}{x['burst']:>7}{x['acknowledged']:>8}{x['delivered']:>12}{x['lost']:>6}{x['delivered_per_s']:>14.0f}")
         print(f"   refiner-source / naive: {r['delivery']['refiner_source_to_naive']}")
+        x = r["delivery"]["drain"]
+        print(
+            f"   refiner-source, draining {x['acknowledged']} stored while Segment was down: {x['delivered_per_s']:.0f}/s, "
+            f"lost {x['lost']}; / naive: {r['delivery']['drain_to_naive']}"
+        )
     if "latency" in r:
         x = r["latency"]
         print(
