@@ -211,3 +211,15 @@ def test_worker_running_reads_the_pidfile_the_supervisor_keeps(tmp_path):
     assert not worker_running(str(pidfile))
     pidfile.write_text("garbage")
     assert not worker_running(str(pidfile))
+
+
+@pytest.mark.parametrize(("level", "logged"), [("INFO", False), ("DEBUG", True)])
+def test_the_access_log_is_written_at_debug_only_and_without_the_query_string(start, level, logged):
+    service = start(LOG_LEVEL=level)
+    assert requests.get(service.url + "/healthz?token=not-in-the-log", timeout=10).status_code == 200
+    assert requests.get(service.url + "/healthz", timeout=10).status_code == 200
+    post(service, unique_body(1))
+    wait_until(lambda: '"accepted"' in service.logs(), 10, "the webhook's own line is logged at INFO and DEBUG alike")
+    access = [line for line in service.logs().splitlines() if '"gunicorn.access"' in line and "GET /healthz" in line]
+    assert bool(access) is logged, service.logs()[-2000:]
+    assert "not-in-the-log" not in service.logs()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 
+from gunicorn.glogging import Logger
+
 from refiner_source.config import ConfigError, load_settings
 from refiner_source.run.supervisor import PARENT_ENV, stop_when_orphaned
 
@@ -41,6 +43,20 @@ logconfig_dict = {
         "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
     },
 }
+
+
+class AccessLogAtDebug(Logger):
+    """gunicorn's logger with its access log (one line per request) only at LOG_LEVEL=DEBUG: the app logs
+    each webhook's outcome at INFO, and Heroku's router logs every request. Building the line cost a
+    tenth of a web process's CPU under load (bench/README.md, "Near the machine's limit"); a level on
+    the logger would not save that, as gunicorn builds the line before it asks the level."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        if _settings is not None and _settings.log_level == "DEBUG":
+            super().access(resp, req, environ, request_time)
+
+
+logger_class = AccessLogAtDebug
 
 
 def when_ready(server) -> None:
