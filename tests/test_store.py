@@ -226,7 +226,7 @@ def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox
 
 
 def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch):
-    real_write = outbox._write
+    real_write = outbox._write_held
     leader_writing = threading.Event()
 
     @contextmanager
@@ -241,7 +241,7 @@ def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch)
             yield conn
             raise StoreUnavailable("the commit was lost")
 
-    monkeypatch.setattr(outbox, "_write", failing_commit)
+    monkeypatch.setattr(outbox, "_write_held", failing_commit)
     answers: dict[str, object] = {}
 
     def call(name: str, entry: Entry) -> None:
@@ -260,26 +260,56 @@ def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch)
         assert not thread.is_alive(), "a caller of store_grouped() never got its answer"
     assert isinstance(answers["leader"], StoreUnavailable), answers
     assert isinstance(answers["follower"], StoreUnavailable), answers  # its webhook answers 503, not 200 "duplicate"
-    monkeypatch.setattr(outbox, "_write", real_write)
+    monkeypatch.setattr(outbox, "_write_held", real_write)
     keys = [entry_for(i).receipt_key for i in ("lead", "follow")]
     assert outbox.known_receipts(keys) == set() and outbox.stats().pending == 0
     assert outbox._waiting == []
 
 
 def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monkeypatch):
-    real_write = outbox._write
+    real_write = outbox._write_held
 
     def failing_once():
-        monkeypatch.setattr(outbox, "_write", real_write)
+        monkeypatch.setattr(outbox, "_write_held", real_write)
         raise StoreUnavailable("down")
 
-    monkeypatch.setattr(outbox, "_write", failing_once)
+    monkeypatch.setattr(outbox, "_write_held", failing_once)
     with pytest.raises(StoreUnavailable):
         outbox.store_grouped(entry_for("failed"))
     assert outbox.store_grouped(entry_for("next")) is True
     failed, following = entry_for("failed").receipt_key, entry_for("next").receipt_key
     assert outbox.known_receipts([failed, following]) == {following}  # the 503 one was not stored
     assert outbox.store_grouped(entry_for("failed")) is True  # Refiner's retry
+
+
+def test_the_grouped_writer_keeps_its_connection_only_while_webhooks_keep_coming(outbox):
+    outbox.store_grouped(entry_for("a"))
+    held = outbox._held
+    outbox.store_grouped(entry_for("b"))
+    assert outbox._held is held  # under load: no checkout per group
+    outbox._held_at -= 2  # idle for two seconds
+    outbox.store_grouped(entry_for("c"))
+    assert outbox._held is not held and held.closed  # back to the pool; the next one is checked out (and pinged)
+    assert outbox.stats().pending == 3
+
+
+def test_a_failed_group_gives_back_its_connection_and_the_next_one_is_stored(outbox, monkeypatch):
+    outbox.store_grouped(entry_for("before"))
+    held = outbox._held
+
+    def lost(conn, rows):
+        raise StoreUnavailable("connection lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(outbox, "_insert_rows", lost)
+        with pytest.raises(StoreUnavailable):
+            outbox.store_grouped(entry_for("during"))
+    assert outbox._held is None and held.closed
+    assert outbox.store_grouped(entry_for("after")) is True
+    assert outbox.known_receipts([entry_for(k).receipt_key for k in ("before", "during", "after")]) == {
+        entry_for("before").receipt_key,
+        entry_for("after").receipt_key,
+    }
 
 
 def test_same_receipt_twice_in_one_group_is_stored_once(outbox):

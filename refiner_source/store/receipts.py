@@ -63,7 +63,7 @@ class Receipts(Cursors):
             if not waiting.done:  # nobody has committed this entry yet: lead the next group
                 group: list[_Waiting] = []
                 try:
-                    with self._write() as conn:
+                    with self._write_held() as conn:
                         with self._waiting_lock:
                             group, self._waiting = self._waiting, []
                         # The same receipt twice in one group (a webhook resent at once): only the
