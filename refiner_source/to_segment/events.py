@@ -102,7 +102,7 @@ class _Lenient(Schema):
 class AccountSchema(_Lenient):
     uuid = _optional(Identifier)
     remote_id = _optional(Identifier)
-    attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
+    attributes = _optional(fields.Dict, metadata={"maxProperties": MAX_ATTRIBUTES})
 
     @post_load
     def make(self, data, **kwargs):
@@ -119,7 +119,7 @@ class ResponseSchema(_Lenient):
     completed_at = _optional(RefinerDateTime)
     dismissed_at = _optional(RefinerDateTime)
     received_at = _optional(RefinerDateTime)
-    data = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ANSWERS})
+    data = _optional(fields.Dict, metadata={"maxProperties": MAX_ANSWERS})
     tags = _optional(fields.List, cls_or_instance=fields.Raw())
 
 
@@ -148,7 +148,7 @@ class ContactSchema(_Lenient):
     uuid = _optional(Identifier)
     remote_id = _optional(Identifier)
     email = _optional(fields.String)
-    attributes = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ATTRIBUTES})
+    attributes = _optional(fields.Dict, metadata={"maxProperties": MAX_ATTRIBUTES})
     account = _optional(fields.Nested, nested=AccountSchema)
 
 
@@ -180,7 +180,7 @@ class ApiResponseSchema(_Lenient):
     dismissed_at = _optional(RefinerDateTime)
     received_at = _optional(RefinerDateTime)
     form = _optional(fields.Nested, nested=FormSchema)
-    data = _optional(fields.Dict, keys=fields.String(), metadata={"maxProperties": MAX_ANSWERS})
+    data = _optional(fields.Dict, metadata={"maxProperties": MAX_ANSWERS})
     tags = _optional(fields.List, cls_or_instance=fields.Raw())
     contact = fields.Nested(ContactSchema, required=True)
 
