@@ -120,7 +120,7 @@ class App:
 # --- 1. ingest with wrk --------------------------------------------------------------------
 
 WRK_SCRIPT = """
-local template = %s
+local template = %(template)s
 local prefix = "w" .. tostring(os.time())
 local counter = 0
 local n = 0
@@ -131,42 +131,27 @@ end
 function request()
   counter = counter + 1
   local id = prefix .. "t" .. tostring(tid) .. "x" .. tostring(counter)
-  local body = string.gsub(template, "RESPONSEID", id)
-  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
-end
-"""
-
-
-SEGMENT_WRK_SCRIPT = """
-local template = %s
-local prefix = "w" .. tostring(os.time())
-local counter = 0
-local n = 0
-function setup(thread)
-  n = n + 1
-  thread:set("tid", n)
-end
-function request()
-  counter = counter + 1
-  local id = prefix .. "t" .. tostring(tid) .. "x" .. tostring(counter)
-  local body = string.gsub(template, "EVENTID", id)
-  return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %s"}, body)
+  local body = string.gsub(template, "%(placeholder)s", id)
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"%(auth)s}, body)
 end
 """
 
 
 def wrk_script(workdir: Path) -> Path:
-    template = body_for("RESPONSEID").decode()
-    path = workdir / "post.lua"
-    path.write_text(WRK_SCRIPT % json.dumps(template).replace("\\/", "/"))
-    return path
+    """Refiner webhooks, each with its own response uuid."""
+    return _lua(workdir / "post.lua", body_for("RESPONSEID").decode(), "RESPONSEID")
 
 
 def segment_wrk_script(workdir: Path) -> Path:
     """Segment tracks, each of its own user and messageId (one Refiner call each), as section 5 sends."""
     event = {"type": "track", "messageId": "EVENTID", "userId": "user-EVENTID", "event": "Plan Upgraded", "properties": {"plan": "pro"}}
-    path = workdir / "post_segment.lua"
-    path.write_text(SEGMENT_WRK_SCRIPT % (json.dumps(json.dumps(event)), SEGMENT_SECRET))
+    return _lua(workdir / "post_segment.lua", json.dumps(event), "EVENTID", f"Bearer {SEGMENT_SECRET}")
+
+
+def _lua(path: Path, template: str, placeholder: str, authorization: str | None = None) -> Path:
+    auth = f', ["Authorization"] = "{authorization}"' if authorization else ""
+    text = WRK_SCRIPT % {"template": json.dumps(template).replace("\\/", "/"), "placeholder": placeholder, "auth": auth}
+    path.write_text(text)
     return path
 
 
