@@ -26,8 +26,10 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
 
     from refiner_source.config import settings_from
     from refiner_source.logs import configure_logging
+    from refiner_source.ops import forget_page  # noqa: F401 - its routes join the operator's blueprint
     from refiner_source.ops.status_page import operator_bp
     from refiner_source.ops.tally import Tally
+    from refiner_source.privacy import Suppressed, key_of
     from refiner_source.run.supervisor import PIDFILE_ENV
     from refiner_source.store import Store
     from refiner_source.to_refiner.webhook import bp as to_refiner_bp
@@ -44,7 +46,11 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     app.json.sort_keys = False
     outbox = Store(settings.database_url)
     app.extensions["refiner_source"] = AppState(
-        settings=settings, outbox=outbox, delivery_pidfile=os.environ.get(PIDFILE_ENV), tally=Tally(outbox)
+        settings=settings,
+        outbox=outbox,
+        delivery_pidfile=os.environ.get(PIDFILE_ENV),
+        tally=Tally(outbox),
+        suppressed=Suppressed(outbox, key_of(settings)),
     )
     app.register_blueprint(health_bp)
     app.register_blueprint(to_segment_bp)

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
+from refiner_source.privacy import check_key
 
 SEGMENT_REGION_HOSTS = {
     "us": "https://api.segment.io",
@@ -76,6 +77,7 @@ class Settings:
     admin_password: str | None = None  # set: /status and /metrics answer, behind HTTP Basic auth
     alert_webhook_url: str | None = None  # set: alerts go there (Slack-compatible incoming webhook)
     alert_pending_seconds: int = 900
+    suppression_key: str | None = None  # the forgotten people's hashes' key (else derived: refiner_source.privacy)
 
     @property
     def to_segment_on(self) -> bool:
@@ -188,6 +190,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         admin_password=admin_password,
         alert_webhook_url=alert_url,
         alert_pending_seconds=_int(get, "ALERT_PENDING_SECONDS", 900, 1, 7 * 86400),
+        suppression_key=check_key(get("REFINER_SUPPRESSION_KEY")),
     )
 
 

@@ -23,8 +23,13 @@ DELIVERY_MODULES = {
 
 
 def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:
-    """A delivery loop for each direction that is on."""
-    return [_module(d).build_loop(settings, outbox) for d in DELIVERY_MODULES if settings.direction_on(d)]
+    """A delivery loop for each direction that is on, each dropping the events of people on the suppression list."""
+    from refiner_source.privacy import Suppressed, key_of
+
+    loops = [_module(d).build_loop(settings, outbox) for d in DELIVERY_MODULES if settings.direction_on(d)]
+    for loop in loops:
+        loop.suppressed = Suppressed(outbox, key_of(settings))
+    return loops
 
 
 def preview(

@@ -25,3 +25,6 @@ class Entry:
     occurred_at: float | None = None
     destination: str = SEGMENT
     contact: str | None = None  # whose event, where the destination keeps one contact's order (Refiner)
+    # Whom it concerns: (kind, normalised identifier) pairs (refiner_source.privacy), checked against
+    # the suppression list before it is stored; not stored as such.
+    people: frozenset[tuple[str, str]] = frozenset()

@@ -213,7 +213,7 @@ def test_every_command_is_on_the_group_with_its_help(tmp_path):
     """The commands live in several modules of refiner_source/run/; the user sees one command."""
     listed = run(["--help"], {})
     assert listed.returncode == 0, listed.stderr
-    names = ["backfill", "init-db", "preview", "purge-dead", "questions", "replay", "serve", "status", "worker"]
+    names = ["backfill", "forget", "init-db", "preview", "purge-dead", "questions", "replay", "serve", "status", "worker"]
     assert [line.split()[0] for line in listed.stdout.split("Commands:")[1].strip().splitlines()] == names
     for name in names:
         helped = run([name, "--help"], {})

@@ -535,7 +535,7 @@ def test_a_version_3_store_gets_the_contact_column(store_url):
     box = Store(store_url)
     box.init_schema()
     box.init_schema()
-    assert box.schema_version() == SCHEMA_VERSION == 4
+    assert box.schema_version() == SCHEMA_VERSION == 5
     assert box.stats().pending == 1
     box.store_many([refiner_entry("m1", "id:a")])
     assert [c.contact for c in box.claim(REFINER, 10, 60, "w", contact_order=True)] == ["id:a"]

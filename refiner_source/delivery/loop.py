@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from refiner_source.delivery.backoff import Backoff
 from refiner_source.ops.tally import DELIVERY, Tally
+from refiner_source.privacy import Suppressed
 from refiner_source.store import Claimed, DeadLetter, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class Destination(Protocol):
     def describe(self) -> dict[str, Any]:
         """What the start-up log line says of it (host, concurrency)."""
 
+    def people(self, claim: Claimed) -> frozenset[tuple[str, str]]:
+        """Whom a claimed event concerns: (kind, normalised identifier) pairs (refiner_source.privacy)."""
+
 
 @dataclass
 class LaneResult:
@@ -133,6 +137,7 @@ class Loop:
         self._stopping = False
         self._failures = 0  # consecutive failed rounds (the store, a bug, or a one-lane destination): the loop's backoff
         self.tally = Tally(outbox, background=False)  # what it delivered, added to the store after each round
+        self.suppressed: Suppressed | None = None  # set: events of people on the suppression list are dropped, not sent
         self.pool = (
             ThreadPoolExecutor(destination.concurrency, thread_name_prefix=f"to-{self.destination}")
             if destination.concurrency > 1
@@ -172,6 +177,10 @@ class Loop:
     def run_once(self) -> float:
         """Claim events, map them, send their calls; return how long to sleep before the next round."""
         claimed = self.outbox.claim(self.destination, self.batch_size, self.lease_seconds, self.name, contact_order=self.to.contact_order)
+        if claimed and self.suppressed is not None and self.suppressed.active():
+            claimed = drop_forgotten(self, claimed)
+            if not claimed:
+                return 0.0
         if not claimed:
             return self.idle_wait()
         outcome = Round(
@@ -300,6 +309,18 @@ class Loop:
     def _bump(self) -> int:
         self._failures += 1
         return self._failures - 1
+
+
+def drop_forgotten(loop: Loop, claimed: list[Claimed]) -> list[Claimed]:
+    """Belt and braces: a claimed event of a person on the suppression list (stored before the list
+    reached this process, or replayed) is erased, not sent; the rest of the claim goes on."""
+    assert loop.suppressed is not None
+    forgotten = {c.id for c in claimed if loop.suppressed.forgotten(loop.to.people(c))}
+    if not forgotten:
+        return claimed
+    dropped = loop.outbox.drop_claimed(sorted(forgotten), loop.name)
+    log.info("dropped events of forgotten people", extra={"events": dropped, "destination": loop.destination, "outcome": "forgotten"})
+    return [c for c in claimed if c.id not in forgotten]
 
 
 @dataclass

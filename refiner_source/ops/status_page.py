@@ -1,5 +1,5 @@
 """The operator's view: GET /status (an HTML page), one event's page, the dead letters' replay and
-delete buttons, and GET /metrics (Prometheus).
+delete buttons, and GET /metrics (Prometheus). Its "Forget a person" form is ops/forget_page.py.
 
 Behind HTTP Basic auth with REFINER_ADMIN_PASSWORD (any user name); 404 while it is unset. All
 figures are read from the store (events, traffic counts), so every process and dyno shows the
@@ -20,6 +20,7 @@ from flask import Blueprint, Response, abort, g, redirect, render_template, requ
 from refiner_source.config import Settings
 from refiner_source.destinations import preview
 from refiner_source.directions import DIRECTIONS
+from refiner_source.erasure import suppression_status
 from refiner_source.ops.chart import DEFAULT_RANGE, RANGES, chosen_range
 from refiner_source.ops.status_view import (
     DELIVERY_OUTCOMES,
@@ -33,6 +34,7 @@ from refiner_source.ops.status_view import (
     with_code,
 )
 from refiner_source.ops.tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
+from refiner_source.privacy import STALE_KEY_WARNING
 from refiner_source.store import Store
 from refiner_source.web.state import error, state
 
@@ -142,6 +144,8 @@ def status_page():
         with_code=with_code,
         replayed=request.args.get("replayed", type=int),
         deleted=request.args.get("deleted", type=int),
+        suppressed=suppression_status(app_state.outbox, app_state.settings),
+        stale_warning=STALE_KEY_WARNING,
         **_helpers(),
     )
 

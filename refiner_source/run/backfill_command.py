@@ -31,6 +31,7 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
 
     Safe to stop (Ctrl-C) and to run again: it resumes, and never sends a response twice.
     """
+    from refiner_source.privacy import Suppressed, key_of
     from refiner_source.refiner_rest import BackfillError, RefinerClient
     from refiner_source.to_segment.backfill import filters, run_backfill
 
@@ -59,7 +60,15 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
     query = filters(since, until, form_uuid)
     try:
         progress = run_backfill(
-            api, outbox, settings.rules, query, dry_run=dry_run, report=display, should_stop=stop.is_set, workers=workers
+            api,
+            outbox,
+            settings.rules,
+            query,
+            dry_run=dry_run,
+            report=display,
+            should_stop=stop.is_set,
+            workers=workers,
+            forgotten=Suppressed(outbox, key_of(settings)).forgotten,
         )
     except BackfillError as exc:
         display.close()
@@ -69,6 +78,7 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
     click.echo(
         f"{progress.seen} response(s) read in {progress.pages} page(s): {progress.stored} {verb}, "
         f"{progress.duplicates} already sent, {progress.not_completed} not completed, {progress.invalid} not valid (see the log)"
+        + (f", {progress.forgotten} forgotten (people erased by `refiner-source forget`: not stored)" if progress.forgotten else "")
     )
     if dry_run and progress.sample:
         click.echo(f"first {len(progress.sample)} message(s) that would be sent (of responses not sent before):")

@@ -13,6 +13,7 @@ import click
 
 from refiner_source.logs import configure_logging
 from refiner_source.run.backfill_command import backfill
+from refiner_source.run.forget_command import forget
 from refiner_source.run.operator_commands import purge_dead, replay, status
 from refiner_source.run.options import open_outbox, settings_or_exit
 from refiner_source.run.preview_command import preview
@@ -143,5 +144,5 @@ def init_db() -> None:
     click.echo(f"schema ready at {_safe_url(settings.database_url)}")
 
 
-for _command in (status, replay, backfill, purge_dead, preview, questions):
+for _command in (status, replay, backfill, purge_dead, forget, preview, questions):
     main.add_command(_command)

@@ -43,7 +43,11 @@ def status(as_json: bool, watch: bool, to: str | None) -> None:
 
 
 def _print_status(outbox: Store, settings: Settings, to: str | None, as_json: bool) -> None:
+    from refiner_source.erasure import suppression_status
+    from refiner_source.privacy import STALE_KEY_WARNING
+
     report = {d: outbox.stats(d) for d in chosen_directions(to)}
+    people, stale = suppression_status(outbox, settings)
     if as_json:
         directions = {}
         for d, stats in report.items():
@@ -56,7 +60,8 @@ def _print_status(outbox: Store, settings: Settings, to: str | None, as_json: bo
                 "last_error": None if error is None else {"error": error, "at": datetime.fromtimestamp(at, UTC).isoformat()},
             }
         first = next(iter(directions.values()))  # at the top level too, as before there were two directions
-        click.echo(json.dumps({**first, "directions": directions}))
+        suppressed = {"people": people, "other_key": stale}
+        click.echo(json.dumps({**first, "directions": directions, "suppressed": suppressed}))
         return
     for i, (destination, stats) in enumerate(report.items()):
         title = DIRECTIONS[destination].title
@@ -67,6 +72,10 @@ def _print_status(outbox: Store, settings: Settings, to: str | None, as_json: bo
             title = f"{title} (stored before it was turned off)"
             i = 0
         _print_direction(outbox, destination, stats, title, gap=bool(i))
+    if people or stale:  # only once someone was forgotten: `refiner-source forget`
+        click.echo(f"\nsuppressed people (refiner-source forget): {people}")
+    if stale:
+        click.echo("WARNING: " + STALE_KEY_WARNING.format(n=stale))
 
 
 def _print_direction(outbox: Store, destination: str, stats, title: str, gap: bool) -> None:

@@ -17,6 +17,7 @@ from refiner_source.store.database import UNDEFINED_TABLE, StoreMisconfigured, S
 from refiner_source.store.operations import Operations, Requeued, Stats
 from refiner_source.store.receipts import Receipts
 from refiner_source.store.schema import SCHEMA_VERSION, V2_ALTERATIONS, Schema
+from refiner_source.store.suppression import Erased, Suppression
 from refiner_source.store.tables import (
     DEAD,
     DELIVERED,
@@ -30,6 +31,7 @@ from refiner_source.store.tables import (
     last_errors,
     metadata,
     schema_info,
+    suppressed,
     traffic,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "BackfillState",
     "Claimed",
     "DeadLetter",
+    "Erased",
     "Entry",
     "Requeued",
     "Stats",
@@ -61,11 +64,12 @@ __all__ = [
     "make_engine",
     "metadata",
     "schema_info",
+    "suppressed",
     "traffic",
 ]
 
 
-class Store(Receipts, Claims, Operations, Contents, Counts, AlertState, Schema):
+class Store(Receipts, Claims, Operations, Contents, Counts, AlertState, Suppression, Schema):
     """The durable store of accepted events. Every method is one short transaction.
 
     Composed of one class per concern, each built on Database (engine, write lock, error

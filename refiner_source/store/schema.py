@@ -1,4 +1,4 @@
-"""The store's schema: created, upgraded from any earlier version (1 to 3, 3 to 4) in place, and asked after."""
+"""The store's schema: created, upgraded from any earlier version (1 to 3, 3 to 4, 4 to 5) in place, and asked after."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from refiner_source.directions import SEGMENT
 from refiner_source.store.database import Database, insert_ignoring_conflict
 from refiner_source.store.tables import DEAD, DELIVERED, LEGACY_EVENT, PENDING, dead_letters, events, metadata, schema_info
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: the suppression list (refiner_suppressed), made by create_all
 
 # Tables of versions 1 and 2, read once by the upgrade to version 3 and then dropped.
 V2_ALTERATIONS = [

@@ -118,6 +118,20 @@ alerts = Table(
     Column("version", Integer, nullable=False, default=0),
 )
 
+# The people `refiner-source forget` erased and suppresses (version 5): never an identifier, only its
+# keyed hash (HMAC-SHA256, refiner_source.privacy) and which key made it (`key_id`, a fingerprint),
+# so that the list names nobody and a hash made with a key no longer set is found and reported.
+suppressed = Table(
+    "refiner_suppressed",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # user, email, anonymous
+    Column("hash", String(64), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("key_id", "kind", "hash", name="uq_refiner_suppressed"),
+)
+
 schema_info = Table(
     "refiner_schema",
     metadata,

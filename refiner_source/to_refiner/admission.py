@@ -4,6 +4,7 @@ refused (the error the webhook answers). `refiner-source preview --segment` deci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from marshmallow import ValidationError
 
 from refiner_source.config import MappingRules
 from refiner_source.entry import Entry
+from refiner_source.privacy import FORGOTTEN
 from refiner_source.to_refiner.events import load as load_event
 from refiner_source.to_refiner.intake import prepare
 from refiner_source.to_refiner.mapping import ignored_reason
@@ -29,10 +31,11 @@ class Admitted:
     invalid: list[dict[str, Any]] = field(default_factory=list)  # {"index", "error"}
 
 
-def admit(body: Any, rules: MappingRules) -> Admitted:
+def admit(body: Any, rules: MappingRules, forgotten: Callable[[frozenset[tuple[str, str]]], bool] | None = None) -> Admitted:
     """Each event of a Segment webhook body validated on its own, so that a malformed one of a batch
     never costs the others. Raises Refused: 400 for a body that is not an object or a non-empty
-    array, 422 for a single event of the wrong shape."""
+    array, 422 for a single event of the wrong shape. `forgotten`: whether identifiers are of a
+    person on the suppression list, whose events are ignored (reason "forgotten")."""
     if isinstance(body, dict):
         events, single = [body], True
     elif isinstance(body, list) and body:
@@ -55,5 +58,9 @@ def admit(body: Any, rules: MappingRules) -> Admitted:
         if reason is not None:
             admitted.ignored.append({"index": index, "message_id": event["messageId"], "reason": reason})
             continue
-        admitted.entries.append(prepare(event, rules))
+        entry = prepare(event, rules)
+        if forgotten is not None and forgotten(entry.people):
+            admitted.ignored.append({"index": index, "message_id": event["messageId"], "reason": FORGOTTEN})
+            continue
+        admitted.entries.append(entry)
     return admitted

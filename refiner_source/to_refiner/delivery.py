@@ -16,6 +16,7 @@ from refiner_source.directions import REFINER
 from refiner_source.store import Claimed, DeadLetter, Store
 from refiner_source.to_refiner.api import RefinerApi
 from refiner_source.to_refiner.mapping import merge, mergeable, to_refiner
+from refiner_source.to_refiner.people import people_of_stored
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class ToRefiner:
 
     def describe(self) -> dict[str, Any]:
         return {"refiner_api_url": self.api.base_url, "concurrency": self.concurrency}
+
+    def people(self, claim: Claimed) -> frozenset[tuple[str, str]]:
+        return people_of_stored(claim.event)
 
     def plan(self, claimed: Sequence[Claimed]) -> tuple[list[list[Call]], list[DeadLetter]]:
         return plan(claimed, self.rules)

@@ -18,7 +18,7 @@ from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import presented_token, signature_ok, token_ok
 from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, read_body, refusal, too_large
 from refiner_source.web.counts import SOURCES
-from refiner_source.web.state import error, state
+from refiner_source.web.state import error, forgotten, state
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ def receive_segment():
         return refused
     try:
         body = strict_json(raw, "a Segment event (a JSON object) or an array of them")
-        admitted = admit(body, settings.rules)
+        admitted = admit(body, settings.rules, forgotten=forgotten)
     except Refused as exc:
         return refusal(exc, **({"source": "segment"} if exc.code == "invalid_event" else {}))
+    except StoreUnavailable as exc:  # the suppression list could not be read: nothing is stored unchecked
+        log.error("store unavailable", extra={"error": str(exc), "outcome": "unavailable", "source": "segment"})
+        return error(503, "store_unavailable", "The store is not answering; please retry.")
     single, entries, ignored, invalid = admitted.single, admitted.entries, admitted.ignored, admitted.invalid
 
     try:

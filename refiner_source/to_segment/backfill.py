@@ -34,6 +34,7 @@ class Progress:
     duplicates: int = 0  # already received (webhook or an earlier backfill): not sent again
     not_completed: int = 0
     invalid: int = 0
+    forgotten: int = 0  # of people `refiner-source forget` erased: not stored
     last_page: int | None = None
     started: float = field(default_factory=time.monotonic)
     sample: list[dict[str, Any]] = field(default_factory=list)  # first messages, for --dry-run
@@ -104,6 +105,7 @@ def run_backfill(
     should_stop: Callable[[], bool] = lambda: False,
     sample_size: int = 3,
     workers: int = 0,
+    forgotten: Callable[[frozenset[tuple[str, str]]], bool] = lambda people: False,
 ) -> Progress:
     """Read every completed response of `query`, map it as a webhook would, store what is new.
 
@@ -114,7 +116,8 @@ def run_backfill(
 
     With `workers`, pages are mapped in that many processes while this one fetches the next
     pages and stores the mapped ones, in order; at most 2 pages per worker are in flight, so
-    memory stays flat.
+    memory stays flat. A response of a person on the suppression list (`forgotten` of its
+    identifiers) is counted, never stored.
     """
     run_key = json.dumps(query, sort_keys=True)
     state = None if dry_run else outbox.backfill_state(run_key)
@@ -159,6 +162,9 @@ def run_backfill(
                 mapped = future.result()
             except BrokenProcessPool:  # a mapping process died (killed, out of memory): map here
                 mapped = map_api_page(result.items, rules)
+            kept = [e for e in mapped.entries if not forgotten(e.people)]
+            progress.forgotten += len(mapped.entries) - len(kept)
+            mapped.entries = kept
             _store_page(outbox, run_key, result, mapped, progress, dry_run, sample_size, rules)
             report(progress)
     finally:

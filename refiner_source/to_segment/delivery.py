@@ -21,6 +21,7 @@ from refiner_source.store import Claimed, DeadLetter, Store
 from refiner_source.to_segment.api import SegmentApi
 from refiner_source.to_segment.events import event_from_json
 from refiner_source.to_segment.mapping import MessageTooLarge, map_event
+from refiner_source.to_segment.people import people_of_stored
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class ToSegment:
 
     def describe(self) -> dict[str, Any]:
         return {"segment_host": self.api.host}
+
+    def people(self, claim: Claimed) -> frozenset[tuple[str, str]]:
+        return people_of_stored(claim.event, json.dumps(claim.messages) if claim.messages else None)
 
     def plan(self, claimed: Sequence[Claimed]) -> tuple[list[list[Call]], list[DeadLetter]]:
         """One lane of batches, mapped now with the current mapping file (messages kept by an upgraded

@@ -16,6 +16,7 @@ from refiner_source.config import MappingRules
 from refiner_source.entry import Entry
 from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, event_to_json
 from refiner_source.to_segment.mapping import calls
+from refiner_source.to_segment.people import people_of
 from refiner_source.validation import error_fields
 
 _api_item = ApiResponseSchema()
@@ -37,6 +38,7 @@ def prepare(event: SurveyEvent, rules: MappingRules) -> Entry:
         message_count=len(calls(event, rules)),
         form_uuid=event.form_uuid,
         occurred_at=occurred.timestamp() if occurred else None,
+        people=people_of(event),
     )
 
 

@@ -8,6 +8,7 @@ import logging
 
 from flask import Blueprint, g, jsonify, request
 
+from refiner_source.privacy import FORGOTTEN
 from refiner_source.store import StoreUnavailable
 from refiner_source.to_segment.admission import Ignored, admit
 from refiner_source.to_segment.events import shape_of
@@ -15,7 +16,7 @@ from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import presented_token, token_ok
 from refiner_source.web.body import BODY_LIMITS, read_body, refusal, too_large
 from refiner_source.web.counts import SOURCES
-from refiner_source.web.state import error, state
+from refiner_source.web.state import error, forgotten, state
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ def receive_webhook():
         return jsonify({"status": "ignored", "reason": admitted.reason}), 200
     entry = admitted
     try:
+        if forgotten(entry.people):  # erased by `refiner-source forget`: never stored again
+            log.info("ignored", extra={"response_id": entry.source_id, "reason": FORGOTTEN, "outcome": "ignored"})
+            g.webhook_counts = {"ignored": 1}
+            return jsonify({"status": "ignored", "reason": FORGOTTEN}), 200
         stored = app_state.outbox.store_grouped(entry)
     except StoreUnavailable as exc:
         log.error("store unavailable", extra={"response_id": entry.source_id, "error": str(exc), "outcome": "unavailable"})

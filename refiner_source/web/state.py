@@ -9,6 +9,7 @@ from flask import Response, current_app, jsonify
 
 from refiner_source.config import Settings
 from refiner_source.ops.tally import Tally
+from refiner_source.privacy import Suppressed
 from refiner_source.store import Store
 
 
@@ -18,10 +19,17 @@ class AppState:
     outbox: Store
     delivery_pidfile: str | None = None  # under `refiner-source serve`: where the embedded worker's pid is
     tally: Tally | None = None  # this process's counts of webhooks, for /status and /metrics
+    suppressed: Suppressed | None = None  # the people `forget` erased: their events are ignored, never stored
 
 
 def state() -> AppState:
     return current_app.extensions["refiner_source"]
+
+
+def forgotten(people) -> bool:
+    """Whether a webhook's event concerns a person on the suppression list."""
+    suppressed = state().suppressed
+    return suppressed is not None and bool(people) and suppressed.forgotten(people)
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:

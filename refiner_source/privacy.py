@@ -1,0 +1,141 @@
+"""Forgetting a person: who an identifier names, the keyed hashes the suppression list keeps of them,
+and the per-process view of that list that every webhook, backfill and delivery round consults.
+
+Pure but for `Suppressed`, which reads the store. An identifier is one of three kinds (a user id,
+an email, an anonymous id), matched exactly; an email trimmed and in lower case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from refiner_source.config import Settings
+    from refiner_source.store import Store
+
+log = logging.getLogger(__name__)
+
+USER, EMAIL, ANONYMOUS = "user", "email", "anonymous"
+KINDS = (USER, EMAIL, ANONYMOUS)
+FORGOTTEN = "forgotten"  # the reason a suppressed person's event is ignored
+MIN_KEY_LENGTH = 16
+REFRESH_SECONDS = 2.0  # a process reads the list again this often: a forget holds for new webhooks within this bound
+# Where the key comes from when REFINER_SUPPRESSION_KEY is unset, in this order.
+KEY_SOURCES = ("REFINER_WEBHOOK_SECRET", "SEGMENT_SHARED_SECRET", "REFINER_API_KEY")
+
+Person = frozenset  # of (kind, normalised value) pairs
+
+
+def normal(kind: str, value: object) -> str | None:
+    """The identifier as it is compared: a string (a number as its text), trimmed; an email in lower case. None: no identifier."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if not text:
+        return None
+    return text.lower() if kind == EMAIL else text
+
+
+def pairs(user: object = None, email: object = None, anonymous: object = None) -> set[tuple[str, str]]:
+    """The (kind, normalised value) pairs of whichever identifiers are given."""
+    found = set()
+    for kind, value in ((USER, user), (EMAIL, email), (ANONYMOUS, anonymous)):
+        text = normal(kind, value)
+        if text is not None:
+            found.add((kind, text))
+    return found
+
+
+def check_key(value: str | None) -> str | None:
+    """REFINER_SUPPRESSION_KEY as config reads it: unset, or at least MIN_KEY_LENGTH characters."""
+    from refiner_source.config import ConfigError
+
+    if value is not None and len(value) < MIN_KEY_LENGTH:
+        raise ConfigError(
+            f"REFINER_SUPPRESSION_KEY must be at least {MIN_KEY_LENGTH} characters; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return value
+
+
+def key_of(settings: Settings) -> bytes | None:
+    """The suppression list's HMAC key: REFINER_SUPPRESSION_KEY, else one derived from the first of
+    REFINER_WEBHOOK_SECRET's tokens, SEGMENT_SHARED_SECRET, REFINER_API_KEY that is set; None when none is."""
+    if settings.suppression_key:
+        secret = settings.suppression_key
+    else:
+        first_token = settings.webhook_secrets[0] if settings.webhook_secrets else None
+        secret = next((c for c in (first_token, settings.segment_shared_secret, settings.refiner_api_key) if c), None)
+        if secret is None:
+            return None
+    # Derived, not the secret itself: the list's key is not a token the webhook accepts.
+    return hmac.new(secret.encode("utf-8"), b"refiner-source suppression list", hashlib.sha256).digest()
+
+
+def fingerprint(key: bytes) -> str:
+    """A short name of a key, kept with each hash: which key made it (it reveals nothing of the key)."""
+    return hmac.new(key, b"fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def digest(key: bytes, kind: str, value: str) -> str:
+    """The keyed hash of one normalised identifier: what the list keeps instead of the identifier."""
+    return hmac.new(key, f"{kind}\n{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def digests(key: bytes, person: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    return {(kind, digest(key, kind, value)) for kind, value in person}
+
+
+STALE_KEY_WARNING = (
+    "{n} suppressed people were hashed with a key no longer set: they are no longer suppressed; "
+    "set the old secret as REFINER_SUPPRESSION_KEY or forget them again"
+)
+
+
+class Suppressed:
+    """This process's copy of the suppression list (the hashes made with the current key), read
+    again every REFRESH_SECONDS when asked: a `forget` holds for new webhooks within that bound.
+    Asking costs nothing while the list is empty, and an HMAC per identifier otherwise."""
+
+    def __init__(self, outbox: Store, key: bytes | None, refresh: float = REFRESH_SECONDS) -> None:
+        self.outbox = outbox
+        self.key = key
+        self.key_id = fingerprint(key) if key else None
+        self.refresh = refresh
+        self._lock = threading.Lock()
+        self._hashes: frozenset[tuple[str, str]] = frozenset()
+        self._loaded_at = float("-inf")
+        self._warned = False
+
+    def _current(self) -> frozenset[tuple[str, str]]:
+        if time.monotonic() - self._loaded_at >= self.refresh:
+            with self._lock:
+                if time.monotonic() - self._loaded_at >= self.refresh:
+                    hashes, stale = self.outbox.suppressed_hashes(self.key_id)
+                    self._hashes = frozenset(hashes)
+                    self._loaded_at = time.monotonic()
+                    if stale and not self._warned:
+                        log.warning(STALE_KEY_WARNING.format(n=stale), extra={"stale_suppressions": stale})
+                        self._warned = True
+        return self._hashes
+
+    def active(self) -> bool:
+        """Whether anyone is on the list (with the current key): else there is nothing to check."""
+        return self.key is not None and bool(self._current())
+
+    def forgotten(self, person: Iterable[tuple[str, str]]) -> bool:
+        """Whether any of these (kind, normalised value) identifiers is on the list."""
+        if self.key is None:
+            return False
+        hashes = self._current()
+        if not hashes:
+            return False
+        return any((kind, digest(self.key, kind, value)) in hashes for kind, value in person)
