@@ -97,3 +97,14 @@ def suppression_status(outbox: Store, settings: Settings) -> tuple[int, int]:
     """(people suppressed with the current key, people hashed with a key no longer set)."""
     key = key_of(settings)
     return outbox.suppression_counts(fingerprint(key) if key else None)
+
+
+def replay_skip(outbox: Store, settings: Settings, destination: str):
+    """What `replay` skips: an event of a person on the suppression list (its stored event and kept messages)."""
+    from refiner_source.privacy import Suppressed
+
+    suppressed = Suppressed(outbox, key_of(settings))
+    if not suppressed.active():
+        return None
+    people = people_of_stored(destination)
+    return lambda event, messages: suppressed.forgotten(people(event, messages))

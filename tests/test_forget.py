@@ -327,3 +327,19 @@ def test_a_version_4_store_gets_the_suppression_table(store_url):
     box.init_schema()
     assert box.schema_version() == 5 and box.suppression_counts(None) == (0, 0)
     box.dispose()
+
+
+def test_replay_skips_and_counts_the_events_of_a_suppressed_person(store_url, outbox, both):
+    outbox.store_many([entry_for(1), entry_for(2)])
+    claimed = outbox.claim(SEGMENT, 2, 60, "w")
+    outbox.settle("w", delivered=[c.id for c in claimed])
+    key = key_of(both)
+    with outbox._write() as conn:  # on the list, the way a forget that raced the webhook leaves the event
+        outbox._suppress(conn, {("user", digest(key, "user", "user-1"))}, fingerprint(key))
+    queued = CliRunner().invoke(main, ["replay", "--response", "r2"], env=env_of(store_url))
+    assert queued.exit_code == 0 and "1 response(s) queued again" in queued.output and "erased" not in queued.output
+    assert outbox.stats(SEGMENT).pending == 1
+    skipped = CliRunner().invoke(main, ["replay", "--response", "r1"], env=env_of(store_url))
+    assert "0 response(s) queued again" in skipped.output
+    assert "1 event(s) of people erased by `refiner-source forget` skipped (forgotten): not queued" in skipped.output
+    assert outbox.stats(SEGMENT).pending == 1

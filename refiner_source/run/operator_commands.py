@@ -108,16 +108,19 @@ def _print_direction(outbox: Store, destination: str, stats, title: str, gap: bo
 def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids: bool, message_id: str | None, to: str | None) -> None:
     """Put dead letters back in line (both directions, or --to one); or resend responses (to Segment) or a
     Segment event (--message, to Refiner), mapped again with the current mapping file."""
+    from refiner_source.erasure import replay_skip
+
     check_range(since, until)
     settings = settings_or_exit()
     outbox = open_outbox(settings, existing=True)
     if message_id is not None:
         if any((response_id, form_uuid, since, until, new_ids)) or to == "segment":
             raise click.UsageError("--message selects one Segment event for Refiner; it goes with no other selection")
-        result = outbox.requeue(source_id=message_id, destination="refiner")
+        result = outbox.requeue(source_id=message_id, destination="refiner", skip=replay_skip(outbox, settings, "refiner"))
         if not result.matched:
             raise click.ClickException(f"nothing matched --message {message_id}: no Segment event with that messageId was accepted")
         click.echo(f"{result.queued} event(s) queued again for Refiner" + (f", {result.pending} not sent yet" if result.pending else ""))
+        _say_suppressed(result.suppressed)
         return
     if not any((response_id, form_uuid, since, until)):
         if new_ids:
@@ -129,7 +132,7 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
         raise click.UsageError("--response, --form, --since and --until select Refiner's responses (to Segment); use --message ID")
     now = datetime.now(UTC)
     generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
-    result = outbox.requeue(response_id, form_uuid, epoch(since), epoch(until), generation)
+    result = outbox.requeue(response_id, form_uuid, epoch(since), epoch(until), generation, skip=replay_skip(outbox, settings, "segment"))
     if not result.matched:
         chosen = {"--response": response_id, "--form": form_uuid, "--since": since, "--until": until}
         selection = " ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
@@ -138,11 +141,17 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
     click.echo(f"{result.queued} response(s) queued again, to be mapped with the current mapping file, {how}")
     if result.pending:
         click.echo(f"{result.pending} response(s) not sent yet: left in line as they are (they are mapped when sent)")
+    _say_suppressed(result.suppressed)
     if result.forgotten:
         click.echo(
             f"{result.forgotten} response(s) are older than REFINER_RETENTION_DAYS: their answers are no longer kept, "
             "so they cannot be re-mapped"
         )
+
+
+def _say_suppressed(count: int) -> None:
+    if count:
+        click.echo(f"{count} event(s) of people erased by `refiner-source forget` skipped (forgotten): not queued")
 
 
 @click.command("purge-dead")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ class Requeued:
     queued: int  # put back in line
     forgotten: int  # past retention: their answers are gone, they cannot be mapped again
     pending: int = 0  # not sent yet: left in line as they are
+    suppressed: int = 0  # of people on the suppression list (`skip`): not queued
 
 
 class Operations(DeadLetters):
@@ -60,11 +62,13 @@ class Operations(DeadLetters):
         until: float | None = None,
         generation: str | None = None,
         destination: str = SEGMENT,
+        skip: Callable[[str | None, str | None], bool] | None = None,
     ) -> Requeued:
         """Put the delivered or dead events a replay selects back in line, to be mapped again (with
         `generation`, new messageIds). Pending events are left as they are: they will be mapped when
         sent anyway, and one in flight must not go out twice. Events past retention are counted, not
-        queued: their answers are gone."""
+        queued: their answers are gone. Events `skip` (of their stored event and kept messages) says are
+        of a forgotten person are counted, not queued."""
         selection = [events.c.destination == destination]
         if source_id is not None:
             selection.append(events.c.source_id == source_id)
@@ -77,10 +81,14 @@ class Operations(DeadLetters):
         with self._guard(), self.engine.connect() as conn:  # a read: no write lock while it scans
             already = conn.execute(select(func.count()).select_from(events).where(*selection, events.c.status == PENDING)).scalar()
             settled = or_(events.c.status == DEAD, and_(events.c.status == DELIVERED, events.c.triggered_event != LEGACY_EVENT))
-            rows = conn.execute(select(events.c.id, KEPT).where(*selection, settled)).all()
-        ids = [r[0] for r in rows if r[1]]
+            content = (events.c.event, events.c.messages) if skip is not None else ()
+            rows = conn.execute(select(events.c.id, KEPT, *content).where(*selection, settled)).all()
+        kept = [r for r in rows if r[1]]
+        ids = [r[0] for r in kept if skip is None or not skip(r[2], r[3])]
         queued = self._requeue(ids, generation)
-        return Requeued(matched=len(rows) + already, queued=queued, forgotten=len(rows) - len(ids), pending=already)
+        return Requeued(
+            matched=len(rows) + already, queued=queued, forgotten=len(rows) - len(kept), pending=already, suppressed=len(kept) - len(ids)
+        )
 
     def purge(self, delivered_before: float, receipts_before: float) -> tuple[int, int]:
         """Forget the answers of events delivered before `delivered_before`; delete the rows of events
