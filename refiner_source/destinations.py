@@ -28,7 +28,7 @@ def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:
 
     loops = [_module(d).build_loop(settings, outbox) for d in DELIVERY_MODULES if settings.direction_on(d)]
     for loop in loops:
-        loop.suppressed = Suppressed(outbox, key_of(settings))
+        loop.suppressed = Suppressed(outbox, key_of(settings), refresh=0)  # fresh before each claim is sent
     return loops
 
 

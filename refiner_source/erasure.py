@@ -60,7 +60,7 @@ def erase(
     from refiner_source.to_refiner.intake import contact_keys
 
     key = key_of(settings)
-    if suppress and key is None:
+    if suppress and key is None and not dry_run:
         raise NoKey(
             "no key for the suppression list: set REFINER_SUPPRESSION_KEY (or the secret the service runs with: "
             "REFINER_WEBHOOK_SECRET, SEGMENT_SHARED_SECRET or REFINER_API_KEY), or add --no-suppress"
@@ -71,8 +71,13 @@ def erase(
         try:
             return bool(readers[destination](event, messages) & person)
         except (ValueError, TypeError, AttributeError):  # not JSON of this version: its text decides
-            text = ((event or "") + (messages or "")).lower()
-            return any(value.lower() in text or json.dumps(value.lower())[1:-1] in text for _, value in person)
+            return mentions((event or "") + (messages or ""), quoted=True)
+
+    def mentions(text: str, quoted: bool = False) -> bool:
+        """Whether a text names one of the identifiers: as a JSON string (quoted) or anywhere in it."""
+        text = text.lower()
+        forms = [json.dumps(value.lower()) for _, value in person] + [json.dumps(value.lower(), ensure_ascii=False) for _, value in person]
+        return any((form if quoted else form[1:-1]) in text for form in forms)
 
     erased = outbox.erase_person(
         like_patterns(person),
@@ -81,6 +86,7 @@ def erase(
         hashes=digests(key, person) if suppress and key else (),
         key_id=fingerprint(key) if key else None,
         dry_run=dry_run,
+        mentions=mentions,
     )
     return {d: erased.get(d, Erased()) for d in DIRECTIONS}
 

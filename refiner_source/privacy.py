@@ -101,9 +101,11 @@ STALE_KEY_WARNING = (
 
 
 class Suppressed:
-    """This process's copy of the suppression list (the hashes made with the current key), read
-    again every REFRESH_SECONDS when asked: a `forget` holds for new webhooks within that bound.
-    Asking costs nothing while the list is empty, and an HMAC per identifier otherwise."""
+    """This process's copy of the suppression list (the hashes made with the current key). Every
+    `refresh` seconds when asked, one aggregate query says whether the list changed, and only then is
+    it read again: a `forget` holds for new webhooks within that bound. The delivery loops ask with
+    refresh 0, before each claim is sent, so that an event stored in that bound is still not sent.
+    Asking costs an HMAC per identifier while anyone is on the list, and the query every `refresh`."""
 
     def __init__(self, outbox: Store, key: bytes | None, refresh: float = REFRESH_SECONDS) -> None:
         self.outbox = outbox
@@ -112,19 +114,22 @@ class Suppressed:
         self.refresh = refresh
         self._lock = threading.Lock()
         self._hashes: frozenset[tuple[str, str]] = frozenset()
-        self._loaded_at = float("-inf")
+        self._version: tuple[int, float] | None = None
+        self._checked_at = float("-inf")
         self._warned = False
 
     def _current(self) -> frozenset[tuple[str, str]]:
-        if time.monotonic() - self._loaded_at >= self.refresh:
+        if time.monotonic() - self._checked_at >= self.refresh:
             with self._lock:
-                if time.monotonic() - self._loaded_at >= self.refresh:
-                    hashes, stale = self.outbox.suppressed_hashes(self.key_id)
-                    self._hashes = frozenset(hashes)
-                    self._loaded_at = time.monotonic()
-                    if stale and not self._warned:
-                        log.warning(STALE_KEY_WARNING.format(n=stale), extra={"stale_suppressions": stale})
-                        self._warned = True
+                if time.monotonic() - self._checked_at >= self.refresh:
+                    version = self.outbox.suppression_version()
+                    if version != self._version:
+                        hashes, stale = self.outbox.suppressed_hashes(self.key_id)
+                        self._hashes, self._version = frozenset(hashes), version
+                        if stale and not self._warned:
+                            log.warning(STALE_KEY_WARNING.format(n=stale), extra={"stale_suppressions": stale})
+                            self._warned = True
+                    self._checked_at = time.monotonic()
         return self._hashes
 
     def active(self) -> bool:

@@ -177,10 +177,6 @@ class Loop:
     def run_once(self) -> float:
         """Claim events, map them, send their calls; return how long to sleep before the next round."""
         claimed = self.outbox.claim(self.destination, self.batch_size, self.lease_seconds, self.name, contact_order=self.to.contact_order)
-        if claimed and self.suppressed is not None and self.suppressed.active():
-            claimed = drop_forgotten(self, claimed)
-            if not claimed:
-                return 0.0
         if not claimed:
             return self.idle_wait()
         outcome = Round(
@@ -192,6 +188,12 @@ class Loop:
             id_name=self.to.id_name,
         )
         try:
+            if self.suppressed is not None and self.suppressed.active():
+                claimed = drop_forgotten(self, claimed)
+                kept = {c.id for c in claimed}
+                outcome.claimed = {i: source for i, source in outcome.claimed.items() if i in kept}  # the erased are not settled
+                if not claimed:  # all erased: claim again at once
+                    return 0.0
             lanes, outcome.dead = self.to.plan(claimed)
             if self.pool is not None and len(lanes) > 1:
                 results = list(self.pool.map(lambda lane: self._send_lane(lane, outcome), lanes))
@@ -315,12 +317,20 @@ def drop_forgotten(loop: Loop, claimed: list[Claimed]) -> list[Claimed]:
     """Belt and braces: a claimed event of a person on the suppression list (stored before the list
     reached this process, or replayed) is erased, not sent; the rest of the claim goes on."""
     assert loop.suppressed is not None
-    forgotten = {c.id for c in claimed if loop.suppressed.forgotten(loop.to.people(c))}
+    forgotten = {c.id for c in claimed if _forgotten(loop, c)}
     if not forgotten:
         return claimed
     dropped = loop.outbox.drop_claimed(sorted(forgotten), loop.name)
     log.info("dropped events of forgotten people", extra={"events": dropped, "destination": loop.destination, "outcome": "forgotten"})
     return [c for c in claimed if c.id not in forgotten]
+
+
+def _forgotten(loop: Loop, claim: Claimed) -> bool:
+    try:
+        people = loop.to.people(claim)
+    except (ValueError, TypeError, AttributeError):  # unreadable: planning makes it a dead letter, as before
+        return False
+    return loop.suppressed is not None and loop.suppressed.forgotten(people)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from refiner_source.ops.status_page import _check_admin, _check_csrf, _helpers, 
 from refiner_source.privacy import ANONYMOUS, EMAIL, USER, normal
 from refiner_source.web.state import state
 
+MAX_IDENTIFIER_LENGTH = 2000  # the form's fields; the command takes any length
 FIELDS = (
     (USER, "user id", "Segment's userId, Refiner's contact remote_id"),
     (EMAIL, "email", "any case"),
@@ -25,7 +26,9 @@ def forget_person():
     """Without `confirm`: the counts of what would be erased, and the Confirm button. With it: erased."""
     _check_admin()
     _check_csrf()
-    given = {kind: (request.form.get(kind) or "").strip()[:255] for kind, _, _ in FIELDS}
+    given = {kind: (request.form.get(kind) or "").strip() for kind, _, _ in FIELDS}
+    if any(len(value) > MAX_IDENTIFIER_LENGTH for value in given.values()):  # cut, it would name someone else
+        _stop(400, "too_long", f"An identifier is longer than {MAX_IDENTIFIER_LENGTH} characters: use `refiner-source forget`.")
     person = frozenset((kind, normal(kind, value)) for kind, value in given.items() if normal(kind, value) is not None)
     if not person:
         _stop(400, "no_identifier", "Give the person's user id, email or anonymous id: reload /status and fill in the form.")

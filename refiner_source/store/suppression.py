@@ -21,9 +21,13 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from refiner_source.store.database import Database, chunks, insert_ignoring_conflict
-from refiner_source.store.tables import PENDING, PURGED, dead_letters, events, suppressed
+from refiner_source.store.tables import PENDING, PURGED, dead_letters, events, last_errors, suppressed
 
 LIKE_ESCAPE = "!"
+# How much earlier than an erase's read a row still being written may have been made: a webhook's row
+# is made before it waits for the write lock, which it waits for 30 s at most.
+STORED_MARGIN_SECONDS = 60.0
+ERASED_ERROR = "(this error's text named a person since forgotten: erased)"
 
 # (destination, stored event JSON, messages kept from before version 3) -> whether it concerns the person
 Concerns = Callable[[str, str | None, str | None], bool]
@@ -53,37 +57,52 @@ class Suppression(Database):
         hashes: Collection[tuple[str, str]] = (),
         key_id: str | None = None,
         dry_run: bool = False,
+        mentions: Callable[[str], bool] = lambda text: False,
     ) -> dict[str, Erased]:
-        """Erase every event that concerns a person, and add `hashes` ((kind, hash) made with the key
+        """Erase every event that concerns a person (and a destination's last error whose text
+        `mentions` them), and add `hashes` ((kind, hash) made with the key
         `key_id`) to the suppression list, in one transaction; destination -> what was erased.
 
-        The candidates are found first by a read (on SQLite, webhooks keep writing meanwhile); the
-        write transaction then checks them again and takes in the rows stored since."""
+        The events are found, and checked exactly, by a read (on SQLite webhooks keep writing
+        meanwhile: the write lock is held only for what follows). The write transaction then checks
+        the rows stored since the read began, with a margin for a webhook whose row was made before
+        (row ids are no guide: on PostgreSQL a later id may commit first), and erases. A dry run only reads."""
         prefilter = or_(
             *(column.ilike(p, escape=LIKE_ESCAPE) for p in patterns for column in (events.c.event, events.c.messages)),
             events.c.contact.in_(list(contacts)),
         )
         columns = (events.c.id, events.c.destination, events.c.status, events.c.event, events.c.messages, events.c.contact)
+
+        def chosen(rows) -> dict[int, str]:
+            return {r.id: r.destination for r in rows if r.contact in contacts or concerns(r.destination, r.event, r.messages)}
+
+        read_started = time.time()
         with self._guard(), self.engine.connect() as conn:
-            last = conn.execute(select(func.max(events.c.id))).scalar() or 0
-            candidates = [r.id for r in conn.execute(select(events.c.id).where(prefilter, events.c.id <= last)).all()]
+            found = chosen(conn.execute(select(*columns).where(prefilter)))
+            if dry_run:
+                return self._tally(conn, found)
         with self._write() as conn:
-            rows = []
-            for chunk in chunks(candidates, 500):
-                rows += conn.execute(select(*columns).where(events.c.id.in_(chunk))).all()
-            rows += conn.execute(select(*columns).where(prefilter, events.c.id > last)).all()
-            chosen = [r for r in rows if r.contact in contacts or concerns(r.destination, r.event, r.messages)]
-            erased: dict[str, Erased] = {}
-            for row in chosen:
+            recent = select(*columns).where(prefilter, events.c.created_at >= read_started - STORED_MARGIN_SECONDS)
+            found.update(chosen(conn.execute(recent)))
+            erased = self._tally(conn, found)
+            self._erase(conn, sorted(found))
+            self._suppress(conn, hashes, key_id)
+            for row in conn.execute(select(last_errors.c.destination, last_errors.c.error)).all():
+                if mentions(row.error):  # a destination's answer may quote what it was sent
+                    conn.execute(update(last_errors).where(last_errors.c.destination == row.destination).values(error=ERASED_ERROR))
+        return erased
+
+    def _tally(self, conn: Connection, found: dict[int, str]) -> dict[str, Erased]:
+        """What erasing these events (id -> destination) erases, by destination, as they stand now."""
+        erased: dict[str, Erased] = {}
+        for chunk in chunks(sorted(found), 500):
+            for row in conn.execute(select(events.c.id, events.c.destination, events.c.status).where(events.c.id.in_(chunk))):
                 counts = erased.setdefault(row.destination, Erased())
                 counts.events += 1
                 counts.waiting += row.status == PENDING
                 counts.ids.append(row.id)
-            for counts in erased.values():
-                counts.dead_letters = self._dead_letters_of(conn, counts.ids)
-            if not dry_run:
-                self._erase(conn, [r.id for r in chosen])
-                self._suppress(conn, hashes, key_id)
+        for counts in erased.values():
+            counts.dead_letters = self._dead_letters_of(conn, counts.ids)
         return erased
 
     def _dead_letters_of(self, conn: Connection, ids: list[int]) -> int:
@@ -143,6 +162,13 @@ class Suppression(Database):
             rows = conn.execute(select(suppressed.c.kind, suppressed.c.hash, suppressed.c.key_id, suppressed.c.created_at)).all()
         stale = {(r.key_id, r.created_at) for r in rows if r.key_id != key_id}
         return {(r.kind, r.hash) for r in rows if r.key_id == key_id}, len(stale)
+
+    def suppression_version(self) -> tuple[int, float]:
+        """What changes whenever the list does (a row added or taken off): (rows, newest row's time).
+        One aggregate over the list: what a delivery round asks before each claim is sent."""
+        with self._guard(), self.engine.connect() as conn:
+            count, newest = conn.execute(select(func.count(), func.max(suppressed.c.created_at))).one()
+        return int(count), float(newest or 0.0)
 
     def suppression_counts(self, key_id: str | None) -> tuple[int, int]:
         """(people suppressed with the key `key_id`, with another key). A person is what one `forget`

@@ -25,7 +25,11 @@ def people_of_stored(event: str | None, messages: str | None) -> frozenset[tuple
     if messages:
         for message in json.loads(messages):
             if isinstance(message, dict):
+                found |= pairs(user=message.get("userId"), anonymous=message.get("anonymousId"))
                 traits: Any = message.get("traits") if message.get("type") == "identify" else None
-                email = traits.get("email") if isinstance(traits, dict) else None
-                found |= pairs(user=message.get("userId"), email=email, anonymous=message.get("anonymousId"))
+                # Those versions wrote the contact's email as a prefixed trait (`refiner_email` by
+                # default, or the mapping file's name): any trait named like an email is taken.
+                for name, value in traits.items() if isinstance(traits, dict) else ():
+                    if isinstance(name, str) and name.lower().endswith("email"):
+                        found |= pairs(email=value)
     return frozenset(found)

@@ -1,0 +1,130 @@
+"""Forgetting a person at the edges: events stored while the erase reads, the delivery loops as the
+worker builds them, a dry run without a key, messages kept by an old store, every email a Segment
+event carries, and a destination's last error that quoted the person."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import insert, select
+
+from refiner_source.destinations import delivery_loops
+from refiner_source.erasure import erase
+from refiner_source.privacy import pairs
+from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, events
+from refiner_source.store.suppression import ERASED_ERROR
+from tests.conftest import entry_for
+from tests.test_forget import SHARED, rows, segment_event
+
+
+@pytest.fixture
+def refiner():
+    from tests.refiner_stub import RefinerStub
+
+    with RefinerStub() as stub:
+        yield stub
+
+
+@pytest.fixture
+def both(settings, segment, refiner):
+    return replace(
+        settings, segment_shared_secret=SHARED, refiner_api_key=refiner.api_key, refiner_api_url=refiner.url, segment_host=segment.url
+    )
+
+
+def test_an_event_stored_while_the_erase_reads_is_erased_too(outbox, both):
+    outbox.store_many([entry_for(1)])
+    person = frozenset(pairs(user="user-1"))
+    real = outbox.erase_person
+    stored_meanwhile = []
+
+    def erase_person(patterns, contacts, concerns, **kwargs):
+        def concerns_while_a_webhook_commits(destination, event, messages):
+            if not stored_meanwhile:  # the webhook of another process commits during the read
+                stored_meanwhile.append(outbox.store_many([entry_for(1, "Dismissed Survey")]))
+            return concerns(destination, event, messages)
+
+        return real(patterns, contacts, concerns_while_a_webhook_commits, **kwargs)
+
+    outbox.erase_person = erase_person
+    erased = erase(outbox, both, person)
+    assert stored_meanwhile == [1]
+    assert erased[SEGMENT].events == 2
+    assert {r["status"] for r in rows(outbox).values()} == {PURGED}
+
+
+def test_the_workers_loops_drop_an_event_stored_after_a_forget_before_it_is_sent(outbox, both, segment, refiner):
+    loops = {loop.destination: loop for loop in delivery_loops(both, outbox)}
+    assert set(loops) == {SEGMENT, REFINER}
+    outbox.store_many([entry_for(3), segment_event("m-3", user="user-3")])
+    for loop in loops.values():
+        loop.run_once()  # each sends one event, having read the (empty) list
+    erase(outbox, both, frozenset(pairs(user="user-1", email="ada@example.com")))
+    # Stored by a web process whose copy of the list is up to 2 seconds old:
+    outbox.store_many([entry_for(1), entry_for(2)])
+    outbox.store_many([segment_event("m-1", user="user-1"), segment_event("m-2", email="Ada@Example.com", kind="track")])
+    loops[SEGMENT].run_once()
+    loops[REFINER].run_once()
+    sent = {m["messageId"].split("-")[1] for m in segment.received()}
+    assert sent == {"r2", "r3"}  # user-1's response never left
+    assert {c["body"].get("id") for c in refiner.calls} == {"user-3"}
+    after = rows(outbox)
+    assert after[(REFINER, "m-1")]["status"] == after[(REFINER, "m-2")]["status"] == PURGED  # dropped, not sent
+
+
+def test_a_dry_run_needs_no_key(outbox, settings):
+    keyless = replace(settings, webhook_secrets=(), segment_write_key=None)
+    outbox.store_many([entry_for(1)])
+    assert erase(outbox, keyless, frozenset(pairs(user="user-1")), dry_run=True)[SEGMENT].events == 1
+
+
+def test_messages_kept_by_a_store_before_version_3_are_found_by_their_prefixed_email(outbox, both):
+    identify = {"type": "identify", "messageId": "old-1", "userId": "user-9", "traits": {"refiner_email": "Old@Example.com"}}
+    with outbox._write() as conn:
+        conn.execute(
+            insert(events).values(
+                destination=SEGMENT,
+                receipt_key="old\nCompleted Survey",
+                source_id="old",
+                triggered_event="Completed Survey",
+                event=None,
+                messages=json.dumps([identify]),
+                message_count=1,
+                status=PENDING,
+                attempts=0,
+                available_at=time.time(),
+                created_at=time.time(),
+                queued_at=time.time(),
+            )
+        )
+    assert erase(outbox, both, frozenset(pairs(email="old@example.com")))[SEGMENT].events == 1
+    with outbox.engine.connect() as conn:
+        assert conn.execute(select(events.c.messages, events.c.status)).one() == (None, PURGED)
+
+
+def test_a_segment_event_naming_the_address_in_either_traits_is_theirs(outbox, both):
+    from refiner_source.config import MappingRules
+    from refiner_source.to_refiner.events import load
+    from refiner_source.to_refiner.intake import prepare
+
+    event = {
+        "type": "identify",
+        "messageId": "two",
+        "userId": "u",
+        "traits": {"email": "a@example.com"},
+        "context": {"traits": {"email": "b@example.com"}},
+    }
+    outbox.store_many([prepare(load(event), MappingRules())])
+    assert erase(outbox, both, frozenset(pairs(email="B@example.com")))[REFINER].events == 1
+
+
+def test_a_destinations_last_error_that_quoted_the_person_is_erased_and_another_kept(outbox, both):
+    with outbox._write() as conn:
+        outbox._record_error(conn, REFINER, 'HTTP 400 {"message": "invalid email ada@example.com"}', time.time())
+        outbox._record_error(conn, SEGMENT, "HTTP 503 unavailable", time.time())
+    erase(outbox, both, frozenset(pairs(email="ada@example.com")))
+    assert outbox.last_error(REFINER)[0] == ERASED_ERROR
+    assert outbox.last_error(SEGMENT)[0] == "HTTP 503 unavailable"
