@@ -128,3 +128,25 @@ def test_a_destinations_last_error_that_quoted_the_person_is_erased_and_another_
     erase(outbox, both, frozenset(pairs(email="ada@example.com")))
     assert outbox.last_error(REFINER)[0] == ERASED_ERROR
     assert outbox.last_error(SEGMENT)[0] == "HTTP 503 unavailable"
+
+
+def test_metrics_count_the_suppressed_people_under_the_key_in_force_and_under_another(outbox, both):
+    import base64
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from refiner_source import create_app
+
+    def suppressed(settings) -> dict[str, float]:
+        app = create_app(replace(settings, admin_password="admin-password-0123456789"))
+        auth = base64.b64encode(b"op:admin-password-0123456789").decode()
+        text = app.test_client().get("/metrics", headers={"Authorization": f"Basic {auth}"}).get_data(as_text=True)
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "refiner_source_suppressed_people")
+        return {s.labels["key"]: s.value for s in family.samples}
+
+    assert suppressed(both) == {"current": 0, "other": 0}
+    erase(outbox, both, frozenset(pairs(user="user-1")))
+    erase(outbox, both, frozenset(pairs(email="b@example.com")))
+    assert suppressed(both) == {"current": 2, "other": 0}
+    rotated = replace(both, webhook_secrets=("another-secret-0123456789",))
+    assert suppressed(rotated) == {"current": 0, "other": 2}

@@ -239,6 +239,7 @@ def check_conventions(families: dict, content_type: str) -> None:
         "refiner_source_oldest_pending_age_seconds",
         "refiner_source_delivery_latency_seconds",
         "refiner_source_direction_enabled",
+        "refiner_source_suppressed_people",
     }
     for name, family in families.items():
         assert name.startswith("refiner_source_") and re.fullmatch(r"[a-z_]+", name), name
@@ -258,6 +259,7 @@ def check_conventions(families: dict, content_type: str) -> None:
         "refiner_source_oldest_pending_age_seconds": "gauge",
         "refiner_source_delivery_latency_seconds": "histogram",
         "refiner_source_direction_enabled": "gauge",
+        "refiner_source_suppressed_people": "gauge",
     }
     for s in families["refiner_source_webhooks"].samples:
         assert set(s.labels) == {"source", "outcome"}
@@ -350,6 +352,7 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
     assert value(families, "refiner_source_delivery_latency_seconds_count", destination=REFINER) == 0
     assert value(families, "refiner_source_direction_enabled", destination=SEGMENT) == 1
     assert value(families, "refiner_source_direction_enabled", destination=REFINER) == 1
+    assert value(families, "refiner_source_suppressed_people", key="current") == 0
 
     # The page shows the same figures.
     page = admin.get("/status", headers=basic()).get_data(as_text=True)

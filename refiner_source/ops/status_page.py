@@ -296,4 +296,11 @@ class StoreCollector:
                 buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
             latency.add_metric([destination], buckets, totals.get((LATENCY, destination, "sum_ms"), 0) / 1000.0)
             enabled.add_metric([destination], int(self.settings.direction_on(destination)))
-        yield from (webhooks, deliveries, pending, dead, oldest, latency, enabled)
+        suppressed = GaugeMetricFamily(
+            "refiner_source_suppressed_people",
+            "People on the suppression list (refiner-source forget), by key: current, or other (a key no longer set: not suppressed)",
+            labels=["key"],
+        )
+        for key, count in zip(("current", "other"), suppression_status(self.outbox, self.settings), strict=True):
+            suppressed.add_metric([key], count)
+        yield from (webhooks, deliveries, pending, dead, oldest, latency, enabled, suppressed)
