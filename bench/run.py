@@ -229,25 +229,32 @@ def balanced_wrk(app: App, url: str, script: Path, seconds: int, tries: int = 4)
 
 def web_processes(pid: int) -> list[int]:
     """gunicorn's worker processes under `pid` (gunicorn processes without children of their own)."""
-    found, stack = [], [pid]
+    return [current for current, children in process_tree(pid) if not children and b"gunicorn" in _read(current, "cmdline")]
+
+
+def process_tree(pid: int):
+    """(pid, its children's pids) for `pid` and each of its descendants alive, from /proc."""
+    stack = [pid]
     while stack:
         current = stack.pop()
-        try:
-            children = [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
-            command = Path(f"/proc/{current}/cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if b"gunicorn" in command and not children:
-            found.append(current)
+        children = [int(c) for c in _read(current, f"task/{current}/children").split()]
+        yield current, children
         stack.extend(children)
-    return found
+
+
+def _read(pid: int, name: str) -> bytes:
+    """/proc/<pid>/<name>; empty once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
+    stat = _read(pid, "stat")
+    if not stat:
         return 0.0
+    fields = stat.rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -330,6 +337,20 @@ def wait_until_quiet(segment: SegmentStub, expected: set[str], timeout: float) -
         time.sleep(0.2)
 
 
+def delivered(segment: SegmentStub, acknowledged: list[str], started: float) -> dict:
+    """Of the acknowledged responses, how many arrived whole, how many never did, and the rate from
+    `started` to the last arrival."""
+    done = arrived(segment)
+    ok = [rid for rid in acknowledged if rid in done]
+    last = max((done[rid] for rid in ok), default=started)
+    return {
+        "acknowledged": len(acknowledged),
+        "delivered": len(ok),
+        "lost": len(acknowledged) - len(ok),
+        "delivered_per_s": round(len(ok) / max(last - started, 1e-9), 1),
+    }
+
+
 def delivery(kind: str, workdir: Path, burst: int) -> dict:
     with SegmentStub() as segment:
         segment.keep_requests = False
@@ -338,16 +359,7 @@ def delivery(kind: str, workdir: Path, burst: int) -> dict:
             ids = [f"d{kind[:1]}{int(time.time())}x{i}" for i in range(burst)]
             acknowledged, started = post_all(app, ids)
             wait_until_quiet(segment, set(acknowledged), timeout=600)
-            done = arrived(segment)
-            ok = [rid for rid in acknowledged if rid in done]
-            last = max((done[rid] for rid in ok), default=started)
-            return {
-                "burst": burst,
-                "acknowledged": len(acknowledged),
-                "delivered": len(ok),
-                "lost": len(acknowledged) - len(ok),
-                "delivered_per_s": round(len(ok) / max(last - started, 1e-9), 1),
-            }
+            return {"burst": burst, **delivered(segment, acknowledged, started)}
         finally:
             app.stop()
 
@@ -366,11 +378,10 @@ def drain(workdir: Path, backlog: int) -> dict:
         finally:
             app.stop()
         segment.down = False
-        env = {**app.env, "LOG_LEVEL": "WARNING"}
         started = time.monotonic()
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "refiner-source"), "worker"],
-            env=env,
+            env=app.env,  # the service's, LOG_LEVEL=WARNING included
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -381,16 +392,7 @@ def drain(workdir: Path, backlog: int) -> dict:
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(30)
-        done = arrived(segment)
-        ok = [rid for rid in acknowledged if rid in done]
-        last = max((done[rid] for rid in ok), default=started)
-        return {
-            "backlog": backlog,
-            "acknowledged": len(acknowledged),
-            "delivered": len(ok),
-            "lost": len(acknowledged) - len(ok),
-            "delivered_per_s": round(len(ok) / max(last - started, 1e-9), 1),
-        }
+        return {"backlog": backlog, **delivered(segment, acknowledged, started)}
 
 
 def _database_url(workdir: Path, name: str) -> str:
@@ -508,18 +510,9 @@ def tree_rss_mb(pid: int, field: str = "VmRSS") -> float:
     """Resident memory of a process and all its descendants, from /proc: VmRSS counts the pages the
     processes share (libraries, what gunicorn's workers inherit) once per process, the most cautious
     sum; Pss (`field="Pss"`) shares each such page among them, as the machine's own total does."""
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            source = "status" if field == "VmRSS" else "smaps_rollup"
-            for line in Path(f"/proc/{current}/{source}").read_text().splitlines():
-                if line.startswith(f"{field}:"):
-                    total += int(line.split()[1])
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        stack.extend(int(c) for c in children)
+    source, prefix, total = ("status" if field == "VmRSS" else "smaps_rollup"), f"{field}:".encode(), 0
+    for current, _ in process_tree(pid):
+        total += sum(int(line.split()[1]) for line in _read(current, source).splitlines() if line.startswith(prefix))
     return total / 1024
 
 

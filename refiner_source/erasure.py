@@ -73,10 +73,12 @@ def erase(
         except (ValueError, TypeError, AttributeError):  # not JSON of this version: its text decides
             return mentions((event or "") + (messages or ""), quoted=True)
 
+    # Each identifier as JSON writes it (escaped, or not), quoted: what a text that names it holds.
+    forms = [json.dumps(value.lower(), ensure_ascii=ascii) for _, value in person for ascii in (True, False)]
+
     def mentions(text: str, quoted: bool = False) -> bool:
         """Whether a text names one of the identifiers: as a JSON string (quoted) or anywhere in it."""
         text = text.lower()
-        forms = [json.dumps(value.lower()) for _, value in person] + [json.dumps(value.lower(), ensure_ascii=False) for _, value in person]
         return any((form if quoted else form[1:-1]) in text for form in forms)
 
     erased = outbox.erase_person(

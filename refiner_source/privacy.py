@@ -44,14 +44,14 @@ def normal(kind: str, value: object) -> str | None:
     return text.lower() if kind == EMAIL else text
 
 
+def person_of(given: Iterable[tuple[str, object]]) -> set[tuple[str, str]]:
+    """The (kind, normalised value) pairs of (kind, value) pairs, leaving out what names nobody."""
+    return {(kind, text) for kind, value in given if (text := normal(kind, value)) is not None}
+
+
 def pairs(user: object = None, email: object = None, anonymous: object = None) -> set[tuple[str, str]]:
     """The (kind, normalised value) pairs of whichever identifiers are given."""
-    found = set()
-    for kind, value in ((USER, user), (EMAIL, email), (ANONYMOUS, anonymous)):
-        text = normal(kind, value)
-        if text is not None:
-            found.add((kind, text))
-    return found
+    return person_of(((USER, user), (EMAIL, email), (ANONYMOUS, anonymous)))
 
 
 def check_key(value: str | None) -> str | None:

@@ -140,3 +140,13 @@ def segment():
 
     with SegmentStub() as stub:
         yield stub
+
+
+@pytest.fixture
+def refiner():
+    """A local HTTP server standing in for Refiner's REST API (tests/refiner_stub.py); its key is `refiner.api_key`.
+    Modules that need it scripted otherwise define their own."""
+    from tests.refiner_stub import RefinerStub
+
+    with RefinerStub() as stub:
+        yield stub

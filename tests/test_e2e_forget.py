@@ -20,13 +20,6 @@ from tests.refiner_stub import RefinerStub
 from tests.service import Service, command, free_port, wait_until
 
 SHARED_SECRET = "segment-shared-secret-0123456789"
-API_KEY = "refiner-e2e-key"
-
-
-@pytest.fixture
-def refiner():
-    with RefinerStub(api_key=API_KEY) as stub:
-        yield stub
 
 
 @pytest.fixture
@@ -41,7 +34,7 @@ def service(tmp_path, store_url, refiner, segment):
             "SEGMENT_WRITE_KEY": "e2e-write-key",
             "REFINER_WEBHOOK_SECRET": SECRET,
             "SEGMENT_SHARED_SECRET": SHARED_SECRET,
-            "REFINER_API_KEY": API_KEY,
+            "REFINER_API_KEY": refiner.api_key,
             "REFINER_API_URL": refiner.url,
         },
         tmp_path / "service.log",
@@ -139,7 +132,7 @@ def test_e2e_forget_erases_a_person_in_both_directions_and_keeps_them_out(servic
     assert fresh["accepted"] == 0 and fresh["ignored_reasons"][0]["reason"] == "forgotten"
     assert post_refiner(service, survey_body("e") | {"remote_id": "user-1"}).json() == {"status": "ignored", "reason": "forgotten"}
 
-    with RefinerStub(total=3, api_key=API_KEY) as api:  # a backfill page: user-0, user-1, user-2
+    with RefinerStub(total=3, api_key=refiner.api_key) as api:  # a backfill page: user-0, user-1, user-2
         filled = cli(service, "backfill", "--workers", "0", REFINER_API_URL=api.url)
     assert "2 stored for delivery" in filled.stdout and "1 forgotten" in filled.stdout
     segment.wait_for(lambda r: {"user-0"} <= {m.get("userId") for m in r} and len(of_user(r, "user-2")) >= 4, timeout=60)

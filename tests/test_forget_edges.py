@@ -21,14 +21,6 @@ from tests.test_forget import SHARED, rows, segment_event
 
 
 @pytest.fixture
-def refiner():
-    from tests.refiner_stub import RefinerStub
-
-    with RefinerStub() as stub:
-        yield stub
-
-
-@pytest.fixture
 def both(settings, segment, refiner):
     return replace(
         settings, segment_shared_secret=SHARED, refiner_api_key=refiner.api_key, refiner_api_url=refiner.url, segment_host=segment.url

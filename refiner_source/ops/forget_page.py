@@ -10,7 +10,7 @@ from flask import render_template, request
 from refiner_source.directions import DIRECTIONS
 from refiner_source.erasure import NoKey, erase
 from refiner_source.ops.status_page import _check_admin, _check_csrf, _helpers, _stop, operator_bp
-from refiner_source.privacy import ANONYMOUS, EMAIL, USER, normal
+from refiner_source.privacy import ANONYMOUS, EMAIL, USER, person_of
 from refiner_source.web.state import state
 
 MAX_IDENTIFIER_LENGTH = 2000  # the form's fields; the command takes any length
@@ -29,7 +29,7 @@ def forget_person():
     given = {kind: (request.form.get(kind) or "").strip() for kind, _, _ in FIELDS}
     if any(len(value) > MAX_IDENTIFIER_LENGTH for value in given.values()):  # cut, it would name someone else
         _stop(400, "too_long", f"An identifier is longer than {MAX_IDENTIFIER_LENGTH} characters: use `refiner-source forget`.")
-    person = frozenset((kind, normal(kind, value)) for kind, value in given.items() if normal(kind, value) is not None)
+    person = frozenset(person_of(given.items()))
     if not person:
         _stop(400, "no_identifier", "Give the person's user id, email or anonymous id: reload /status and fill in the form.")
     confirmed = request.form.get("confirm") == "1"

@@ -34,14 +34,14 @@ def forget(
     The identifiers given (any number of each option) are taken as one person."""
     from refiner_source.erasure import NoKey, erase
     from refiner_source.erasure import unsuppress as take_off
-    from refiner_source.privacy import EMAIL, USER, normal
+    from refiner_source.privacy import EMAIL, USER, normal, person_of
 
     given = [(USER, v) for v in users] + [(EMAIL, v) for v in emails] + [("anonymous", v) for v in anonymous_ids]
     if not given:
         raise click.UsageError("name the person: --user ID, --email ADDRESS or --anonymous-id ID (each may be repeated)")
     if any(normal(kind, value) is None for kind, value in given):
         raise click.UsageError("an identifier given is blank")
-    person = frozenset((kind, normal(kind, value)) for kind, value in given)
+    person = frozenset(person_of(given))
     if unsuppress and (dry_run or no_suppress):
         raise click.UsageError("--unsuppress erases nothing: it goes with neither --dry-run nor --no-suppress")
     settings = settings_or_exit()

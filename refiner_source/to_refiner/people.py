@@ -8,14 +8,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from refiner_source.privacy import pairs
-from refiner_source.to_refiner.mapping import email_of
 
 
 def people_of(event: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
-    """Its userId, anonymousId, the email sent to Refiner (email_of), and any other email it carries
-    in `traits` or `context.traits`: an event that names a forgotten address anywhere is theirs."""
-    found = pairs(user=event.get("userId"), email=email_of(event), anonymous=event.get("anonymousId"))
-    for traits in (event.get("traits"), (event.get("context") or {}).get("traits") if isinstance(event.get("context"), Mapping) else None):
+    """Its userId, anonymousId, and every email it carries in `traits` or `context.traits` (what is
+    sent to Refiner as the contact's email is one of them): an event that names a forgotten address
+    anywhere is theirs."""
+    found = pairs(user=event.get("userId"), anonymous=event.get("anonymousId"))
+    context = event.get("context")
+    for traits in (event.get("traits"), context.get("traits") if isinstance(context, Mapping) else None):
         if isinstance(traits, Mapping):
             found |= pairs(email=traits.get("email"))
     return frozenset(found)
