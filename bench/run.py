@@ -259,17 +259,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 class PeakRss:
-    """The highest resident memory of a process tree, sampled 4 times a second while in the block."""
+    """The highest resident memory of a process tree, sampled every `interval` seconds while in the block."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
         self.pid, self.peak, self.peak_pss, self._stop = pid, 0.0, 0.0, threading.Event()
+        self.interval = interval
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while True:
             self.peak = max(self.peak, tree_rss_mb(self.pid))
             self.peak_pss = max(self.peak_pss, tree_rss_mb(self.pid, "Pss"))
-            if self._stop.wait(0.25):
+            if self._stop.wait(self.interval):
                 return
 
     def __enter__(self) -> PeakRss:

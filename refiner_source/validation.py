@@ -69,7 +69,7 @@ def strict_json(raw: bytes, expected: str) -> Any:
     if not raw.strip():
         raise Refused(400, "empty_body", f"The body is empty; expected {expected}.")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite)
+        return strict_decoder.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise Refused(400, "invalid_encoding", "The body is not UTF-8.") from None
     except RecursionError:
@@ -90,3 +90,7 @@ def _finite(text: str) -> float:
 def _reject_constant(name: str) -> Any:
     # NaN and Infinity are not JSON (RFC 8259); Python accepts them, Segment would not.
     raise ValueError(f"{name} is not a JSON value")
+
+
+# JSON as strict_json reads it; also each element of a batch read as it arrives (web.stream).
+strict_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)

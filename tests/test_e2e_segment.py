@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.browser_events import LARGEST_BATCH, browser_event
+from tests.browser_events import batch as browser_batch
 from tests.conftest import SECRET, load_fixture
 from tests.refiner_stub import RefinerStub
 from tests.service import Service, command, free_port, wait_until
@@ -25,6 +27,7 @@ from tests.service import Service, command, free_port, wait_until
 SHARED_SECRET = "segment-shared-secret-0123456789"
 API_KEY = "refiner-e2e-key"
 WRITE_KEY = "e2e-write-key"
+SEGMENT_TIMEOUT = 10  # seconds: Segment's Webhooks (Actions) destination gives up on a request then, and retries it
 
 
 # --- the service and its two stand-ins ---------------------------------------------------------------
@@ -419,3 +422,37 @@ def test_e2e_sigterm_stops_both_delivery_loops_at_once(make_service, refiner):
         assert time.monotonic() - began < 5, "SIGTERM took the supervisor's deadline"
         stopped = [json.loads(line) for line in service.logs().splitlines() if '"delivery worker stopped"' in line]
         assert sorted(entry["destination"] for entry in stopped) == ["refiner", "segment"]
+
+
+# --- Segment's largest batches ---------------------------------------------------------------------------
+
+
+def test_e2e_largest_batch_segment_sends_is_taken_whole_within_segments_timeout_and_each_event_reaches_refiner_once(
+    make_service, refiner
+):
+    """4,000 events as analytics.js sends them, over 8 MiB, signed by their first as Segment signs a
+    batch; posted with Segment's own 10 s timeout, which a slower answer would exceed."""
+    service = make_service().start()
+    events = [browser_event(i, "e2e-largest") for i in range(LARGEST_BATCH)]
+    body, first = browser_batch(events)
+    assert len(body) > 8 << 20
+    assert accepted(post_segment(service, body, {"X-Signature": sign(first)}, timeout=SEGMENT_TIMEOUT), LARGEST_BATCH)
+    assert accepted(post_segment(service, body, {"X-Signature": sign(first)}, timeout=SEGMENT_TIMEOUT), 0, duplicate=LARGEST_BATCH)
+
+    expected = Counter((e["userId"], e.get("event", "pageview")) for e in events)
+    refiner.wait_for_calls(lambda calls: len(calls) >= LARGEST_BATCH, timeout=120)
+    assert settled(service, LARGEST_BATCH, timeout=60)["dead"] == 0
+    assert Counter((c["body"]["id"], c["body"]["event"]) for c in refiner.posted()) == expected
+
+
+def test_e2e_largest_batch_with_one_bad_event_stores_all_the_others(make_service, refiner):
+    service = make_service().start()
+    events = [browser_event(i, "e2e-one-bad") for i in range(LARGEST_BATCH)]
+    del events[1234]["messageId"]
+    body, first = browser_batch(events)
+    answer = post_segment(service, body, {"X-Signature": sign(first)}, timeout=SEGMENT_TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["accepted"], [i["index"] for i in answer.json()["invalid"]]) == (LARGEST_BATCH - 1, [1234])
+    assert "messageId" in answer.json()["invalid"][0]["error"]
+    refiner.wait_for_calls(lambda calls: len(calls) >= LARGEST_BATCH - 1, timeout=120)
+    assert settled(service, LARGEST_BATCH - 1, timeout=60)["delivered"] == LARGEST_BATCH - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 from dataclasses import replace
 
@@ -13,7 +14,9 @@ from sqlalchemy import select
 from refiner_source import create_app
 from refiner_source.config import Settings
 from refiner_source.store import REFINER, SEGMENT, events
-from refiner_source.web.auth import first_element
+from refiner_source.web.stream import Body
+from tests.browser_events import LARGEST_BATCH, browser_event
+from tests.browser_events import batch as browser_batch
 
 SEGMENT_SECRET = "segment-shared-secret-0123456789"
 URL = "/webhooks/segment"
@@ -257,7 +260,7 @@ def test_x_signature_over_the_exact_text_of_a_batchs_first_element_is_accepted(p
 def test_x_signature_over_the_first_element_after_leading_whitespace_is_accepted(post):
     element = json.dumps(event(1)).encode()
     raw = b" \n[\n  " + element + b",\n  " + json.dumps(event(2)).encode() + b"\n]\n"
-    assert first_element(raw) == element
+    assert next(Body(io.BytesIO(raw).read, len(raw)).elements(len(raw))).text.encode() == element
     assert post(raw, signature=sign(element)).json["accepted"] == 2
 
 
@@ -307,17 +310,16 @@ def test_wrong_signature_with_the_right_token_is_accepted(segment_app):
 # --- 413 -----------------------------------------------------------------------------------
 
 
-def test_body_over_8_mib_answers_413(post, outbox):
-    padding = "x" * (8 << 20)
-    response = post(event(1, traits={"essay": padding}))
-    assert response.status_code == 413 and response.json["error"] == "body_too_large"
+def test_single_event_over_1_mib_answers_413(post, outbox):
+    """One event may be 1 MiB, 32 times what Segment lets an event be."""
+    response = post(event(1, traits={"essay": "x" * (1 << 20)}))
+    assert response.status_code == 413 and response.json["error"] == "body_too_large" and str(1 << 20) in response.json["message"]
     assert rows(outbox) == []
+    assert post(event(2, traits={"essay": "x" * ((1 << 20) - 1000)})).status_code == 200
 
 
-def test_body_over_8_mib_without_a_length_answers_413(segment_app, outbox):
+def test_single_event_over_1_mib_without_a_length_answers_413(segment_app, outbox):
     """Chunked, as a proxy may pass it on: no Content-Length to refuse it by, the stream itself is cut."""
-    import io
-
     from werkzeug.test import EnvironBuilder, run_wsgi_app
 
     body = b'{"type": "identify", "messageId": "m", "userId": "u", "traits": {"essay": "' + b"x" * (9 << 20) + b'"}}'
@@ -331,13 +333,80 @@ def test_body_over_8_mib_without_a_length_answers_413(segment_app, outbox):
     assert rows(outbox) == []
 
 
-def test_body_under_8_mib_is_accepted(post, outbox):
-    """A batch bigger than the Refiner route's 1 MiB limit, within this route's 8 MiB."""
-    batch = [event(i, traits={"bio": "y" * 200_000}) for i in range(20)]
+def test_event_over_1_mib_in_a_batch_answers_413_after_taking_the_events_before_it(post, outbox):
+    batch = [event(1), event(2, traits={"essay": "x" * (1 << 20)}), event(3)]
+    response = post(batch)
+    assert response.status_code == 413 and response.json["error"] == "event_too_large" and "Element 1" in response.json["message"]
+    assert response.json["accepted"] == 1 and [r.receipt_key for r in rows(outbox)] == ["msg-1"]
+
+
+def test_batch_over_8_mib_is_accepted(post, outbox):
+    """Segment's largest batches are larger than 8 MiB: 4,000 events of up to 32 KB each."""
+    batch = [event(i, traits={"bio": "y" * 200_000}) for i in range(50)]
     raw = json.dumps(batch).encode()
-    assert 1 << 20 < len(raw) < 8 << 20
+    assert len(raw) > 8 << 20
     response = post(raw)
-    assert response.status_code == 200 and response.json["accepted"] == 20
+    assert response.status_code == 200 and response.json["accepted"] == 50
+
+
+def test_largest_batch_segment_sends_is_accepted_and_a_resend_is_all_duplicates(post, outbox):
+    """4,000 events as analytics.js sends them (about 2.2 KB each, over 8 MiB in all), signed by their first."""
+    body, first = browser_batch([browser_event(i, "largest") for i in range(LARGEST_BATCH)])
+    assert len(body) > 8 << 20
+    response = post(body, signature=sign(first))
+    assert response.status_code == 200, response.json
+    assert response.json == answer(accepted=LARGEST_BATCH)
+    assert len(rows(outbox)) == LARGEST_BATCH
+    assert post(body, signature=sign(first)).json == answer(duplicate=LARGEST_BATCH)
+
+
+def test_batch_that_stops_being_json_part_way_answers_400_and_keeps_what_came_before(post, outbox):
+    """What was read before the break is stored (a resend finds it a duplicate) and the answer says how much."""
+    good = b",".join(json.dumps(event(i)).encode() for i in range(1200))
+    response = post(b"[" + good + b', {"type": oops}]')
+    assert response.status_code == 400 and response.json["error"] == "invalid_json"
+    assert "element 1200" in response.json["message"] and "1200 accepted" in response.json["message"]
+    assert (response.json["accepted"], response.json["duplicate"]) == (1200, 0)
+    assert len(rows(outbox)) == 1200
+
+
+def test_store_down_part_way_through_a_batch_answers_503_and_the_resend_takes_the_rest(post, segment_app, outbox, monkeypatch):
+    from refiner_source.store import StoreUnavailable
+
+    store = segment_app.extensions["refiner_source"].outbox
+    real, calls = store.store_many, []
+
+    def failing_second_time(entries, *args, **kwargs):
+        calls.append(len(entries))
+        if len(calls) == 2:
+            raise StoreUnavailable("connection lost")
+        return real(entries, *args, **kwargs)
+
+    monkeypatch.setattr(store, "store_many", failing_second_time)
+    batch = [event(i) for i in range(1200)]
+    response = post(batch)
+    assert response.status_code == 503 and response.json["error"] == "store_unavailable"
+    stored = len(rows(outbox))
+    assert 0 < stored < 1200
+    again = post(batch)
+    assert again.json == answer(accepted=1200 - stored, duplicate=stored)
+    assert len(rows(outbox)) == 1200
+
+
+def test_batch_signed_as_a_whole_is_read_to_its_end_before_anything_is_stored(post, outbox):
+    """Larger than what is spooled in memory: the rest of the body goes to a temporary file while its HMAC is made."""
+    raw = json.dumps([event(i, traits={"bio": "z" * 5000}) for i in range(1500)]).encode()
+    assert len(raw) > 4 << 20
+    assert post(raw, signature=sign(raw)).json == answer(accepted=1500)
+    tampered = raw[:-200] + raw[-200:].replace(b"z", b"Z", 1)
+    assert post(tampered, signature=sign(raw)).status_code == 401
+
+
+def test_batch_whose_first_element_is_not_json_with_a_signature_answers_401(post, outbox):
+    raw = b'[{"type": nope}, ' + json.dumps(event(2)).encode() + b"]"
+    assert post(raw, signature=sign(raw[1:15])).status_code == 401
+    assert post(raw, signature=sign(raw)).status_code == 400  # signed as a whole: it is the sender's, and not JSON
+    assert rows(outbox) == []
 
 
 # --- 422 -----------------------------------------------------------------------------------
@@ -670,3 +739,77 @@ def test_no_input_gives_a_500_batch(post, outbox):
 def test_no_raw_body_gives_a_500(post, raw):
     assert post(raw).status_code < 500
     assert post(raw, signature=sign(b"not this body")).status_code == 401  # the signature check survives it too
+
+
+# --- what each answer makes Segment do (docs/http.md) ------------------------------------------------
+
+
+def segment_retries(status: int) -> bool:
+    """Segment's Webhooks destinations retry these (for up to 4 hours) and discard any other 4xx."""
+    return status in (408, 423, 429) or status >= 500
+
+
+def what_segment_does_table() -> dict[int, str]:
+    """docs/http.md's table "What each answer makes Segment do": status -> what Segment does."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "http.md").read_text()
+    section = text.split("### What each answer makes Segment do", 1)[1].split("\n## ", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            table[int(cells[0])] = cells[2]
+    return table
+
+
+def _answer_for(status: int, post, segment_app, client, monkeypatch):
+    """A request this route answers with `status`, made as its table row says."""
+    state = segment_app.extensions["refiner_source"]
+    if status == 200:
+        return post(event(1))
+    if status == 400:
+        return post(b"{not json")
+    if status == 401:
+        return post(event(1), token="not-the-secret")
+    if status == 404:  # this app has only Refiner to Segment on
+        return client.post(URL, json=event(1), headers={"Authorization": f"Bearer {SEGMENT_SECRET}"})
+    if status == 413:
+        return post(event(1, traits={"essay": "x" * (1 << 20)}))
+    if status == 422:
+        return post({"type": "identify", "userId": "u"})
+    if status == 500:
+        monkeypatch.setattr("refiner_source.to_refiner.admission.prepare", lambda *a: 1 / 0)
+        return post(event(1))
+    if status == 503:
+        from refiner_source.store import StoreUnavailable
+
+        def down(*_args, **_kwargs):
+            raise StoreUnavailable("connection refused")
+
+        monkeypatch.setattr(state.outbox, "store_grouped", down)
+        return post(event(1))
+    raise AssertionError(f"no way to make the route answer {status}: add one, or take the row out of docs/http.md")
+
+
+def test_what_each_answer_makes_segment_do_is_documented_for_every_answer_the_route_gives():
+    table = what_segment_does_table()
+    assert set(table) >= {200, 400, 401, 404, 413, 422, 500, 503}
+    for status, does in table.items():
+        if status < 300:
+            assert does.startswith("done"), (status, does)
+        elif segment_retries(status):
+            assert does.startswith("retries"), (status, does)
+        else:
+            assert does.startswith("discards"), (status, does)
+
+
+@pytest.mark.parametrize("status", sorted(what_segment_does_table()))
+def test_the_route_answers_each_row_of_what_segment_does_as_documented(status, post, segment_app, client, monkeypatch, outbox):
+    response = _answer_for(status, post, segment_app, client, monkeypatch)
+    assert response.status_code == status, response.get_data(as_text=True)
+    stored = len(rows(outbox))
+    assert stored == (1 if status == 200 else 0)
+    if stored == 0 and not segment_retries(status):
+        # Discarded by Segment: only where a retry could not have helped (never the store's fault).
+        assert response.json["error"] != "store_unavailable"

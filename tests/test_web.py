@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,12 @@ from refiner_source.web.auth import presented_token, signature_ok, token_ok
 from tests.conftest import SECRET
 
 SEGMENT_SECRET = "segment-shared-secret-0123456789"
-ROUTES = {"/webhooks/refiner": 1 << 20, "/webhooks/segment": 8 << 20}
+ROUTES = {"/webhooks/refiner": 1 << 20, "/webhooks/segment": 256 << 20}
+
+
+def declared(size: int) -> dict:
+    """A request body that says it is `size` bytes long: a route that refuses it by its length reads none of it."""
+    return {"input_stream": io.BytesIO(b"x" * 64), "content_type": "application/json", "environ_overrides": {"CONTENT_LENGTH": str(size)}}
 
 
 def test_presented_token_is_the_query_one_first_else_a_bearer_one():
@@ -62,7 +68,7 @@ def test_the_refiner_webhook_checks_the_token_then_the_size_then_the_json(both_o
 def test_the_segment_webhook_checks_the_size_then_the_signature_then_the_json(both_on):
     # A signature is of the body: the body is read (up to its limit) before it can be checked.
     path, limit = "/webhooks/segment", ROUTES["/webhooks/segment"]
-    too_big = both_on.post(f"{path}?token=wrong", data=b"x" * (limit + 1), content_type="application/json")
+    too_big = both_on.post(f"{path}?token=wrong", **declared(limit + 1))
     assert too_big.status_code == 413 and too_big.json["error"] == "body_too_large" and str(limit) in too_big.json["message"]
     refused = both_on.post(f"{path}?token=wrong", data=b"{not json", content_type="application/json")
     assert refused.status_code == 401
@@ -74,7 +80,7 @@ def test_the_segment_webhook_checks_the_size_then_the_signature_then_the_json(bo
 def test_a_webhook_that_is_off_answers_404_before_looking_at_anything(settings, outbox, path, off):
     app = create_app(replace(settings, **off))
     try:
-        response = app.test_client().post(f"{path}?token=wrong", data=b"x" * ((8 << 20) + 1), content_type="application/json")
+        response = app.test_client().post(f"{path}?token=wrong", **declared(ROUTES["/webhooks/segment"] + 1))
         assert response.status_code == 404 and response.json["error"] == "not_enabled"
     finally:
         app.extensions["refiner_source"].tally.flush()

@@ -27,7 +27,9 @@ def preview(file, from_segment: bool) -> None:
     raw = file.read()
     if from_segment:
         from refiner_source.to_refiner.admission import admit
-        from refiner_source.to_refiner.webhook import MAX_SEGMENT_BODY_BYTES as limit
+        from refiner_source.to_refiner.webhook import MAX_EVENT_BYTES, MAX_SEGMENT_BODY_BYTES
+
+        limit = MAX_SEGMENT_BODY_BYTES if raw.lstrip().startswith(b"[") else MAX_EVENT_BYTES  # as the webhook reads it
     else:
         from refiner_source.to_segment.admission import admit
         from refiner_source.to_segment.webhook import MAX_BODY_BYTES as limit

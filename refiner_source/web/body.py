@@ -14,7 +14,7 @@ from refiner_source.validation import too_large as body_too_large
 
 log = logging.getLogger(__name__)
 
-LARGEST_BODY_BYTES = 8 << 20  # POST /webhooks/segment (a batch of Segment events); the app's limit
+LARGEST_BODY_BYTES = 256 << 20  # POST /webhooks/segment (a batch of Segment events, read as it arrives); the app's limit
 # Each webhook route registers its path here with its limit, so that a 413 raised before the route runs names it.
 BODY_LIMITS: dict[str, int] = {}
 

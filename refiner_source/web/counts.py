@@ -12,14 +12,17 @@ SOURCES: dict[str, str] = {}
 
 def count_webhook(response: Response) -> Response:
     """Count each webhook by source and outcome (accepted, duplicate, ignored, rejected, unavailable):
-    what the route put in `g.webhook_counts` (for a batch of Segment events, each event), else what
+    what the route put in `g.webhook_counts` (for a batch of Segment events, each event), and what
     its error status says. A route that is off (404) is not counted."""
     source = SOURCES.get(request.path)
     app_state = current_app.extensions.get("refiner_source")
     if source is None or app_state is None or app_state.tally is None or request.method != "POST" or response.status_code == 404:
         return response
     status = response.status_code
-    counts = g.get("webhook_counts") if status < 400 else {"unavailable" if status == 503 else "rejected": 1}
-    for outcome, n in (counts or {}).items():
+    counts = dict(g.get("webhook_counts") or {})  # a batch refused part-way has counts of what came before too
+    if status >= 400:
+        outcome = "unavailable" if status == 503 else "rejected"
+        counts[outcome] = counts.get(outcome, 0) + 1
+    for outcome, n in counts.items():
         app_state.tally.add(WEBHOOK, source, outcome, n)
     return response

@@ -32,7 +32,7 @@ SEGMENT_ERROR_CODES = {
     400: ["empty_body", "invalid_encoding", "invalid_json", "invalid_shape"],
     401: ["missing_signature", "invalid_signature"],
     404: ["not_enabled"],
-    413: ["body_too_large"],
+    413: ["body_too_large", "event_too_large"],
     422: ["invalid_event", "too_deep"],
     503: ["store_unavailable"],
 }
@@ -80,6 +80,8 @@ class ErrorSchema(Schema):
         values=fields.List(fields.String()),
         metadata={"description": "with 422: failing field paths (a.b.c) and their messages"},
     )
+    accepted = fields.Integer(metadata={"description": "a batch refused part-way: of the events read before it, how many were new"})
+    duplicate = fields.Integer(metadata={"description": "a batch refused part-way: how many of the events read before it were seen before"})
 
 
 class StatusSchema(Schema):
@@ -166,7 +168,8 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "404 unless SEGMENT_SHARED_SECRET and REFINER_API_KEY are set"
                 ),
                 "description": (
-                    f"One Segment event, or an array of them (batching). Body up to 8 MiB; traits and context nested "
+                    f"One Segment event, or an array of them (batching). Body up to 256 MiB, read as it arrives, each event up to "
+                    f"1 MiB; traits and context nested "
                     f"{SEGMENT_MAX_DEPTH} levels at most. Authenticated by X-Signature (hex HMAC-SHA1 of the body, or of a "
                     "batch's first element, keyed with SEGMENT_SHARED_SECRET) or the secret as a token. Each event of a "
                     "batch is validated on its own: the invalid ones are listed, the others stored."
@@ -187,7 +190,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                             (400, "body empty, not UTF-8, not JSON, or not an object or array"),
                             (401, "signature or token missing or wrong"),
                             (404, "Segment to Refiner is off (SEGMENT_SHARED_SECRET or REFINER_API_KEY unset)"),
-                            (413, "body over 8 MiB"),
+                            (413, "body over 256 MiB, or an event over 1 MiB"),
                             (422, "a single event of the wrong shape"),
                             (503, "store not answering; Segment retries"),
                         )
