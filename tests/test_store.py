@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import event
 
 from refiner_source.config import MappingRules, normalize_database_url
 from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable
@@ -202,6 +203,20 @@ def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(o
     assert outbox.purge_dead(before=time.time() + 1) == 1
     assert outbox.stats().dead == 0 and outbox.dead_letters() == []
     assert outbox.store_many([entry_for("dead")]) == 0  # given up on, but still a duplicate
+
+
+def test_every_connection_of_a_sqlite_store_has_secure_delete_on(tmp_path):
+    box = Store(normalize_database_url(f"sqlite:///{tmp_path / 'refiner-source.db'}"))
+
+    def as_a_build_without_it(dbapi_connection, _record):
+        dbapi_connection.execute("PRAGMA secure_delete=OFF")  # this machine's SQLite may have it on by default
+
+    event.listen(box.engine, "connect", as_a_build_without_it, insert=True)  # before the store's own listener
+    try:
+        with box.engine.connect() as first, box.engine.connect() as second:
+            assert [c.exec_driver_sql("PRAGMA secure_delete").scalar() for c in (first, second)] == [1, 1]
+    finally:
+        box.dispose()
 
 
 def test_store_raises_on_a_broken_entry_instead_of_calling_it_a_duplicate(outbox):
