@@ -1,5 +1,6 @@
 """The store on SQLite and PostgreSQL: one row per event, duplicates, exclusive claims, leases, dead letters,
-replay, retention, and the upgrade of a version 2 store."""
+replay, retention (and that what it forgets leaves no byte in a SQLite store's files), and the upgrade of a
+version 2 store."""
 
 from __future__ import annotations
 
@@ -203,6 +204,27 @@ def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(o
     assert outbox.purge_dead(before=time.time() + 1) == 1
     assert outbox.stats().dead == 0 and outbox.dead_letters() == []
     assert outbox.store_many([entry_for("dead")]) == 0  # given up on, but still a duplicate
+
+
+def test_answers_forgotten_by_retention_leave_no_byte_in_any_file_of_a_sqlite_store(tmp_path):
+    answer = "zq7-answer-past-retention-0815"
+    folder = tmp_path / "store"
+    folder.mkdir()
+    box = Store(normalize_database_url(f"sqlite:///{folder / 'refiner-source.db'}"))
+    try:
+        box.init_schema()
+        assert box.store_many([entry_for(i, answer=answer) for i in range(20)]) == 20
+        claimed = box.claim(SEGMENT, 20, 60, "w")
+        box.settle("w", delivered=[c.id for c in claimed], destination=SEGMENT)
+
+        def files_holding_it() -> list[str]:  # the database, its -wal and -shm, the writer lock
+            return [p.name for p in sorted(folder.iterdir()) if answer.encode() in p.read_bytes()]
+
+        assert files_holding_it()
+        assert box.purge(delivered_before=time.time() + 1, receipts_before=0) == (20, 0)
+        assert files_holding_it() == []  # read with the store still open, as a process killed now leaves it
+    finally:
+        box.dispose()
 
 
 def test_every_connection_of_a_sqlite_store_has_secure_delete_on(tmp_path):

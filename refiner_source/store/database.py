@@ -4,6 +4,7 @@ turned into "the store cannot serve now"; the base class every part of the store
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
+BUSY_TIMEOUT_MS = 30000  # how long SQLite waits for a lock before the store "is not answering"
+# A truncating checkpoint waits for readers still on an older snapshot: a few short tries, each with the
+# writer lock held no longer than a webhook would tolerate, between which the other writers go on.
+CHECKPOINT_TRIES = 5
+CHECKPOINT_BUSY_MS = 1000
+CHECKPOINT_PAUSE = 0.2
+
+log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(Exception):
@@ -45,7 +54,7 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # Deleted and overwritten content is zeroed, not left in freed space: what forget and
             # retention erase must not stay readable in the file (builds differ in their default).
             cursor.execute("PRAGMA secure_delete=ON")
@@ -116,6 +125,50 @@ class Database:
 
     def _guard(self):
         return _translate_errors(self.engine)
+
+    def _scrub(self, *tables: Table) -> None:
+        """Make what a committed erase cleared unreadable outside the rows too, as far as the database
+        allows; called after a forget and after a retention purge that changed rows.
+
+        SQLite (with secure_delete on, see make_engine) zeroes erased content in the pages it writes,
+        but those pages go to the -wal file first, and the frames holding the old values stay there
+        until SQLite happens to overwrite them: a truncating checkpoint copies the log into the
+        database and empties it. It takes the writer lock, as every writer does, and waits briefly
+        for readers still on an older snapshot. `tables` are those the erase wrote.
+
+        Never raises: the erase has committed, and what could not be scrubbed now is logged as a
+        warning (SQLite reuses its log)."""
+        try:
+            if self.engine.dialect.name == "sqlite":
+                self._truncate_log()
+        except Exception as exc:
+            log.warning(
+                "could not scrub the store after erasing: what was erased stays in its files until reused", extra={"error": str(exc)}
+            )
+
+    def _truncate_log(self) -> None:
+        for attempt in range(CHECKPOINT_TRIES):
+            if attempt:
+                time.sleep(CHECKPOINT_PAUSE)  # the lock released: writers waiting go first
+            with self._guard(), self._write_lock:
+                raw = self.engine.raw_connection()  # under SQLAlchemy's begin, the checkpoint would run in a transaction
+                try:
+                    cursor = raw.cursor()
+                    cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+                    try:
+                        busy, _, _ = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    finally:
+                        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                        cursor.close()
+                finally:
+                    raw.close()
+            if not busy:
+                return
+        log.warning(
+            "could not empty the SQLite log after erasing (readers kept it busy); the erased values stay in its -wal file "
+            "until SQLite reuses it",
+            extra={"tries": CHECKPOINT_TRIES},
+        )
 
     def dispose(self) -> None:
         if self._held is not None and self._held_pid == os.getpid():
