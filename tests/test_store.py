@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import event
 
 from refiner_source.config import MappingRules, normalize_database_url
-from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable
-from tests.conftest import entry_for
+from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable, events
+from tests.conftest import dead_row_versions, entry_for
 
 
 def store(outbox: Store, *ids) -> None:
@@ -223,6 +223,20 @@ def test_answers_forgotten_by_retention_leave_no_byte_in_any_file_of_a_sqlite_st
         assert files_holding_it()
         assert box.purge(delivered_before=time.time() + 1, receipts_before=0) == (20, 0)
         assert files_holding_it() == []  # read with the store still open, as a process killed now leaves it
+    finally:
+        box.dispose()
+
+
+def test_a_purge_on_postgresql_leaves_no_dead_row_versions_of_the_answers_it_forgot(pg_url):
+    box = Store(pg_url)
+    box.init_schema()
+    try:
+        store(box, 1, 2, 3)
+        claimed = box.claim(SEGMENT, 3, 60, "w")
+        box.settle("w", delivered=[c.id for c in claimed], destination=SEGMENT)
+        assert box.purge(delivered_before=time.time() + 1, receipts_before=0) == (3, 0)
+        with box.engine.connect() as conn:
+            assert dead_row_versions(conn, events.name) == 0
     finally:
         box.dispose()
 

@@ -134,13 +134,18 @@ class Database:
         but those pages go to the -wal file first, and the frames holding the old values stay there
         until SQLite happens to overwrite them: a truncating checkpoint copies the log into the
         database and empties it. It takes the writer lock, as every writer does, and waits briefly
-        for readers still on an older snapshot. `tables` are those the erase wrote.
+        for readers still on an older snapshot. PostgreSQL keeps old row versions in the table's pages
+        until a vacuum: `tables` are vacuumed (outside a transaction, as VACUUM must be).
 
         Never raises: the erase has committed, and what could not be scrubbed now is logged as a
-        warning (SQLite reuses its log)."""
+        warning (SQLite reuses its log, PostgreSQL's autovacuum comes by)."""
         try:
             if self.engine.dialect.name == "sqlite":
                 self._truncate_log()
+            elif tables:
+                names = ", ".join(self.engine.dialect.identifier_preparer.format_table(t) for t in tables)
+                with self._guard(), self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql(f"VACUUM {names}")
         except Exception as exc:
             log.warning(
                 "could not scrub the store after erasing: what was erased stays in its files until reused", extra={"error": str(exc)}
