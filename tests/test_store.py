@@ -255,6 +255,22 @@ def test_every_connection_of_a_sqlite_store_has_secure_delete_on(tmp_path):
         box.dispose()
 
 
+def test_a_failed_statements_error_on_sqlite_quotes_none_of_its_values(tmp_path):
+    # SQLite only: PostgreSQL's own message may quote the row it refused (privacy.md says so).
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    box = Store(normalize_database_url(f"sqlite:///{tmp_path / 'refiner-source.db'}"))
+    box.init_schema()
+    row = {"destination": SEGMENT, "receipt_key": "k", "source_id": "zq7-user@quoted.example", "triggered_event": "t", "status": None}
+    try:
+        with pytest.raises(IntegrityError) as failed, box._write() as conn:  # status may not be null
+            conn.execute(insert(events).values(**row, available_at=0, created_at=0, queued_at=0))
+    finally:
+        box.dispose()
+    assert "zq7-user@quoted.example" not in str(failed.value)  # what a logged traceback would say
+
+
 def test_store_raises_on_a_broken_entry_instead_of_calling_it_a_duplicate(outbox):
     from sqlalchemy.exc import IntegrityError
 

@@ -39,11 +39,14 @@ class StoreMisconfigured(StoreUnavailable):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout, write-locking transactions and secure_delete."""
+    """An engine for `url`; SQLite gets WAL, a busy timeout, write-locking transactions and secure_delete.
+    Its errors never quote a statement's values (hide_parameters): they are events, and a traceback is logged."""
     if url.startswith("sqlite"):
         # A pool, not a connection per transaction: in WAL mode the last connection to close
         # checkpoints the log, which cost every webhook a checkpoint (measured: ~1 ms of 3.7 ms).
-        engine = create_engine(url, pool_size=5, max_overflow=5, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, pool_size=5, max_overflow=5, hide_parameters=True, connect_args={"timeout": 30, "check_same_thread": False}
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record):
@@ -70,6 +73,7 @@ def make_engine(url: str) -> Engine:
     # pre_ping replaces connections a database restart has cut, so the service recovers alone.
     return create_engine(
         url,
+        hide_parameters=True,
         pool_size=4,
         max_overflow=2,
         pool_pre_ping=True,
