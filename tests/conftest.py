@@ -64,6 +64,18 @@ def postgres_schema():
         admin.dispose()
 
 
+def dead_row_versions(conn, table: str) -> int:
+    """Row versions left dead in `table`'s pages, counted exactly by pgstattuple (installed in public
+    once for the database, under a lock so that parallel tests do not both create it)."""
+    with conn.begin():
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('pgstattuple'))"))
+        conn.execute(text("CREATE EXTENSION IF NOT EXISTS pgstattuple SCHEMA public"))
+    where = conn.execute(text("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'pgstattuple'")).scalar()
+    count = conn.execute(text(f"SELECT dead_tuple_count FROM {where}.pgstattuple(CAST(:t AS regclass))"), {"t": table}).scalar()
+    conn.commit()
+    return count
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path):
     if request.param == "sqlite":

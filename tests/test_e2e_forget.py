@@ -7,8 +7,10 @@ backfill page for them are all ignored with the reason `forgotten`."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +24,9 @@ from tests.service import Service, command, free_port, wait_until
 SHARED_SECRET = "segment-shared-secret-0123456789"
 
 
-@pytest.fixture
-def service(tmp_path, store_url, refiner, segment):
-    running = Service(
+def both_directions(tmp_path, store_url: str, refiner: RefinerStub, segment) -> Service:
+    """`refiner-source serve` on `store_url` with both directions on, started."""
+    return Service(
         ["serve"],
         {
             "PORT": str(free_port()),
@@ -39,6 +41,19 @@ def service(tmp_path, store_url, refiner, segment):
         },
         tmp_path / "service.log",
     ).start()
+
+
+@pytest.fixture
+def service(tmp_path, store_url, refiner, segment):
+    running = both_directions(tmp_path, store_url, refiner, segment)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def sqlite_service(tmp_path, refiner, segment):
+    (tmp_path / "store").mkdir()  # a folder of the store's files alone
+    running = both_directions(tmp_path, f"sqlite:///{tmp_path / 'store' / 'refiner-source.db'}", refiner, segment)
     yield running
     running.stop()
 
@@ -142,3 +157,31 @@ def test_e2e_forget_erases_a_person_in_both_directions_and_keeps_them_out(servic
     assert not [c for c in refiner.posted(status=None) if c["body"].get("id") == "user-1" and c["at"] > forgotten_at]
     logs = service.logs()
     assert "user-1@example.com" not in logs
+
+
+def test_after_a_forget_no_file_of_a_sqlite_store_holds_their_id_or_email_even_after_a_crash(sqlite_service, segment, refiner, tmp_path):
+    user, email = "zq7-erased-user-4711", "zq7.erased.4711@bytes.example"
+    body = survey_body("bytes")
+    body.update(remote_id=user, email=email)
+    body["attributes"]["email"] = email
+    assert post_refiner(sqlite_service, body).status_code == 202
+    segment.wait_for(lambda r: len(of_user(r, user)) == 3)
+    refiner.respond = lambda path, call: (400, {}, {"message": f"refused {email}"}) if call.get("step") == "dead" else None
+    assert post_segment(sqlite_service, identify("zq7-m-1", user, email=email)).status_code == 200
+    assert post_segment(sqlite_service, identify("zq7-m-2", user, email=email, step="dead")).status_code == 200
+    # A dead letter, and the last error, quoting the email:
+    wait_until(lambda: status(sqlite_service)["directions"]["refiner"]["dead"] == 1, 30, "the dead identify")
+
+    def store_bytes() -> dict[str, bytes]:  # the database, its -wal and -shm, the writer lock: all beside one another
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp_path / "store").iterdir())}
+
+    before = store_bytes()
+    assert any(user.encode() in b for b in before.values()) and any(email.encode() in b for b in before.values())
+    cli(sqlite_service, "forget", "--user", user, "--email", email)
+    sqlite_service.kill(signal.SIGKILL)  # no clean shutdown: no last connection's checkpoint
+    sqlite_service.process.wait(10)
+    time.sleep(0.3)  # the rest of the process group
+
+    after = store_bytes()
+    assert {"refiner-source.db", "refiner-source.db-wal", "refiner-source.db-writer.lock"} <= set(after)
+    assert [(name, what) for name, data in after.items() for what in (user, email) if what.encode() in data] == []

@@ -1,5 +1,6 @@
 """Erasing a person (refiner-source forget) and the suppression list, on both stores: what is
-erased and what is not, the list holding hashes only, the key, the webhooks, and the worker."""
+erased and what is not, no dead row versions left on PostgreSQL, the list holding hashes only, the
+key, the webhooks, and the worker."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from refiner_source.delivery.loop import Call, Loop
 from refiner_source.erasure import erase, like_patterns, suppression_status
 from refiner_source.privacy import Suppressed, digest, fingerprint, key_of, pairs
 from refiner_source.run.cli import main
-from refiner_source.store import DEAD, PENDING, PURGED, REFINER, SEGMENT, DeadLetter, Store, dead_letters, events, suppressed
+from refiner_source.store import DEAD, PENDING, PURGED, REFINER, SEGMENT, DeadLetter, Store, dead_letters, events, last_errors, suppressed
+from refiner_source.store.suppression import ERASED_ERROR
 from refiner_source.to_refiner.events import load as load_segment_event
 from refiner_source.to_refiner.intake import prepare as prepare_segment_event
-from tests.conftest import SECRET, entry_for, survey_body
+from tests.conftest import SECRET, dead_row_versions, entry_for, survey_body
 
 SHARED = "segment-shared-secret-0123456789"
 
@@ -87,6 +89,26 @@ def test_forget_erases_the_person_in_every_state_and_both_directions_and_no_one_
     with outbox.engine.connect() as conn:
         assert conn.execute(select(dead_letters)).all() == []
     assert outbox.stats(SEGMENT).dead == 0 and outbox.stats(SEGMENT).pending == 2
+
+
+def test_a_forget_on_postgresql_leaves_no_dead_row_versions_in_the_tables_it_wrote(pg_url):
+    both = Settings(webhook_secrets=(SECRET,), database_url=pg_url, segment_shared_secret=SHARED, refiner_api_key="refiner-key")
+    box = Store(pg_url)
+    box.init_schema()
+    try:
+        fill(box)
+        with box._write() as conn:
+            box._record_error(conn, REFINER, 'HTTP 400 {"message": "invalid email ada.lovelace@example.com"}', time.time())
+        with box.engine.connect() as conn:
+            assert dead_row_versions(conn, events.name) > 0  # the claims and settles of fill() left some already
+        erase(box, both, frozenset(pairs(user="user-1", email="ada.lovelace@example.com")))
+        with box.engine.connect() as conn:
+            dead = {t.name: dead_row_versions(conn, t.name) for t in (events, dead_letters, last_errors)}
+            assert dead == dict.fromkeys(dead, 0)
+            quoted = select(last_errors.c.error).where(last_errors.c.destination == REFINER)
+            assert conn.execute(quoted).scalar() == ERASED_ERROR  # the erase did write there
+    finally:
+        box.dispose()
 
 
 def test_forget_matches_an_email_in_any_case_and_trimmed_and_ids_exactly(outbox, both):

@@ -1,22 +1,26 @@
 """Forgetting a person at the edges: events stored while the erase reads, the delivery loops as the
 worker builds them, a dry run without a key, messages kept by an old store, every email a Segment
-event carries, and a destination's last error that quoted the person."""
+event carries, a destination's last error that quoted the person, and a SQLite log that readers keep
+from being emptied."""
 
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import time
 from dataclasses import replace
 
 import pytest
 from sqlalchemy import insert, select
 
+from refiner_source.config import Settings, normalize_database_url
 from refiner_source.destinations import delivery_loops
 from refiner_source.erasure import erase
 from refiner_source.privacy import pairs
-from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, events
+from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, Store, database, events
 from refiner_source.store.suppression import ERASED_ERROR
-from tests.conftest import entry_for
+from tests.conftest import SECRET, entry_for
 from tests.test_forget import SHARED, rows, segment_event
 
 
@@ -142,3 +146,28 @@ def test_metrics_count_the_suppressed_people_under_the_key_in_force_and_under_an
     assert suppressed(both) == {"current": 2, "other": 0}
     rotated = replace(both, webhook_secrets=("another-secret-0123456789",))
     assert suppressed(rotated) == {"current": 0, "other": 2}
+
+
+def test_a_forget_whose_sqlite_log_a_reader_keeps_busy_is_done_all_the_same_and_warns(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "refiner-source.db"
+    url = normalize_database_url(f"sqlite:///{path}")
+    both = Settings(webhook_secrets=(SECRET,), database_url=url, segment_shared_secret=SHARED, refiner_api_key="refiner-key")
+    box = Store(url)
+    box.init_schema()
+    box.store_many([entry_for(1)])
+    monkeypatch.setattr(database, "CHECKPOINT_BUSY_MS", 20)
+    monkeypatch.setattr(database, "CHECKPOINT_PAUSE", 0.0)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM refiner_events").fetchone()  # a snapshot older than the erase
+        with caplog.at_level(logging.WARNING, logger=database.__name__):
+            erased = erase(box, both, frozenset(pairs(user="user-1")))
+        assert erased[SEGMENT].events == 1 and {r["status"] for r in rows(box).values()} == {PURGED}
+        assert [r.getMessage() for r in caplog.records if r.name == database.__name__] == [
+            "could not empty the SQLite log after erasing (readers kept it busy); the erased values stay in its -wal file "
+            "until SQLite reuses it"
+        ]
+    finally:
+        reader.close()
+        box.dispose()

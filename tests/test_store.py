@@ -1,5 +1,6 @@
 """The store on SQLite and PostgreSQL: one row per event, duplicates, exclusive claims, leases, dead letters,
-replay, retention, and the upgrade of a version 2 store."""
+replay, retention (and that what it forgets leaves no byte in a SQLite store's files), and the upgrade of a
+version 2 store."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import event
 
 from refiner_source.config import MappingRules, normalize_database_url
-from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable
-from tests.conftest import entry_for
+from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable, events
+from tests.conftest import dead_row_versions, entry_for
 
 
 def store(outbox: Store, *ids) -> None:
@@ -202,6 +204,71 @@ def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(o
     assert outbox.purge_dead(before=time.time() + 1) == 1
     assert outbox.stats().dead == 0 and outbox.dead_letters() == []
     assert outbox.store_many([entry_for("dead")]) == 0  # given up on, but still a duplicate
+
+
+def test_answers_forgotten_by_retention_leave_no_byte_in_any_file_of_a_sqlite_store(tmp_path):
+    answer = "zq7-answer-past-retention-0815"
+    folder = tmp_path / "store"
+    folder.mkdir()
+    box = Store(normalize_database_url(f"sqlite:///{folder / 'refiner-source.db'}"))
+    try:
+        box.init_schema()
+        assert box.store_many([entry_for(i, answer=answer) for i in range(20)]) == 20
+        claimed = box.claim(SEGMENT, 20, 60, "w")
+        box.settle("w", delivered=[c.id for c in claimed], destination=SEGMENT)
+
+        def files_holding_it() -> list[str]:  # the database, its -wal and -shm, the writer lock
+            return [p.name for p in sorted(folder.iterdir()) if answer.encode() in p.read_bytes()]
+
+        assert files_holding_it()
+        assert box.purge(delivered_before=time.time() + 1, receipts_before=0) == (20, 0)
+        assert files_holding_it() == []  # read with the store still open, as a process killed now leaves it
+    finally:
+        box.dispose()
+
+
+def test_a_purge_on_postgresql_leaves_no_dead_row_versions_of_the_answers_it_forgot(pg_url):
+    box = Store(pg_url)
+    box.init_schema()
+    try:
+        store(box, 1, 2, 3)
+        claimed = box.claim(SEGMENT, 3, 60, "w")
+        box.settle("w", delivered=[c.id for c in claimed], destination=SEGMENT)
+        assert box.purge(delivered_before=time.time() + 1, receipts_before=0) == (3, 0)
+        with box.engine.connect() as conn:
+            assert dead_row_versions(conn, events.name) == 0
+    finally:
+        box.dispose()
+
+
+def test_every_connection_of_a_sqlite_store_has_secure_delete_on(tmp_path):
+    box = Store(normalize_database_url(f"sqlite:///{tmp_path / 'refiner-source.db'}"))
+
+    def as_a_build_without_it(dbapi_connection, _record):
+        dbapi_connection.execute("PRAGMA secure_delete=OFF")  # this machine's SQLite may have it on by default
+
+    event.listen(box.engine, "connect", as_a_build_without_it, insert=True)  # before the store's own listener
+    try:
+        with box.engine.connect() as first, box.engine.connect() as second:
+            assert [c.exec_driver_sql("PRAGMA secure_delete").scalar() for c in (first, second)] == [1, 1]
+    finally:
+        box.dispose()
+
+
+def test_a_failed_statements_error_on_sqlite_quotes_none_of_its_values(tmp_path):
+    # SQLite only: PostgreSQL's own message may quote the row it refused (privacy.md says so).
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    box = Store(normalize_database_url(f"sqlite:///{tmp_path / 'refiner-source.db'}"))
+    box.init_schema()
+    row = {"destination": SEGMENT, "receipt_key": "k", "source_id": "zq7-user@quoted.example", "triggered_event": "t", "status": None}
+    try:
+        with pytest.raises(IntegrityError) as failed, box._write() as conn:  # status may not be null
+            conn.execute(insert(events).values(**row, available_at=0, created_at=0, queued_at=0))
+    finally:
+        box.dispose()
+    assert "zq7-user@quoted.example" not in str(failed.value)  # what a logged traceback would say
 
 
 def test_store_raises_on_a_broken_entry_instead_of_calling_it_a_duplicate(outbox):

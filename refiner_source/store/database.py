@@ -4,6 +4,7 @@ turned into "the store cannot serve now"; the base class every part of the store
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
+BUSY_TIMEOUT_MS = 30000  # how long SQLite waits for a lock before the store "is not answering"
+# A truncating checkpoint waits for readers still on an older snapshot: a few short tries, each with the
+# writer lock held no longer than a webhook would tolerate, between which the other writers go on.
+CHECKPOINT_TRIES = 5
+CHECKPOINT_BUSY_MS = 1000
+CHECKPOINT_PAUSE = 0.2
+
+log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(Exception):
@@ -30,11 +39,14 @@ class StoreMisconfigured(StoreUnavailable):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and write-locking transactions."""
+    """An engine for `url`; SQLite gets WAL, a busy timeout, write-locking transactions and secure_delete.
+    Its errors never quote a statement's values (hide_parameters): they are events, and a traceback is logged."""
     if url.startswith("sqlite"):
         # A pool, not a connection per transaction: in WAL mode the last connection to close
         # checkpoints the log, which cost every webhook a checkpoint (measured: ~1 ms of 3.7 ms).
-        engine = create_engine(url, pool_size=5, max_overflow=5, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, pool_size=5, max_overflow=5, hide_parameters=True, connect_args={"timeout": 30, "check_same_thread": False}
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection, _record):
@@ -45,7 +57,10 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Deleted and overwritten content is zeroed, not left in freed space: what forget and
+            # retention erase must not stay readable in the file (builds differ in their default).
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -58,6 +73,7 @@ def make_engine(url: str) -> Engine:
     # pre_ping replaces connections a database restart has cut, so the service recovers alone.
     return create_engine(
         url,
+        hide_parameters=True,
         pool_size=4,
         max_overflow=2,
         pool_pre_ping=True,
@@ -113,6 +129,55 @@ class Database:
 
     def _guard(self):
         return _translate_errors(self.engine)
+
+    def _scrub(self, *tables: Table) -> None:
+        """Make what a committed erase cleared unreadable outside the rows too, as far as the database
+        allows; called after a forget and after a retention purge that changed rows.
+
+        SQLite (with secure_delete on, see make_engine) zeroes erased content in the pages it writes,
+        but those pages go to the -wal file first, and the frames holding the old values stay there
+        until SQLite happens to overwrite them: a truncating checkpoint copies the log into the
+        database and empties it. It takes the writer lock, as every writer does, and waits briefly
+        for readers still on an older snapshot. PostgreSQL keeps old row versions in the table's pages
+        until a vacuum: `tables` are vacuumed (outside a transaction, as VACUUM must be).
+
+        Never raises: the erase has committed, and what could not be scrubbed now is logged as a
+        warning (SQLite reuses its log, PostgreSQL's autovacuum comes by)."""
+        try:
+            if self.engine.dialect.name == "sqlite":
+                self._truncate_log()
+            elif tables:
+                names = ", ".join(self.engine.dialect.identifier_preparer.format_table(t) for t in tables)
+                with self._guard(), self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql(f"VACUUM {names}")
+        except Exception as exc:
+            log.warning(
+                "could not scrub the store after erasing: what was erased stays in its files until reused", extra={"error": str(exc)}
+            )
+
+    def _truncate_log(self) -> None:
+        for attempt in range(CHECKPOINT_TRIES):
+            if attempt:
+                time.sleep(CHECKPOINT_PAUSE)  # the lock released: writers waiting go first
+            with self._guard(), self._write_lock:
+                raw = self.engine.raw_connection()  # under SQLAlchemy's begin, the checkpoint would run in a transaction
+                try:
+                    cursor = raw.cursor()
+                    cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+                    try:
+                        busy, _, _ = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    finally:
+                        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                        cursor.close()
+                finally:
+                    raw.close()
+            if not busy:
+                return
+        log.warning(
+            "could not empty the SQLite log after erasing (readers kept it busy); the erased values stay in its -wal file "
+            "until SQLite reuses it",
+            extra={"tries": CHECKPOINT_TRIES},
+        )
 
     def dispose(self) -> None:
         if self._held is not None and self._held_pid == os.getpid():

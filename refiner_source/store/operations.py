@@ -94,7 +94,8 @@ class Operations(DeadLetters):
         """Forget the answers of events delivered before `delivered_before`; delete the rows of events
         received and settled before `receipts_before` (their receipts: a resend is then accepted
         anew), never before their answers are forgotten. (forgotten, deleted). Pending and dead
-        events are never touched."""
+        events are never touched. When rows changed, the old answers are scrubbed from the database's
+        files (Database._scrub)."""
         receipts_before = min(receipts_before, delivered_before)
         done = events.c.status.in_([DELIVERED, PURGED])
         with self._write() as conn:
@@ -106,6 +107,8 @@ class Operations(DeadLetters):
             deleted = conn.execute(
                 delete(events).where(done, events.c.delivered_at < receipts_before, events.c.created_at < receipts_before)
             ).rowcount
+        if forgotten or deleted:
+            self._scrub(events)
         return forgotten, deleted
 
     def last_error(self, destination: str = SEGMENT) -> tuple[str | None, float | None]:

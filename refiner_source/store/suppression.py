@@ -66,7 +66,8 @@ class Suppression(Database):
         The events are found, and checked exactly, by a read (on SQLite webhooks keep writing
         meanwhile: the write lock is held only for what follows). The write transaction then checks
         the rows stored since the read began, with a margin for a webhook whose row was made before
-        (row ids are no guide: on PostgreSQL a later id may commit first), and erases. A dry run only reads."""
+        (row ids are no guide: on PostgreSQL a later id may commit first), and erases. Then the old values
+        are scrubbed from the database's files (Database._scrub). A dry run only reads."""
         prefilter = or_(
             *(column.ilike(p, escape=LIKE_ESCAPE) for p in patterns for column in (events.c.event, events.c.messages)),
             events.c.contact.in_(list(contacts)),
@@ -90,6 +91,7 @@ class Suppression(Database):
             for row in conn.execute(select(last_errors.c.destination, last_errors.c.error)).all():
                 if mentions(row.error):  # a destination's answer may quote what it was sent
                     conn.execute(update(last_errors).where(last_errors.c.destination == row.destination).values(error=ERASED_ERROR))
+        self._scrub(events, dead_letters, last_errors)  # the tables written above
         return erased
 
     def _tally(self, conn: Connection, found: dict[int, str]) -> dict[str, Erased]:
