@@ -25,21 +25,23 @@ if TYPE_CHECKING:
 def status(as_json: bool, watch: bool, to: str | None) -> None:
     """Print pending, delivered and dead counts, the age of the oldest pending event, the newest dead
     letters and the last delivery error, per direction."""
-    import time
+    import signal
+    import threading
 
     settings = settings_or_exit()
     outbox = open_outbox(settings, existing=True)
     tty = sys.stdout.isatty()
-    try:
-        while True:
-            if watch and tty and not as_json:
-                click.echo("\x1b[H\x1b[2J", nl=False)  # home and clear: the figures are redrawn in place
-            _print_status(outbox, settings, to, as_json)
-            if not watch:
-                return
-            time.sleep(2.0)
-    except KeyboardInterrupt:  # Ctrl-C ends --watch
-        return
+    stopped = threading.Event()
+    if watch:
+        # Ctrl-C ends --watch once the figures being read are printed: never in the middle of a query,
+        # where it would end the command with the store's error instead.
+        signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    while True:
+        if watch and tty and not as_json:
+            click.echo("\x1b[H\x1b[2J", nl=False)  # home and clear: the figures are redrawn in place
+        _print_status(outbox, settings, to, as_json)
+        if not watch or stopped.wait(2.0):
+            return
 
 
 def _print_status(outbox: Store, settings: Settings, to: str | None, as_json: bool) -> None:
