@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from refiner_source.config import MappingRules
 from refiner_source.to_segment.events import WebhookSchema
-from refiner_source.to_segment.mapping import map_event, message_id, trait_names
+from refiner_source.to_segment.mapping import OMITTED, MessageTooLarge, _make_room, calls, map_event, message_id, trait_names
 from tests import expected
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -120,6 +121,34 @@ def test_trait_name_of_key_with_empty_slug_is_stable_and_not_empty():
 def test_trait_name_of_unicode_question_text_is_transliterated():
     names = trait_names(["Ça va?", "日本語の質問"], RULES)
     assert names == {"Ça va?": "refiner_ca_va", "日本語の質問": "refiner_ri_ben_yu_nozhi_wen"}
+
+
+def test_trait_name_of_exactly_100_characters_is_kept_and_a_longer_one_is_cut_to_100_with_a_hash():
+    exact = "a" * (100 - len("refiner_"))
+    assert trait_names([exact], RULES) == {exact: "refiner_" + exact}
+    longer = exact + "b"
+    (name,) = trait_names([longer], RULES).values()
+    assert len(name) == 100 and name.startswith("refiner_" + "a" * 83) and name != "refiner_" + longer[:92]
+    assert name == trait_names([longer, "other"], RULES)[longer]
+
+
+def test_trait_name_cut_to_100_characters_drops_the_underscore_it_would_end_on():
+    key = "a" * 82 + " " + "b" * 30  # its slug's cut falls just after the underscore between the words
+    (name,) = trait_names([key], RULES).values()
+    assert "__" not in name and name.startswith("refiner_" + "a" * 82 + "_") and len(name) == 99
+
+
+def test_trait_name_that_is_a_reserved_name_gets_the_suffix_of_its_own_key():
+    names = trait_names(["Survey ID", "plan"], MappingRules(prefix=""), reserved={"survey_id"})
+    assert names == {"plan": "plan", "Survey ID": "survey_id_" + hashlib.sha1(b"Survey ID").hexdigest()[:8]}
+
+
+def test_trait_name_that_another_questions_suffix_would_take_stays_its_own():
+    suffixed = trait_names(["Job role", "job_role"], RULES)["Job role"]  # refiner_job_role_<hash of "Job role">
+    plain = suffixed.removeprefix("refiner_")  # a question whose own name is that suffixed name
+    names = trait_names(["Job role", "job_role", plain], RULES)
+    assert names[plain] == suffixed and names["job_role"] == "refiner_job_role"
+    assert len(set(names.values())) == 3
 
 
 def test_trait_name_never_collides_with_email_trait():
@@ -313,6 +342,16 @@ def test_message_id_is_at_most_100_characters():
     assert ids == [message_id(long_uuid, "Completed Survey", call) for call in ("identify", "group", "track")]
 
 
+def test_message_id_of_exactly_100_characters_is_kept_whole_and_a_longer_one_is_a_digest_within_100():
+    uuid = "u" * (100 - len("refiner--completed-survey-track"))
+    assert message_id(uuid, "Completed Survey", "track") == f"refiner-{uuid}-completed-survey-track"
+    digest = hashlib.sha256(f"{uuid}u\x00Completed Survey".encode()).hexdigest()
+    assert message_id(uuid + "u", "Completed Survey", "track") == f"refiner-{digest}-track"
+    # The longest tail (a per-answer call of a replay generation) leaves the digest 61 characters.
+    longest = message_id(uuid + "u", "Completed Survey", "answer-0123abcd", "r1700000000000")
+    assert longest == f"refiner-{digest[:61]}-answer-0123abcd-r1700000000000" and len(longest) == 100
+
+
 def test_every_message_has_integrations_refiner_false(webhook_body):
     assert all(m["integrations"] == {"Refiner": False} for m in mapped(webhook_body))
 
@@ -336,6 +375,67 @@ def test_message_over_32kb_is_shortened_not_dropped(caplog):
         assert len(body["refiner_essay"]) > 1000  # shortened, not emptied
     assert "shortened" in caplog.text
     assert "xxxxxxxx" not in caplog.text  # the answer itself is not logged
+
+
+def test_text_inside_list_and_object_answers_is_shortened_in_place():
+    data = {"essay": {"title": "kept", "body": "x" * 40_000}, "choices": ["y" * 30_000, "kept"]}
+    (identify, track) = mapped(minimal(response={"uuid": "r", "data": data}))
+    for message in (identify, track):
+        body = message.get("traits") or message["properties"]
+        assert len(json.dumps(message).encode()) <= 32 * 1024
+        assert body["refiner_essay"]["title"] == "kept" and body["refiner_essay"]["body"].startswith("xxxx")
+        assert body["refiner_essay"]["body"].endswith("…")
+        assert body["refiner_choices"][1] == "kept" and body["refiner_choices"][0].endswith("…")
+
+
+def test_message_over_32kb_without_text_to_cut_has_its_largest_answer_replaced_by_a_marker():
+    data = {"numbers": list(range(6_000)), "more": list(range(5_000)), "short": "kept"}
+    (identify, track) = mapped(minimal(response={"uuid": "r", "data": data}))
+    for message in (identify, track):
+        body = message.get("traits") or message["properties"]
+        assert len(json.dumps(message).encode()) <= 32 * 1024
+        assert body["refiner_numbers"] == OMITTED and body["refiner_more"] == list(range(5_000)) and body["refiner_short"] == "kept"
+
+
+def test_message_over_32kb_of_names_alone_loses_the_answer_with_the_longest_name():
+    rules = MappingRules(traits={"a": "a" * 20_000, "b": "b" * 15_000, "c": "c" * 100})
+    (identify, track) = mapped(minimal(response={"uuid": "r", "data": {"a": 1, "b": 2, "c": 3}}), rules)
+    assert identify["traits"] == {"b" * 15_000: 2, "c" * 100: 3}
+    assert {"b" * 15_000, "c" * 100, "survey_id", "response_id"} <= set(track["properties"]) and "a" * 20_000 not in track["properties"]
+
+
+def test_message_that_cannot_fit_even_with_nothing_left_to_cut_raises_message_too_large():
+    rules = MappingRules(events={"Saw Survey": "x" * 40_000})
+    with pytest.raises(MessageTooLarge, match="over 32 KB"):
+        mapped(minimal(triggered_event="Saw Survey"), rules)
+
+
+def test_another_error_of_the_segment_library_is_raised_as_it_is(monkeypatch):
+    from refiner_source.to_segment import mapping
+
+    class Failing:
+        def identify(self, **fields):
+            raise RuntimeError("the library failed otherwise")
+
+    monkeypatch.setattr(mapping, "_builder", Failing)
+    with pytest.raises(RuntimeError, match="failed otherwise"):
+        mapped(minimal(response={"uuid": "r", "data": {"a": "x" * 100}}))
+
+
+def test_text_that_can_save_exactly_the_excess_is_shortened_not_omitted():
+    values = {"a": "x" * 116}  # 118 bytes of JSON, of which all but the 16 a shortened text keeps can go
+    shortened, cut = _make_room(values, 118 - 16)
+    assert cut == {"a"} and shortened["a"] != OMITTED and shortened["a"].endswith("…")
+
+
+def test_a_backfilled_response_with_completed_survey_turned_off_makes_no_message():
+    from refiner_source.to_segment.intake import map_api_page
+    from tests.conftest import load_fixture
+
+    rules = MappingRules(events={"Completed Survey": None, "Saw Survey": "Survey Viewed", "Dismissed Survey": "Survey Dismissed"})
+    page = map_api_page(load_fixture("api_responses_page.json")["items"], rules)
+    assert page.entries and all(entry.message_count == 0 for entry in page.entries)
+    assert calls(WebhookSchema().load(minimal()), rules) == ()
 
 
 def test_mapping_is_pure(webhook_body):
