@@ -158,6 +158,36 @@ def test_json_that_is_not_an_object_answers_422(post_webhook, body):
     assert response.status_code == 422 and "_schema" in response.json["fields"]
 
 
+@pytest.mark.parametrize("body", [[], "string", 3, None])
+def test_json_that_is_not_an_object_answers_422_invalid_shape_at_the_root(post_webhook, body):
+    response = post_webhook(json.dumps(body))
+    assert response.status_code == 422
+    message = "Expected a JSON object."
+    assert response.json == {"error": "invalid_shape", "message": message, "fields": {"_schema": [message]}}
+
+
+def test_json_nested_beyond_the_parser_answers_422_too_deep_at_the_root(post_webhook):
+    response = post_webhook(b"[" * 100_000 + b"]" * 100_000)
+    assert response.status_code == 422
+    message = "The JSON is nested too deeply."
+    assert response.json == {"error": "too_deep", "message": message, "fields": {"_schema": [message]}}
+
+
+def test_field_paths_of_an_error_flatten_nesting_and_name_the_root_schema():
+    from marshmallow import ValidationError
+
+    from refiner_source.validation import error_fields
+
+    assert error_fields(ValidationError("Not an event.")) == {"_schema": ["Not an event."]}
+    nested = ValidationError({"response": {"uuid": ["Missing."], "tags": {0: ["Not a string."]}}, "items": [{"a": ["No."]}, "Bad."]})
+    assert error_fields(nested) == {
+        "response.uuid": ["Missing."],
+        "response.tags.0": ["Not a string."],
+        "items.0.a": ["No."],
+        "items.1": ["Bad."],
+    }
+
+
 def test_unknown_extra_fields_are_accepted_and_ignored(post_webhook, webhook_body):
     webhook_body["brand_new_field"] = {"x": 1}
     webhook_body["response"]["another"] = [1, 2]
