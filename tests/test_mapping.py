@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from refiner_source.config import MappingRules
 from refiner_source.to_segment.events import WebhookSchema
-from refiner_source.to_segment.mapping import OMITTED, MessageTooLarge, _make_room, calls, map_event, message_id, trait_names
+from refiner_source.to_segment.mapping import OMITTED, MessageTooLarge, _make_room, _truncate, calls, map_event, message_id, trait_names
 from tests import expected
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -426,6 +426,44 @@ def test_text_that_can_save_exactly_the_excess_is_shortened_not_omitted():
     values = {"a": "x" * 116}  # 118 bytes of JSON, of which all but the 16 a shortened text keeps can go
     shortened, cut = _make_room(values, 118 - 16)
     assert cut == {"a"} and shortened["a"] != OMITTED and shortened["a"].endswith("…")
+
+
+def test_text_that_cannot_save_the_excess_is_omitted_and_a_short_text_saves_nothing():
+    shortened, cut = _make_room({"a": "x" * 116, "b": "y"}, 118 - 16 + 1)
+    assert (shortened, cut) == ({"a": OMITTED, "b": "y"}, {"a"})
+
+
+def test_a_value_no_larger_than_the_marker_is_removed_not_replaced():
+    same_size = "a" * (len(json.dumps(OMITTED)) - 2)
+    assert _make_room({"q": same_size}, 1_000) == ({}, {"q"})
+    assert _make_room({"q": 1, "longer": 2}, 1_000) == ({"q": 1}, {"longer"})
+
+
+def test_the_longest_texts_are_cut_to_one_common_length_that_saves_the_excess():
+    values = {"a": "x" * 1_000, "b": "y" * 800, "c": "z" * 98}  # 1,002, 802 and 100 bytes of JSON
+    shortened, cut = _make_room(values, 600)
+    assert cut == {"a", "b"} and shortened["c"] == values["c"]
+    assert len(json.dumps(shortened["a"])) == len(json.dumps(shortened["b"])) == 602  # (1,002 + 802 - 600) / 2
+    shortened, cut = _make_room(values, 200)  # saved by the longest alone, cut to the next one's length: that one stays whole
+    assert cut == {"a"} and len(json.dumps(shortened["a"])) == 802 and shortened["b"] == values["b"] and shortened["c"] == values["c"]
+
+
+def test_equal_texts_in_different_object_answers_are_cut_alike():
+    shortened, cut = _make_room({"a": {"t": "x" * 500}, "b": {"t": "y" * 500}}, 400)
+    assert cut == {"a", "b"} and len(json.dumps(shortened["a"]["t"])) == len(json.dumps(shortened["b"]["t"])) == 302
+
+
+@pytest.mark.parametrize(
+    "text, max_bytes, expected",
+    [
+        ("x" * 1_000, 100, "x" * 92 + "…"),  # 92 + 6 for the ellipsis + 2 quotes
+        ("x" * 50, 57, "x" * 49 + "…"),  # one byte over: one character fewer
+        ("é" * 1_000, 100, "é" * 15 + "…"),  # each é is \u00e9 in JSON: 6 bytes
+        ("é" * 10, 10, "…"),  # not even one character fits
+    ],
+)
+def test_a_text_is_cut_to_the_longest_prefix_whose_json_with_an_ellipsis_fits(text, max_bytes, expected):
+    assert _truncate(text, max_bytes) == expected and len(json.dumps(expected)) <= max_bytes
 
 
 def test_a_backfilled_response_with_completed_survey_turned_off_makes_no_message():

@@ -297,7 +297,7 @@ def _shorten_longest(values: dict[str, Any], excess: int) -> tuple[dict[str, Any
 
 def _truncate(text: str, max_json_bytes: int) -> str:
     """The longest prefix of `text` whose JSON form, with an ellipsis, fits `max_json_bytes`."""
-    budget = max_json_bytes - _json_size(ELLIPSIS)
+    budget = max_json_bytes - (_json_size(ELLIPSIS) - 2)  # inside the text's quotes, the ellipsis has none of its own
     keep = len(text)
     while keep > 0 and _json_size(text[:keep]) > budget:
         keep = max(0, min(keep - 1, int(keep * budget / _json_size(text[:keep]))))
