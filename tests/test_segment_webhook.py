@@ -391,6 +391,24 @@ def test_single_event_of_the_wrong_shape_answers_422_with_fields(post, outbox, m
     assert rows(outbox) == []
 
 
+def test_single_event_of_the_wrong_shape_answers_invalid_event_saying_so(post):
+    answer = post(event(1, messageId=5)).json
+    assert (answer["error"], answer["message"], answer["fields"]) == (
+        "invalid_event",
+        "The body is not a Segment event.",
+        {"messageId": ["Not a valid string."]},
+    )
+
+
+def test_a_batchs_invalid_event_is_named_by_index_with_every_failing_path():
+    from refiner_source.config import MappingRules
+    from refiner_source.to_refiner.admission import admit
+
+    admitted = admit([event(1), event(2, messageId=5, traits="x")], MappingRules())
+    assert admitted.invalid == [{"index": 1, "error": "messageId: Not a valid string.; traits: Not a valid mapping type."}]
+    assert [entry.receipt_key for entry in admitted.entries] == ["msg-1"] and admitted.single is False
+
+
 def test_single_event_nested_too_deep_answers_422(post, outbox):
     deep: object = "leaf"
     for _ in range(40):
