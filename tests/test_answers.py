@@ -104,6 +104,18 @@ def test_types_skip_a_typed_question_the_response_did_not_answer(caplog):
     assert not [r for r in caplog.records if "type" in r.getMessage()]  # nothing to convert is no failed conversion
 
 
+def test_an_unknown_type_is_a_programming_error_naming_the_type():
+    with pytest.raises(ValueError, match="unknown answer type 'integer'") as info:
+        convert("8", "integer")
+    assert not isinstance(info.value, NotConverted)
+
+
+def test_a_failed_conversion_is_warned_of_in_words_that_say_it_was_sent_as_it_came(caplog):
+    caplog.set_level(logging.WARNING)
+    messages(webhook(), replace(MappingRules(), types={"what_is_your_job_role": "number"}))
+    assert [r.getMessage() for r in caplog.records] == ["an answer does not read as its question's type; sent as it came"]
+
+
 def test_types_apply_to_identify_group_and_track(tmp_path):
     rules = mapping_file(tmp_path, f'account_questions = ["seats"]\n[types]\n"{NPS}" = "number"\nseats = "number"\n')
     found = messages(webhook(seats="40"), rules)
