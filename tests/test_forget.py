@@ -201,6 +201,16 @@ def test_no_stale_key_warning_when_every_person_is_hashed_with_the_current_key(c
     assert _stale_warnings(caplog) == []
 
 
+def test_without_a_key_nobody_is_suppressed_whatever_the_store_holds():
+    view = Suppressed(_List({("user", "some-hash")}, stale=0), None, refresh=0)
+    assert not view.active() and not view.forgotten(pairs(user="user-1"))
+
+
+def test_an_identifier_with_a_lone_surrogate_is_hashed_not_refused():
+    key = b"k" * 32  # a command-line argument of bytes that are not UTF-8 reaches forget as lone surrogates
+    assert digest(key, "user", "a\udcff") != digest(key, "user", "a\udcfe") != digest(key, "user", "a")
+
+
 def test_unsuppress_takes_the_person_off_the_list_and_erases_nothing(outbox, both):
     erase(outbox, both, frozenset(pairs(user="user-1", email="a@example.com")))
     assert suppression_status(outbox, both) == (1, 0)
