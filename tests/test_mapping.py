@@ -397,6 +397,11 @@ def test_message_over_32kb_without_text_to_cut_has_its_largest_answer_replaced_b
         assert body["refiner_numbers"] == OMITTED and body["refiner_more"] == list(range(5_000)) and body["refiner_short"] == "kept"
 
 
+def test_the_largest_answer_is_the_one_replaced_whatever_its_name_or_place():
+    shortened, cut = _make_room({"small": list(range(5_000)), "big": list(range(6_000))}, 1_000)
+    assert cut == {"big"} and shortened == {"small": list(range(5_000)), "big": OMITTED}
+
+
 def test_message_over_32kb_of_names_alone_loses_the_answer_with_the_longest_name():
     rules = MappingRules(traits={"a": "a" * 20_000, "b": "b" * 15_000, "c": "c" * 100})
     (identify, track) = mapped(minimal(response={"uuid": "r", "data": {"a": 1, "b": 2, "c": 3}}), rules)
@@ -460,6 +465,8 @@ def test_equal_texts_in_different_object_answers_are_cut_alike():
         ("x" * 50, 57, "x" * 49 + "…"),  # one byte over: one character fewer
         ("é" * 1_000, 100, "é" * 15 + "…"),  # each é is \u00e9 in JSON: 6 bytes
         ("é" * 10, 10, "…"),  # not even one character fits
+        ("é" + "x" * 20, 13, "…"),  # nor the first, once the cut comes down to it
+        ("x" * 50 + "é" * 50, 100, "x" * 50 + "é" * 7 + "…"),  # narrow characters, then wide ones: as many of each as fit
     ],
 )
 def test_a_text_is_cut_to_the_longest_prefix_whose_json_with_an_ellipsis_fits(text, max_bytes, expected):
