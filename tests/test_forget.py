@@ -188,10 +188,23 @@ def test_people_hashed_with_an_old_key_are_warned_of_once_per_process_not_on_eve
         store.version += 1  # the list changed: read again, the stale people still there
         assert view.active()
     assert store.reads == 2
+    assert [r.stale_suppressions for r in caplog.records if "key no longer set" in r.getMessage()] == [2]  # a field of the JSON log
     assert _stale_warnings(caplog) == [
         "2 suppressed people were hashed with a key no longer set: they are no longer suppressed; "
         "set the old secret as REFINER_SUPPRESSION_KEY or forget them again"
     ]
+
+
+def test_a_refresh_of_0_reads_the_list_again_at_every_question_however_fast(monkeypatch):
+    import refiner_source.privacy
+
+    monkeypatch.setattr(refiner_source.privacy.time, "monotonic", lambda: 100.0)  # no time passes between two questions
+    key = b"k" * 32
+    store = _List(set(), stale=0)
+    view = Suppressed(store, key, refresh=0)  # as the delivery loops ask, before each claim is sent
+    assert not view.forgotten(pairs(user="user-1"))
+    store.hashes, store.version = {("user", digest(key, "user", "user-1"))}, 2
+    assert view.forgotten(pairs(user="user-1"))
 
 
 def test_no_stale_key_warning_when_every_person_is_hashed_with_the_current_key(caplog):
