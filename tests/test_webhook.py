@@ -230,6 +230,10 @@ def test_a_number_json_cannot_write_back_answers_400_naming_it(post_webhook, bod
     assert response.status_code == 400 and response.json == {"error": "invalid_json", "message": says}
 
 
+def test_a_body_that_is_not_utf8_answers_400_saying_so(post_webhook):
+    assert post_webhook(b"\xff\xfe{}").json == {"error": "invalid_encoding", "message": "The body is not UTF-8."}
+
+
 def test_a_refusal_says_its_message_and_answers_fields_only_when_it_has_them():
     from refiner_source.validation import Refused, too_large
 
