@@ -224,6 +224,13 @@ def test_an_identifier_with_a_lone_surrogate_is_hashed_not_refused():
     assert digest(key, "user", "a\udcff") != digest(key, "user", "a\udcfe") != digest(key, "user", "a")
 
 
+def test_an_identifier_that_is_a_whole_number_is_compared_as_its_digits():
+    from refiner_source.privacy import normal
+
+    assert normal("user", 42.0) == normal("user", 42) == normal("user", " 42 ") == "42"
+    assert normal("user", 4.5) == "4.5" and normal("user", True) is None
+
+
 def test_unsuppress_takes_the_person_off_the_list_and_erases_nothing(outbox, both):
     erase(outbox, both, frozenset(pairs(user="user-1", email="a@example.com")))
     assert suppression_status(outbox, both) == (1, 0)
