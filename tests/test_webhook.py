@@ -230,8 +230,8 @@ def test_a_number_json_cannot_write_back_answers_400_naming_it(post_webhook, bod
     assert response.status_code == 400 and response.json == {"error": "invalid_json", "message": says}
 
 
-# Mutation testing (bench/mutation.py) leaves alive `raw.decode("UTF-8")` for "utf-8" in
-# validation.strict_json: Python looks codec names up in any case, so it decodes alike.
+# Mutation testing (bench/mutation.py) leaves alive "utf-8" written "UTF-8" in validation's
+# strict_json and storable: Python looks codec names up in any case, so it decodes and encodes alike.
 def test_a_body_that_is_not_utf8_answers_400_saying_so(post_webhook):
     assert post_webhook(b"\xff\xfe{}").json == {"error": "invalid_encoding", "message": "The body is not UTF-8."}
 
