@@ -23,7 +23,7 @@ def error_fields(error: ValidationError) -> dict[str, list[str]]:
             out.setdefault(path or "_schema", []).extend(messages)
         elif isinstance(messages, list):
             for i, value in enumerate(messages):
-                walk(value, f"{path}.{i}")
+                walk(value, f"{path}.{i}" if path else str(i))
         else:
             out.setdefault(path or "_schema", []).append(str(messages))
 

@@ -75,6 +75,47 @@ def test_types_refuse_what_does_not_read_as_the_type(kind, value):
         convert(value, kind)
 
 
+@pytest.mark.parametrize("word", ["true", "yes", "y", "1", "on", " ON ", "True"])
+def test_types_boolean_reads_each_yes_word_as_true(word):
+    assert convert(word, "boolean") is True
+
+
+@pytest.mark.parametrize("word", ["false", "no", "n", "0", "off", " Off ", "NO"])
+def test_types_boolean_reads_each_no_word_as_false(word):
+    assert convert(word, "boolean") is False
+
+
+def test_types_boolean_reads_the_numbers_0_and_1_and_no_other():
+    assert convert(0, "boolean") is False and convert(1, "boolean") is True
+    with pytest.raises(NotConverted):
+        convert(-1, "boolean")
+
+
+def test_types_string_writes_a_boolean_as_json_does():
+    assert convert(False, "string") == "false" and convert(True, "string") == "true"
+
+
+def test_types_skip_a_typed_question_the_response_did_not_answer(caplog):
+    rules = replace(MappingRules(), types={"never asked": "number", "skipped": "boolean", NPS: "number"})
+    caplog.set_level(logging.WARNING)
+    found = messages(webhook(skipped=None), rules)
+    assert found["track"]["properties"]["refiner_how_likely_are_you_to_recommend_us"] == 8  # the answered one still converts
+    assert "refiner_never_asked" not in found["track"]["properties"] and "refiner_skipped" not in found["track"]["properties"]
+    assert not [r for r in caplog.records if "type" in r.getMessage()]  # nothing to convert is no failed conversion
+
+
+def test_an_unknown_type_is_a_programming_error_naming_the_type():
+    with pytest.raises(ValueError, match="unknown answer type 'integer'") as info:
+        convert("8", "integer")
+    assert not isinstance(info.value, NotConverted)
+
+
+def test_a_failed_conversion_is_warned_of_in_words_that_say_it_was_sent_as_it_came(caplog):
+    caplog.set_level(logging.WARNING)
+    messages(webhook(), replace(MappingRules(), types={"what_is_your_job_role": "number"}))
+    assert [r.getMessage() for r in caplog.records] == ["an answer does not read as its question's type; sent as it came"]
+
+
 def test_types_apply_to_identify_group_and_track(tmp_path):
     rules = mapping_file(tmp_path, f'account_questions = ["seats"]\n[types]\n"{NPS}" = "number"\nseats = "number"\n')
     found = messages(webhook(seats="40"), rules)

@@ -160,6 +160,20 @@ def test_segment_shared_secret_of_16_characters_is_enough():
     assert load_settings({**SEGMENT_ON, "SEGMENT_SHARED_SECRET": "x" * 16}).segment_shared_secret == "x" * 16
 
 
+def test_refiner_suppression_key_is_read_as_given():
+    assert load_settings({**BASE, "REFINER_SUPPRESSION_KEY": "k" * 16}).suppression_key == "k" * 16
+    assert load_settings(BASE).suppression_key is None
+
+
+@pytest.mark.parametrize("key", ["short", "k" * 15])
+def test_refiner_suppression_key_under_16_characters_is_refused_and_never_echoed(key):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, "REFINER_SUPPRESSION_KEY": key})
+    message = str(info.value)
+    assert message.startswith("REFINER_SUPPRESSION_KEY must be at least 16 characters") and "\n" not in message
+    assert key not in message and message.endswith("; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+
+
 @pytest.mark.parametrize("value, expected", [("1", 1), ("4", 4), ("64", 64), (" 8 ", 8)])
 def test_refiner_api_concurrency_within_bounds(value, expected):
     assert load_settings({**SEGMENT_ON, "REFINER_API_CONCURRENCY": value}).refiner_api_concurrency == expected

@@ -172,6 +172,87 @@ def test_the_suppression_key_is_the_variable_else_the_first_secret_in_a_fixed_or
     assert key_of(first) not in (b"a" * 16,)  # derived, not a token the webhook accepts
 
 
+def test_refiner_suppression_key_keeps_the_list_when_the_webhook_secret_rotates():
+    from refiner_source.config import load_settings
+
+    env = {"SEGMENT_WRITE_KEY": "wk", "REFINER_SUPPRESSION_KEY": "k" * 32}
+    before = key_of(load_settings({**env, "REFINER_WEBHOOK_SECRET": "old-secret-0123456789"}))
+    after = key_of(load_settings({**env, "REFINER_WEBHOOK_SECRET": "new-secret-0123456789"}))
+    assert before == after
+    assert before != key_of(load_settings({"SEGMENT_WRITE_KEY": "wk", "REFINER_WEBHOOK_SECRET": "old-secret-0123456789"}))
+
+
+class _List:
+    """The two reads `Suppressed` makes of a store, answered from memory: whether the list changed
+    (its version) and, when it has, its hashes and how many people were hashed with another key."""
+
+    def __init__(self, hashes: set[tuple[str, str]], stale: int) -> None:
+        self.hashes, self.stale, self.version, self.reads = hashes, stale, 1, 0
+
+    def suppression_version(self):
+        return (self.version, 0.0)
+
+    def suppressed_hashes(self, key_id):
+        self.reads += 1
+        return set(self.hashes), self.stale
+
+
+def _stale_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "key no longer set" in r.getMessage()]
+
+
+def test_people_hashed_with_an_old_key_are_warned_of_once_per_process_not_on_every_read(caplog):
+    key = b"k" * 32
+    store = _List({("user", digest(key, "user", "user-1"))}, stale=2)
+    view = Suppressed(store, key, refresh=0)
+    with caplog.at_level("WARNING"):
+        assert view.forgotten(pairs(user="user-1")) and not view.forgotten(pairs(user="user-2"))
+        store.version += 1  # the list changed: read again, the stale people still there
+        assert view.active()
+    assert store.reads == 2
+    assert [r.stale_suppressions for r in caplog.records if "key no longer set" in r.getMessage()] == [2]  # a field of the JSON log
+    assert _stale_warnings(caplog) == [
+        "2 suppressed people were hashed with a key no longer set: they are no longer suppressed; "
+        "set the old secret as REFINER_SUPPRESSION_KEY or forget them again"
+    ]
+
+
+def test_a_refresh_of_0_reads_the_list_again_at_every_question_however_fast(monkeypatch):
+    import refiner_source.privacy
+
+    monkeypatch.setattr(refiner_source.privacy.time, "monotonic", lambda: 100.0)  # no time passes between two questions
+    key = b"k" * 32
+    store = _List(set(), stale=0)
+    view = Suppressed(store, key, refresh=0)  # as the delivery loops ask, before each claim is sent
+    assert not view.forgotten(pairs(user="user-1"))
+    store.hashes, store.version = {("user", digest(key, "user", "user-1"))}, 2
+    assert view.forgotten(pairs(user="user-1"))
+
+
+def test_no_stale_key_warning_when_every_person_is_hashed_with_the_current_key(caplog):
+    key = b"k" * 32
+    with caplog.at_level("WARNING"):
+        assert Suppressed(_List({("user", digest(key, "user", "user-1"))}, stale=0), key, refresh=0).active()
+    assert _stale_warnings(caplog) == []
+
+
+def test_without_a_key_nobody_is_suppressed_whatever_the_store_holds():
+    view = Suppressed(_List({("user", "some-hash")}, stale=0), None, refresh=0)
+    assert not view.active() and not view.forgotten(pairs(user="user-1"))
+
+
+def test_an_identifier_with_a_lone_surrogate_is_hashed_not_refused():
+    key = b"k" * 32  # a command-line argument of bytes that are not UTF-8 reaches forget as lone surrogates
+    assert digest(key, "user", "a\udcff") != digest(key, "user", "a\udcfe") != digest(key, "user", "a")
+
+
+def test_an_identifier_that_is_a_whole_number_is_compared_as_its_digits():
+    from refiner_source.privacy import normal
+
+    assert normal("user", 42.0) == normal("user", 42) == normal("user", " 42 ") == "42"
+    assert normal("user", 4.5) == "4.5" and normal("user", True) is None
+
+
 def test_unsuppress_takes_the_person_off_the_list_and_erases_nothing(outbox, both):
     erase(outbox, both, frozenset(pairs(user="user-1", email="a@example.com")))
     assert suppression_status(outbox, both) == (1, 0)

@@ -174,6 +174,26 @@ def test_not_json_or_empty_or_not_object_or_array_answers_400(post, outbox, body
     assert rows(outbox) == []
 
 
+# Mutation testing (bench/mutation.py) leaves alive the changes to the fallback name of
+# `_JSON_TYPES.get(type(body), 'value')` in to_refiner/admission.py: a parsed JSON body is an
+# object, an array, or one of the types the table names, so the fallback is never read.
+@pytest.mark.parametrize(
+    "body, what",
+    [
+        (b'"a string"', "a JSON string"),
+        (b"42", "a JSON number"),
+        (b"4.5", "a JSON number"),
+        (b"null", "a JSON null"),
+        (b"true", "a JSON boolean"),
+        (b"[]", "an empty array"),
+    ],
+)
+def test_a_400_for_a_body_that_is_no_event_says_what_it_got(post, body, what):
+    response = post(body)
+    assert response.status_code == 400 and response.json["error"] == "invalid_shape"
+    assert response.json["message"] == f"Expected a Segment event (a JSON object) or an array of them, got {what}."
+
+
 # --- 401 -----------------------------------------------------------------------------------
 
 
@@ -443,6 +463,24 @@ def test_single_event_of_the_wrong_shape_answers_422_with_fields(post, outbox, m
     assert rows(outbox) == []
 
 
+def test_single_event_of_the_wrong_shape_answers_invalid_event_saying_so(post):
+    answer = post(event(1, messageId=5)).json
+    assert (answer["error"], answer["message"], answer["fields"]) == (
+        "invalid_event",
+        "The body is not a Segment event.",
+        {"messageId": ["Not a valid string."]},
+    )
+
+
+def test_a_batchs_invalid_event_is_named_by_index_with_every_failing_path():
+    from refiner_source.config import MappingRules
+    from refiner_source.to_refiner.admission import admit
+
+    admitted = admit([event(1), event(2, messageId=5, traits="x")], MappingRules())
+    assert admitted.invalid == [{"index": 1, "error": "messageId: Not a valid string.; traits: Not a valid mapping type."}]
+    assert [entry.receipt_key for entry in admitted.entries] == ["msg-1"] and admitted.single is False
+
+
 def test_single_event_nested_too_deep_answers_422(post, outbox):
     deep: object = "leaf"
     for _ in range(40):
@@ -551,6 +589,15 @@ def test_single_ignored_event_answers_200_ignored_1(post, outbox):
     assert response.json["ignored"] == 1 and response.json["accepted"] == 0
     assert response.json["ignored_reasons"][0]["message_id"] == "msg-1"
     assert rows(outbox) == []
+
+
+def test_a_batchs_forgotten_events_are_ignored_each_named_by_index_and_message_id():
+    from refiner_source.config import MappingRules
+    from refiner_source.to_refiner.admission import admit
+
+    admitted = admit([event(1), event(2), event(3)], MappingRules(), forgotten=lambda people: ("user", "user-2") in people)
+    assert admitted.ignored == [{"index": 1, "message_id": "msg-2", "reason": "forgotten"}]
+    assert [entry.receipt_key for entry in admitted.entries] == ["msg-1", "msg-3"] and admitted.invalid == []
 
 
 def test_no_ignored_reasons_when_nothing_was_ignored(post):

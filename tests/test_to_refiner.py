@@ -196,6 +196,35 @@ def test_audience_event_without_computation_key_is_an_ordinary_track():
     assert only(event) == RefinerCall(TRACK_EVENT, {"id": "u-1", "event": "Audience Entered"})
 
 
+def test_only_a_track_is_an_audience_and_only_with_a_computation_key_of_text():
+    personas = {"personas": {"computation_key": "vip"}}
+    assert audience_key(track("Audience Entered", context=personas)) == "vip"
+    assert audience_key(identify(event="Audience Entered", context=personas)) is None
+    for key in ("  ", 7, None):
+        assert audience_key(track("Audience Entered", context={"personas": {"computation_key": key}})) is None
+
+
+@pytest.mark.parametrize(
+    "event, mapping_rules, reason",
+    [
+        (identify(type="screen"), RULES, "type 'screen' is not sent to Refiner (only identify, group, track, page)"),
+        (identify(integrations={"All": False}), RULES, "integrations.All is false and integrations.Refiner is not true"),
+        (
+            track("Clicked"),
+            rules(track_events=["Signed Up"]),
+            "track event 'Clicked' is not in the mapping file's [to_refiner] track_events",
+        ),
+        (
+            {"type": "page", "messageId": "m-4", "userId": "u-1"},
+            rules(page_event=None),
+            "page calls are turned off in the mapping file ([to_refiner] page_event = false)",
+        ),
+    ],
+)
+def test_an_event_not_sent_is_ignored_saying_why(event, mapping_rules, reason):
+    assert ignored_reason(event, mapping_rules) == reason
+
+
 def test_page_becomes_pageview_track_event():
     event = {"type": "page", "messageId": "m-4", "userId": "u-1", "name": "Pricing", "properties": {"url": "https://x.example"}}
     assert only(event) == RefinerCall(TRACK_EVENT, {"id": "u-1", "event": "pageview"})

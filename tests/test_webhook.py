@@ -51,6 +51,20 @@ def test_event_that_is_not_forwarded_answers_200_ignored(post_webhook, webhook_b
     assert outbox.stats().pending == 0
 
 
+def test_event_that_is_not_forwarded_is_ignored_with_the_reason_docs_http_md_gives(post_webhook, webhook_body):
+    webhook_body["triggered_event"] = "Created Contact"
+    assert post_webhook(webhook_body).json == {"status": "ignored", "reason": "triggered_event 'Created Contact': not a forwarded event"}
+
+
+def test_event_turned_off_in_mapping_file_is_ignored_with_the_reason_docs_http_md_gives(settings, outbox, webhook_body):
+    from dataclasses import replace
+
+    rules = replace(settings.rules, events={**settings.rules.events, "Completed Survey": None})
+    client = create_app(replace(settings, rules=rules)).test_client()
+    answer = client.post(f"/webhooks/refiner?token={SECRET}", json=webhook_body).json
+    assert answer == {"status": "ignored", "reason": "triggered_event 'Completed Survey': turned off in the mapping file"}
+
+
 def test_event_turned_off_in_mapping_file_answers_200_ignored(settings, outbox, webhook_body):
     from dataclasses import replace
 
@@ -156,6 +170,79 @@ def test_json_of_the_wrong_shape_answers_422_with_field_paths(post_webhook, webh
 def test_json_that_is_not_an_object_answers_422(post_webhook, body):
     response = post_webhook(json.dumps(body))
     assert response.status_code == 422 and "_schema" in response.json["fields"]
+
+
+@pytest.mark.parametrize("body", [[], "string", 3, None])
+def test_json_that_is_not_an_object_answers_422_invalid_shape_at_the_root(post_webhook, body):
+    response = post_webhook(json.dumps(body))
+    assert response.status_code == 422
+    message = "Expected a JSON object."
+    assert response.json == {"error": "invalid_shape", "message": message, "fields": {"_schema": [message]}}
+
+
+def test_json_nested_beyond_the_parser_answers_422_too_deep_at_the_root(post_webhook):
+    response = post_webhook(b"[" * 100_000 + b"]" * 100_000)
+    assert response.status_code == 422
+    message = "The JSON is nested too deeply."
+    assert response.json == {"error": "too_deep", "message": message, "fields": {"_schema": [message]}}
+
+
+def test_field_paths_of_an_error_flatten_nesting_and_name_the_root_schema():
+    from marshmallow import ValidationError
+
+    from refiner_source.validation import error_fields
+
+    assert error_fields(ValidationError("Not an event.")) == {"_schema": ["Not an event."]}
+    assert error_fields(ValidationError([{"a": ["No."]}, "Bad."])) == {"0.a": ["No."], "1": ["Bad."]}
+    assert error_fields(ValidationError(42)) == {"_schema": ["42"]}  # whatever is not a list or object is the root's too
+    nested = ValidationError({"response": {"uuid": ["Missing."], "tags": {0: ["Not a string."]}}, "items": [{"a": ["No."]}, "Bad."]})
+    assert error_fields(nested) == {
+        "response.uuid": ["Missing."],
+        "response.tags.0": ["Not a string."],
+        "items.0.a": ["No."],
+        "items.1": ["Bad."],
+    }
+
+
+def test_a_body_over_a_limit_answers_its_code_and_message_at_the_fields_path(post_webhook, webhook_body):
+    webhook_body["response"]["uuid"] = "r" * 256
+    response = post_webhook(webhook_body)
+    message = "Longer than 255 characters."
+    assert response.status_code == 422
+    assert response.json == {"error": "too_long", "message": message, "fields": {"response.uuid": [message]}}
+
+
+def test_json_of_the_wrong_shape_answers_invalid_payload_saying_so(post_webhook, webhook_body):
+    webhook_body["response"].pop("uuid")
+    answer = post_webhook(webhook_body).json
+    assert (answer["error"], answer["message"]) == ("invalid_payload", "The body does not have the shape of a Refiner webhook.")
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        (b'{"n": NaN}', "The body is not valid JSON: NaN is not a JSON value"),
+        (b'{"n": 1e999}', "The body is not valid JSON: 1e999 is too large for a JSON number"),
+    ],
+)
+def test_a_number_json_cannot_write_back_answers_400_naming_it(post_webhook, body, says):
+    response = post_webhook(body)
+    assert response.status_code == 400 and response.json == {"error": "invalid_json", "message": says}
+
+
+# Mutation testing (bench/mutation.py) leaves alive "utf-8" written "UTF-8" in validation's
+# strict_json and storable: Python looks codec names up in any case, so it decodes and encodes alike.
+def test_a_body_that_is_not_utf8_answers_400_saying_so(post_webhook):
+    assert post_webhook(b"\xff\xfe{}").json == {"error": "invalid_encoding", "message": "The body is not UTF-8."}
+
+
+def test_a_refusal_says_its_message_and_answers_fields_only_when_it_has_them():
+    from refiner_source.validation import Refused, too_large
+
+    refused = too_large(1024)
+    assert str(refused) == refused.message == "The body is larger than 1024 bytes."
+    assert refused.answer() == {"error": "body_too_large", "message": "The body is larger than 1024 bytes."}
+    assert Refused(422, "c", "m", {}).answer() == {"error": "c", "message": "m", "fields": {}}
 
 
 def test_unknown_extra_fields_are_accepted_and_ignored(post_webhook, webhook_body):

@@ -297,8 +297,13 @@ def _shorten_longest(values: dict[str, Any], excess: int) -> tuple[dict[str, Any
 
 def _truncate(text: str, max_json_bytes: int) -> str:
     """The longest prefix of `text` whose JSON form, with an ellipsis, fits `max_json_bytes`."""
-    budget = max_json_bytes - _json_size(ELLIPSIS)
-    keep = len(text)
-    while keep > 0 and _json_size(text[:keep]) > budget:
-        keep = max(0, min(keep - 1, int(keep * budget / _json_size(text[:keep]))))
-    return text[:keep] + ELLIPSIS
+    budget = max_json_bytes - (_json_size(ELLIPSIS) - 2)  # inside the text's quotes, the ellipsis has none of its own
+    # A prefix's JSON grows with its length, by 1 to 12 bytes a character: search the length.
+    fits, too_long = 0, len(text) + 1
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if _json_size(text[:middle]) <= budget:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits] + ELLIPSIS
