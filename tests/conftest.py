@@ -92,6 +92,29 @@ def pg_url():
 
 
 @pytest.fixture
+def pg_database_url():
+    """A fresh PostgreSQL database for one test. For what VACUUM is checked to remove: it removes only
+    row versions that no open transaction of the same database can still see, so another test's
+    transaction (the suite runs in parallel) would keep them in a shared one."""
+    base = _postgres_base()
+    if not base:
+        pytest.skip("PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
+    name = f"refiner_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(normalize_database_url(base), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # set but not answering: a failure, never a skip
+        pytest.fail(f"TEST_DATABASE_URL is set but PostgreSQL does not answer: {exc}")
+    try:
+        yield make_url(normalize_database_url(base)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
 def outbox(store_url):
     box = Store(normalize_database_url(store_url))
     box.init_schema()

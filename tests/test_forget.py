@@ -91,9 +91,9 @@ def test_forget_erases_the_person_in_every_state_and_both_directions_and_no_one_
     assert outbox.stats(SEGMENT).dead == 0 and outbox.stats(SEGMENT).pending == 2
 
 
-def test_a_forget_on_postgresql_leaves_no_dead_row_versions_in_the_tables_it_wrote(pg_url):
-    both = Settings(webhook_secrets=(SECRET,), database_url=pg_url, segment_shared_secret=SHARED, refiner_api_key="refiner-key")
-    box = Store(pg_url)
+def test_a_forget_on_postgresql_leaves_no_dead_row_versions_in_the_tables_it_wrote(pg_database_url):
+    both = Settings(webhook_secrets=(SECRET,), database_url=pg_database_url, segment_shared_secret=SHARED, refiner_api_key="refiner-key")
+    box = Store(pg_database_url)
     box.init_schema()
     try:
         fill(box)

@@ -163,6 +163,9 @@ def test_preview_segment_prints_exactly_what_refiner_receives_for_every_example_
         json.dumps({**load_fixture("webhook_completed_survey.json"), "deep": json.loads("[" * 60 + "]" * 60)}).encode(),
         b"{" + b'"a": "' + b"x" * (1 << 20) + b'"}',
     ],
+    # Named, not shown: a test's id goes into the environment of the commands it runs (PYTEST_CURRENT_TEST),
+    # and a 1 MiB one is more than an exec accepts.
+    ids=["empty", "not-utf8", "not-json", "array", "wrong-shape", "too-deep", "over-1-mib"],
 )
 def test_a_body_the_webhook_refuses_gets_the_webhooks_error_from_preview(env, raw, client):
     from_webhook = client.post(f"/webhooks/refiner?token={SECRET}", data=raw, content_type="application/json")

@@ -227,8 +227,8 @@ def test_answers_forgotten_by_retention_leave_no_byte_in_any_file_of_a_sqlite_st
         box.dispose()
 
 
-def test_a_purge_on_postgresql_leaves_no_dead_row_versions_of_the_answers_it_forgot(pg_url):
-    box = Store(pg_url)
+def test_a_purge_on_postgresql_leaves_no_dead_row_versions_of_the_answers_it_forgot(pg_database_url):
+    box = Store(pg_database_url)
     box.init_schema()
     try:
         store(box, 1, 2, 3)
