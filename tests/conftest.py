@@ -44,24 +44,32 @@ def postgres_schema_url(base: str, schema: str) -> str:
 
 
 @contextmanager
-def postgres_schema():
-    """A fresh PostgreSQL schema for one test; skipped without TEST_DATABASE_URL, failed if it does not answer."""
+def _on_test_server(create: str, drop: str):
+    """Run `create` on the test PostgreSQL server (autocommit), yield its URL, then run `drop`; skipped
+    without TEST_DATABASE_URL, failed if it is set and the server does not answer."""
     base = _postgres_base()
     if not base:
         pytest.skip("PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(normalize_database_url(base))
+    admin = create_engine(normalize_database_url(base), isolation_level="AUTOCOMMIT")
     try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        with admin.connect() as conn:
+            conn.execute(text(create))
     except Exception as exc:  # set but not answering: a failure, never a skip
         pytest.fail(f"TEST_DATABASE_URL is set but PostgreSQL does not answer: {exc}")
     try:
-        yield postgres_schema_url(base, schema)
+        yield base
     finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        with admin.connect() as conn:
+            conn.execute(text(drop))
         admin.dispose()
+
+
+@contextmanager
+def postgres_schema():
+    """A fresh PostgreSQL schema for one test."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with _on_test_server(f'CREATE SCHEMA "{schema}"', f'DROP SCHEMA "{schema}" CASCADE') as base:
+        yield postgres_schema_url(base, schema)
 
 
 def dead_row_versions(conn, table: str) -> int:
@@ -96,22 +104,9 @@ def pg_database_url():
     """A fresh PostgreSQL database for one test. For what VACUUM is checked to remove: it removes only
     row versions that no open transaction of the same database can still see, so another test's
     transaction (the suite runs in parallel) would keep them in a shared one."""
-    base = _postgres_base()
-    if not base:
-        pytest.skip("PostgreSQL tests need TEST_DATABASE_URL, e.g. postgresql://postgres@127.0.0.1:5432/test")
     name = f"refiner_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(normalize_database_url(base), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # set but not answering: a failure, never a skip
-        pytest.fail(f"TEST_DATABASE_URL is set but PostgreSQL does not answer: {exc}")
-    try:
+    with _on_test_server(f'CREATE DATABASE "{name}"', f'DROP DATABASE "{name}" WITH (FORCE)') as base:
         yield make_url(normalize_database_url(base)).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
