@@ -40,3 +40,5 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # The Segment library logs every request body at DEBUG; keep answers out even then.
     logging.getLogger("segment").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # Alembic says at INFO how it sets itself up at every start; its warnings and errors still show.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -11,7 +11,7 @@ import responses
 
 from refiner_source.config import MappingRules, normalize_database_url
 from refiner_source.refiner_rest import RefinerClient
-from refiner_source.store import SCHEMA_VERSION, SEGMENT, Entry, Store
+from refiner_source.store import SEGMENT, Store
 from refiner_source.to_segment.backfill import BackfillError, filters, run_backfill
 from refiner_source.to_segment.events import ApiResponseSchema, WebhookSchema, event_from_json, event_to_json
 from refiner_source.to_segment.intake import map_api_page, prepare
@@ -256,35 +256,6 @@ def test_empty_result_finishes_at_once(outbox):
     with RefinerStub(total=0) as stub:
         progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.pages, progress.seen) == (1, 0)
-
-
-# --- schema upgrade ------------------------------------------------------------------------
-
-
-def test_init_db_upgrades_a_version_1_store(store_url):
-    from sqlalchemy import text
-
-    box = Store(store_url)
-    with box.engine.begin() as conn:
-        conn.execute(
-            text(
-                "CREATE TABLE refiner_receipts (id INTEGER PRIMARY KEY, receipt_key VARCHAR(600) NOT NULL UNIQUE,"
-                " response_id VARCHAR(255) NOT NULL, triggered_event VARCHAR(255) NOT NULL, messages INTEGER NOT NULL,"
-                " created_at FLOAT NOT NULL)"
-            )
-        )
-        conn.execute(text("CREATE TABLE refiner_schema (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"))
-        conn.execute(text("INSERT INTO refiner_schema VALUES (1, 1)"))
-        conn.execute(text("INSERT INTO refiner_receipts VALUES (1, 'old\nE', 'old', 'E', 3, 0)"))
-    box.init_schema()
-    box.init_schema()
-    assert box.schema_version() == SCHEMA_VERSION
-    assert box.requeue(source_id="old").forgotten == 1  # a version 1 receipt kept no event to map again
-    assert box.store_many([Entry("old\nE", "old", "E", "{}")]) == 0  # but it still makes a resend a duplicate
-    box.dispose()
-
-
-# --- replay (CLI) --------------------------------------------------------------------------
 
 
 def test_replay_response_resends_it_remapped_with_its_original_message_ids(store_url, outbox, webhook_body, tmp_path):

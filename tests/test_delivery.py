@@ -15,7 +15,7 @@ from sqlalchemy import update
 from refiner_source.config import MappingRules
 from refiner_source.delivery.backoff import Backoff
 from refiner_source.ops.upkeep import Upkeep
-from refiner_source.store import SEGMENT, Store, events
+from refiner_source.store import SEGMENT, events
 from refiner_source.to_segment.delivery import Item, SegmentWorker, pack
 from tests.conftest import entry_for
 
@@ -312,21 +312,6 @@ def test_replay_sends_an_event_again_mapped_anew_with_new_ids(worker, outbox):
     worker.run_once()
     first, second = sent_batches()
     assert [m["messageId"] for m in second] == [f"{m['messageId']}-r1700000000000" for m in first]
-
-
-@responses.activate
-def test_messages_kept_from_a_version_2_store_are_sent_exactly_as_stored(store_url):
-    from tests.test_store import make_v2_store
-
-    responses.post(URL, json={"success": True})
-    payloads = make_v2_store(store_url)
-    box = Store(store_url)
-    box.init_schema()
-    SegmentWorker(box, "wk", HOST).run_once()
-    (batch,) = sent_batches()
-    assert [{k: v for k, v in m.items() if k != "sentAt"} for m in batch] == payloads["rwaiting"]
-    assert box.stats().pending == 0
-    box.dispose()
 
 
 @responses.activate

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select, text, update
+from sqlalchemy import select
 
 from refiner_source import create_app
 from refiner_source.config import MappingRules, Settings
@@ -18,7 +18,7 @@ from refiner_source.delivery.loop import Call, Loop
 from refiner_source.erasure import erase, like_patterns, suppression_status
 from refiner_source.privacy import Suppressed, digest, fingerprint, key_of, pairs
 from refiner_source.run.cli import main
-from refiner_source.store import DEAD, PENDING, PURGED, REFINER, SEGMENT, DeadLetter, Store, dead_letters, events, last_errors, suppressed
+from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, DeadLetter, Store, dead_letters, events, last_errors, suppressed
 from refiner_source.store.suppression import ERASED_ERROR
 from refiner_source.to_refiner.events import load as load_segment_event
 from refiner_source.to_refiner.intake import prepare as prepare_segment_event
@@ -418,18 +418,6 @@ def test_forget_unsuppress_then_status_counts_nobody(store_url, outbox):
     undone = CliRunner().invoke(main, ["forget", "--user", "user-1", "--unsuppress"], env=env_of(store_url))
     assert undone.exit_code == 0 and "1 identifier(s) taken off the suppression list" in undone.output
     assert "suppressed people" not in CliRunner().invoke(main, ["status"], env=env_of(store_url)).output
-
-
-def test_a_version_4_store_gets_the_suppression_table(store_url):
-    box = Store(store_url)
-    box.init_schema()
-    with box.engine.begin() as conn:  # as version 4 left it
-        conn.execute(text("DROP TABLE refiner_suppressed"))
-        conn.execute(update(events).values(status=DEAD).where(events.c.id < 0))
-        conn.exec_driver_sql("UPDATE refiner_schema SET version = 4")
-    box.init_schema()
-    assert box.schema_version() == 5 and box.suppression_counts(None) == (0, 0)
-    box.dispose()
 
 
 def test_replay_skips_and_counts_the_events_of_a_suppressed_person(store_url, outbox, both):

@@ -15,7 +15,10 @@ from collections import Counter
 from pathlib import Path
 
 import requests
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+from refiner_source import __version__
 from refiner_source.config import load_settings
 from refiner_source.store import Store
 from tests.conftest import SECRET, entry_for
@@ -39,9 +42,9 @@ def procfile() -> dict[str, str]:
 
 def test_procfile_has_web_worker_and_release():
     assert procfile() == {
-        "web": "refiner-source serve",
-        "worker": "refiner-source worker",
-        "release": "refiner-source init-db",
+        "web": "bin/refiner-source serve",
+        "worker": "bin/refiner-source worker",
+        "release": "bin/refiner-source init-db",
     }
 
 
@@ -85,9 +88,73 @@ def test_python_version_is_pinned_the_way_heroku_reads_it():
     assert not (ROOT / "runtime.txt").exists()  # deprecated by Heroku in favour of .python-version
 
 
-def test_requirements_txt_installs_this_package():
-    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert "." in lines or "--editable ." in lines
+def locked(name: str) -> dict[str, tuple[str, list[str]]]:
+    """A lock's requirements: name -> (version, hashes), from uv's format (a name==version line with
+    its markers, then its `--hash` lines, each ending in a backslash but the last)."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--hash="):
+            assert current is not None, f"{name}: a hash before any requirement"
+            pins[current][1].append(line.removeprefix("--hash=").rstrip(" \\"))
+            continue
+        requirement = line.split(";")[0].rstrip(" \\")
+        assert "==" in requirement, f"{name}: {line!r} is not pinned"
+        package, version = requirement.split("==")
+        current = canonicalize_name(package)
+        pins[current] = (version, [])
+    return pins
+
+
+def declared(extra: str | None = None) -> list[Requirement]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    text = cfg["options.extras_require"][extra] if extra else cfg["options"]["install_requires"]
+    return [Requirement(line) for line in text.splitlines() if line.strip()]
+
+
+def test_requirements_txt_is_a_lock_every_version_pinned_and_hashed():
+    """Heroku installs exactly these files, checked by their hashes; no directory, no host named."""
+    for name in ("requirements.txt", "requirements-test.txt"):
+        pins = locked(name)
+        assert len(pins) > 20, name
+        for package, (_version, hashes) in pins.items():
+            assert hashes and all(h.startswith("sha256:") and len(h) == 71 for h in hashes), (name, package)
+        text = (ROOT / name).read_text()
+        assert "://" not in text and "\n.\n" not in text, name
+
+
+def test_locks_hold_what_setup_cfg_asks_for_at_one_version_each():
+    runtime, test = locked("requirements.txt"), locked("requirements-test.txt")
+    for requirement in declared():
+        version = runtime[canonicalize_name(requirement.name)][0]
+        assert requirement.specifier.contains(version), f"requirements.txt: {requirement.name} {version} vs {requirement}"
+    for requirement in declared("test"):
+        version = test[canonicalize_name(requirement.name)][0]
+        assert requirement.specifier.contains(version), f"requirements-test.txt: {requirement.name} {version} vs {requirement}"
+    # The tests run what a deploy runs: every package of the deploy's lock, at its version.
+    assert {p: v for p, (v, _) in runtime.items()} == {p: test[p][0] for p in runtime}
+
+
+def test_bin_refiner_source_runs_this_checkout_uninstalled(tmp_path):
+    """What the Procfile runs on Heroku, where the lock installs the dependencies but not the package."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONSAFEPATH": "1"}
+    done = subprocess.run(
+        [str(ROOT / "bin" / "refiner-source"), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"refiner-source, version {__version__}"
+
+
+def test_profile_puts_bin_refiner_source_on_path_for_heroku_run():
+    """Heroku sources $HOME/.profile (HOME is the app's root) at each dyno's start, one-off dynos too."""
+    env = {"HOME": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(["bash", "-c", ". ./.profile && command -v refiner-source"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(ROOT / "bin" / "refiner-source"), done
 
 
 # --- several processes, one database ---------------------------------------------------------

@@ -46,7 +46,12 @@ def test_quick_start_works_on_a_python_that_refuses_system_wide_installs():
         assert line.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install "), line
     assert "refiner-source serve" in lines[0] and lines[1].endswith("python -m pytest")
     assert "DATABASE_URL" not in lines[0]  # the service line runs on the embedded SQLite default
-    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    # Both install the locks, the service's or the tests' (the same versions), as Heroku and CI do.
+    assert "pip install -r requirements.txt && pip install --no-deps . &&" in lines[0]
+    assert "pip install -r requirements-test.txt && pip install --no-deps -e . &&" in lines[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pip install --quiet -r requirements-test.txt\npython -m pip install --quiet --no-deps -e ." in ci
+    assert "python -m pytest" in ci
 
 
 def test_mapping_file_example_names_questions_of_the_example_body(tmp_path):

@@ -10,13 +10,23 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import event
 
-from refiner_source.config import MappingRules, normalize_database_url
-from refiner_source.store import REFINER, SCHEMA_VERSION, SEGMENT, DeadLetter, Entry, Store, StoreUnavailable, events
+from refiner_source.config import normalize_database_url
+from refiner_source.store import (
+    REFINER,
+    SEGMENT,
+    DeadLetter,
+    Entry,
+    Store,
+    StoreMisconfigured,
+    StoreUnavailable,
+    events,
+    head_revision,
+    metadata,
+)
 from tests.conftest import dead_row_versions, entry_for
 
 
@@ -127,7 +137,7 @@ def test_requeue_selects_by_response_form_and_time_with_a_new_generation(outbox)
 def test_init_schema_is_safe_to_run_twice(outbox):
     outbox.init_schema()
     outbox.init_schema()
-    assert outbox.stats().pending == 0 and outbox.schema_version() == SCHEMA_VERSION
+    assert outbox.stats().pending == 0 and outbox.schema_version() == head_revision()
 
 
 # Each process connects, says "ready", and waits for a line on stdin: they all begin init_schema at once.
@@ -177,7 +187,8 @@ def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
     box = Store(url)
     try:
         with box.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, SCHEMA_VERSION)]
+            assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, 5)]
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [(head_revision(),)]
         assert box.store_many([entry_for(1)]) == 1 and box.stats().pending == 1
     finally:
         box.dispose()
@@ -418,95 +429,6 @@ def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tm
     os.close(other)
 
 
-_NOW = datetime(2026, 11, 20, tzinfo=UTC)
-V2_TABLES = [
-    "CREATE TABLE refiner_receipts (id INTEGER PRIMARY KEY, receipt_key VARCHAR(600) NOT NULL UNIQUE,"
-    " response_id VARCHAR(255) NOT NULL, triggered_event VARCHAR(255) NOT NULL, messages INTEGER NOT NULL,"
-    " created_at FLOAT NOT NULL, form_uuid VARCHAR(255), occurred_at FLOAT, event TEXT)",
-    "CREATE TABLE refiner_messages (id INTEGER PRIMARY KEY, message_id VARCHAR(100) NOT NULL, response_id VARCHAR(255) NOT NULL,"
-    " call VARCHAR(16) NOT NULL, payload TEXT NOT NULL, status VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL,"
-    " available_at FLOAT NOT NULL, claimed_by VARCHAR(64), last_error TEXT, created_at FLOAT NOT NULL, delivered_at FLOAT)",
-    "CREATE TABLE refiner_backfills (id INTEGER PRIMARY KEY, run_key VARCHAR(600) NOT NULL UNIQUE, next_cursor TEXT,"
-    " next_page INTEGER, done INTEGER NOT NULL, pages INTEGER NOT NULL, seen INTEGER NOT NULL, stored INTEGER NOT NULL,"
-    " updated_at FLOAT NOT NULL)",
-    "CREATE TABLE refiner_schema (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)",
-    "INSERT INTO refiner_schema VALUES (1, 2)",
-]
-
-
-def make_v2_store(url: str, version: int = 2) -> dict[str, list[dict]]:
-    """A store as version 2 left it: three responses received; r-sent delivered, r-waiting's messages
-    pending (one Segment outage), r-refused's track dead. Returns the stored payloads by response."""
-    import json
-
-    from sqlalchemy import text
-
-    from refiner_source.to_segment.events import event_from_json
-    from refiner_source.to_segment.mapping import map_event
-
-    box = Store(url)
-    payloads: dict[str, list[dict]] = {}
-    with box.engine.begin() as conn:
-        for statement in V2_TABLES if version == 2 else V2_TABLES[:2]:  # a rollback finds refiner_schema there
-            conn.execute(text(statement))
-        message_id = 0
-        for n, (response, state) in enumerate([("sent", "delivered"), ("waiting", "pending"), ("refused", "dead")], start=1):
-            entry = entry_for(response)
-            messages = map_event(event_from_json(entry.event), MappingRules(), _NOW)
-            payloads[entry.source_id] = messages
-            conn.execute(
-                text("INSERT INTO refiner_receipts VALUES (:id, :key, :rid, :ev, 3, :at, :form, :occurred, :event)"),
-                {
-                    "id": n,
-                    "key": entry.receipt_key,
-                    "rid": entry.source_id,
-                    "ev": entry.triggered_event,
-                    "at": time.time() - 60,
-                    "form": entry.form_uuid,
-                    "occurred": entry.occurred_at,
-                    "event": entry.event,
-                },
-            )
-            for message in messages:
-                message_id += 1
-                status = "dead" if state == "dead" and message["type"] == "track" else ("delivered" if state == "dead" else state)
-                conn.execute(
-                    text("INSERT INTO refiner_messages VALUES (:id, :mid, :rid, :call, :payload, :status, 1, 0, NULL, :error, :at, NULL)"),
-                    {
-                        "id": message_id,
-                        "mid": message["messageId"],
-                        "rid": entry.source_id,
-                        "call": message["type"],
-                        "payload": json.dumps(message),
-                        "status": status,
-                        "at": time.time() - 60,
-                        "error": "HTTP 400 invalid: too many properties" if status == "dead" else None,
-                    },
-                )
-    box.dispose()
-    return payloads
-
-
-def test_init_db_upgrades_a_version_2_store_losing_no_pending_message(store_url):
-    payloads = make_v2_store(store_url)
-    box = Store(store_url)
-    box.init_schema()
-    box.init_schema()  # and again: nothing more happens
-    assert box.schema_version() == SCHEMA_VERSION
-    stats = box.stats()
-    assert (stats.pending, stats.dead) == (1, 1)
-    (waiting,) = box.claim(SEGMENT, 10, 60, "w")
-    assert waiting.source_id == "rwaiting" and waiting.messages == payloads["rwaiting"]  # exactly as stored
-    assert box.dead_letters() == [("rrefused", payloads["rrefused"][-1]["messageId"], "HTTP 400 invalid: too many properties")]
-    # Every receipt still makes its resend a duplicate, and replay still finds the stored events.
-    assert box.store_many([entry_for("sent"), entry_for("waiting"), entry_for("refused")]) == 0
-    assert box.requeue(source_id="rsent").queued == 1
-    with box.engine.connect() as conn:
-        names = set(box.engine.dialect.get_table_names(conn))
-    assert "refiner_messages" not in names and "refiner_receipts" not in names
-    box.dispose()
-
-
 def test_replay_leaves_pending_events_alone_so_one_in_flight_is_not_sent_twice(outbox):
     store(outbox, 1)
     (in_flight,) = outbox.claim(SEGMENT, 10, 60, "w")
@@ -535,35 +457,6 @@ def test_a_receipt_outlives_a_late_delivery_by_the_full_receipt_retention(outbox
     assert outbox.store_many([entry_for(1)]) == 0
 
 
-def test_an_older_release_started_again_is_taken_in_when_rolling_forward(store_url):
-    box = Store(store_url)
-    box.init_schema()  # version 3
-    box.store_many([entry_for("before")])
-    box.dispose()
-    payloads = make_v2_store(store_url, version=3)  # a rollback: version 2's code makes its tables anew
-    box = Store(store_url)
-    box.init_schema()
-    assert box.store_many([entry_for(r) for r in ("before", "sent", "waiting", "refused")]) == 0
-    stats = box.stats()
-    assert (stats.pending, stats.dead) == (2, 1)  # "before", and the messages v2 left waiting
-    waiting = [c for c in box.claim(SEGMENT, 10, 60, "w") if c.messages is not None]
-    assert [c.messages for c in waiting] == [payloads["rwaiting"]]
-    box.dispose()
-
-
-def test_replay_of_an_upgraded_response_does_not_send_its_old_messages_again(store_url):
-    make_v2_store(store_url)
-    box = Store(store_url)
-    box.init_schema()
-    (legacy,) = box.claim(SEGMENT, 10, 60, "w")
-    box.settle("w", delivered=[legacy.id])
-    result = box.requeue(source_id="rwaiting", generation="r9")
-    assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)  # the event, mapped anew; not the old copy
-    (again,) = box.claim(SEGMENT, 10, 60, "w")
-    assert again.messages is None and again.event is not None
-    box.dispose()
-
-
 # --- Segment to Refiner: one contact's events in order ---------------------------------------
 
 
@@ -590,22 +483,57 @@ def test_a_contact_claimed_by_one_worker_is_not_claimed_by_another(outbox):
     assert [c.source_id for c in outbox.claim(REFINER, 10, 60, "second", contact_order=True)] == ["a2"]
 
 
-def test_a_version_3_store_gets_the_contact_column(store_url):
+# --- the schema: Alembic's -----------------------------------------------------------------
+
+
+def test_init_db_makes_exactly_the_tables_the_code_describes(store_url):
+    """The migrations and tables.py agree: a change to a table without its revision fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
     box = Store(store_url)
     box.init_schema()
-    box.store_many([entry_for(1)])
-    with box.engine.begin() as conn:  # as version 3 left it
-        conn.exec_driver_sql("DROP INDEX ix_refiner_events_contact")
-        conn.exec_driver_sql("ALTER TABLE refiner_events DROP COLUMN contact")
-        conn.exec_driver_sql("UPDATE refiner_schema SET version = 3")
+    with box.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+    assert box.schema_version() == head_revision()
     box.dispose()
+
+
+def make_v5_store(url: str) -> None:
+    """A store as `init-db` made it before Alembic: today's tables, refiner_schema at 5, no alembic_version."""
+    box = Store(url)
+    with box.engine.begin() as conn:
+        metadata.create_all(conn)
+        conn.exec_driver_sql("INSERT INTO refiner_schema (id, version) VALUES (1, 5)")
+    box.store_many([entry_for("waiting"), refiner_entry("m1", "id:a")])
+    box.dispose()
+
+
+def test_init_db_takes_in_a_version_5_store_made_before_alembic(store_url):
+    make_v5_store(store_url)
     box = Store(store_url)
+    assert box.schema_version() is None
     box.init_schema()
-    box.init_schema()
-    assert box.schema_version() == SCHEMA_VERSION == 5
-    assert box.stats().pending == 1
-    box.store_many([refiner_entry("m1", "id:a")])
+    box.init_schema()  # and again: nothing more happens
+    assert box.schema_version() == head_revision()
+    assert (box.stats(SEGMENT).pending, box.stats(REFINER).pending) == (1, 1)  # what it held is there, delivered as before
+    assert box.store_many([entry_for("waiting")]) == 0
+    assert [c.source_id for c in box.claim(SEGMENT, 10, 60, "w")] == ["rwaiting"]
     assert [c.contact for c in box.claim(REFINER, 10, 60, "w", contact_order=True)] == ["id:a"]
+    with box.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, 5)]  # as a rollback reads it
+    box.dispose()
+
+
+def test_init_db_refuses_a_store_older_than_version_5_saying_what_to_do(store_url):
+    make_v5_store(store_url)
+    box = Store(store_url)
+    with box.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE refiner_schema SET version = 4")
+    with pytest.raises(StoreMisconfigured, match="schema is version 4, from before the first release") as refused:
+        box.init_schema()
+    assert "start with a new database" in str(refused.value)
+    assert box.schema_version() is None and (box.stats(SEGMENT).pending, box.stats(REFINER).pending) == (1, 1)  # nothing lost
     box.dispose()
 
 

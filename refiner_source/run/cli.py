@@ -11,6 +11,7 @@ import threading
 
 import click
 
+from refiner_source import __version__
 from refiner_source.logs import configure_logging
 from refiner_source.run.backfill_command import backfill
 from refiner_source.run.forget_command import forget
@@ -45,7 +46,7 @@ class _StoreErrors(click.Group):
 
 
 @click.group(cls=_StoreErrors)
-@click.version_option(package_name="refiner-source")
+@click.version_option(__version__, prog_name="refiner-source")  # also run uninstalled, from a checkout (Heroku)
 def main() -> None:
     """Refiner survey responses into Segment, and Segment's events into Refiner.
 

@@ -16,7 +16,7 @@ from refiner_source.store.cursors import BackfillState
 from refiner_source.store.database import UNDEFINED_TABLE, StoreMisconfigured, StoreUnavailable, make_engine
 from refiner_source.store.operations import Operations, Requeued, Stats
 from refiner_source.store.receipts import Receipts
-from refiner_source.store.schema import SCHEMA_VERSION, V2_ALTERATIONS, Schema
+from refiner_source.store.schema import Schema, head_revision
 from refiner_source.store.suppression import Erased, Suppression
 from refiner_source.store.tables import (
     DEAD,
@@ -42,10 +42,8 @@ __all__ = [
     "PENDING",
     "PURGED",
     "REFINER",
-    "SCHEMA_VERSION",
     "SEGMENT",
     "UNDEFINED_TABLE",
-    "V2_ALTERATIONS",
     "BackfillState",
     "Claimed",
     "DeadLetter",
@@ -60,6 +58,7 @@ __all__ = [
     "backfills",
     "dead_letters",
     "events",
+    "head_revision",
     "last_errors",
     "make_engine",
     "metadata",
