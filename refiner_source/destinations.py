@@ -32,12 +32,10 @@ def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:
     return loops
 
 
-def preview(
-    destination: str, stored: str | None, kept: list[dict[str, Any]] | None, generation: str | None, created_at: float, rules: MappingRules
-) -> list[dict[str, Any]]:
+def preview(destination: str, stored: str | None, generation: str | None, created_at: float, rules: MappingRules) -> list[dict[str, Any]]:
     """The calls a stored event of `destination` becomes now with `rules`, made by the same code as
     its delivery (raises what its mapping raises)."""
-    return _module(destination).preview(stored, kept, generation, created_at, rules)
+    return _module(destination).preview(stored, generation, created_at, rules)
 
 
 def _module(destination: str):

@@ -67,11 +67,11 @@ def erase(
         )
     readers = {d: people_of_stored(d) for d in DIRECTIONS}
 
-    def concerns(destination: str, event: str | None, messages: str | None) -> bool:
+    def concerns(destination: str, event: str | None) -> bool:
         try:
-            return bool(readers[destination](event, messages) & person)
+            return bool(readers[destination](event) & person)
         except (ValueError, TypeError, AttributeError):  # not JSON of this version: its text decides
-            return mentions((event or "") + (messages or ""), quoted=True)
+            return mentions(event or "", quoted=True)
 
     # Each identifier as JSON writes it (escaped, or not), quoted: what a text that names it holds.
     forms = [json.dumps(value.lower(), ensure_ascii=ascii) for _, value in person for ascii in (True, False)]
@@ -108,11 +108,11 @@ def suppression_status(outbox: Store, settings: Settings) -> tuple[int, int]:
 
 
 def replay_skip(outbox: Store, settings: Settings, destination: str):
-    """What `replay` skips: an event of a person on the suppression list (its stored event and kept messages)."""
+    """What `replay` skips: an event (its stored JSON) of a person on the suppression list."""
     from refiner_source.privacy import Suppressed
 
     suppressed = Suppressed(outbox, key_of(settings))
     if not suppressed.active():
         return None
     people = people_of_stored(destination)
-    return lambda event, messages: suppressed.forgotten(people(event, messages))
+    return lambda event: suppressed.forgotten(people(event))

@@ -316,7 +316,7 @@ class _Recording:
     def people(self, claim):
         from refiner_source.to_segment.people import people_of_stored
 
-        return people_of_stored(claim.event, None)
+        return people_of_stored(claim.event)
 
 
 def test_the_delivery_worker_drops_a_claimed_event_of_a_suppressed_person(outbox, both):

@@ -5,20 +5,18 @@ from being emptied."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import insert, select
 
 from refiner_source.config import Settings, normalize_database_url
 from refiner_source.destinations import delivery_loops
 from refiner_source.erasure import erase
 from refiner_source.privacy import pairs
-from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, Store, database, events
+from refiner_source.store import PURGED, REFINER, SEGMENT, Store, database
 from refiner_source.store.suppression import ERASED_ERROR
 from tests.conftest import SECRET, entry_for
 from tests.test_forget import SHARED, rows, segment_event
@@ -38,10 +36,10 @@ def test_an_event_stored_while_the_erase_reads_is_erased_too(outbox, both):
     stored_meanwhile = []
 
     def erase_person(patterns, contacts, concerns, **kwargs):
-        def concerns_while_a_webhook_commits(destination, event, messages):
+        def concerns_while_a_webhook_commits(destination, event):
             if not stored_meanwhile:  # the webhook of another process commits during the read
                 stored_meanwhile.append(outbox.store_many([entry_for(1, "Dismissed Survey")]))
-            return concerns(destination, event, messages)
+            return concerns(destination, event)
 
         return real(patterns, contacts, concerns_while_a_webhook_commits, **kwargs)
 
@@ -75,30 +73,6 @@ def test_a_dry_run_needs_no_key(outbox, settings):
     keyless = replace(settings, webhook_secrets=(), segment_write_key=None)
     outbox.store_many([entry_for(1)])
     assert erase(outbox, keyless, frozenset(pairs(user="user-1")), dry_run=True)[SEGMENT].events == 1
-
-
-def test_messages_kept_by_a_store_before_version_3_are_found_by_their_prefixed_email(outbox, both):
-    identify = {"type": "identify", "messageId": "old-1", "userId": "user-9", "traits": {"refiner_email": "Old@Example.com"}}
-    with outbox._write() as conn:
-        conn.execute(
-            insert(events).values(
-                destination=SEGMENT,
-                receipt_key="old\nCompleted Survey",
-                source_id="old",
-                triggered_event="Completed Survey",
-                event=None,
-                messages=json.dumps([identify]),
-                message_count=1,
-                status=PENDING,
-                attempts=0,
-                available_at=time.time(),
-                created_at=time.time(),
-                queued_at=time.time(),
-            )
-        )
-    assert erase(outbox, both, frozenset(pairs(email="old@example.com")))[SEGMENT].events == 1
-    with outbox.engine.connect() as conn:
-        assert conn.execute(select(events.c.messages, events.c.status)).one() == (None, PURGED)
 
 
 def test_a_segment_event_naming_the_address_in_either_traits_is_theirs(outbox, both):

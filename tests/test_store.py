@@ -1,6 +1,5 @@
 """The store on SQLite and PostgreSQL: one row per event, duplicates, exclusive claims, leases, dead letters,
-replay, retention (and that what it forgets leaves no byte in a SQLite store's files), and the upgrade of a
-version 2 store."""
+replay, retention (and that what it forgets leaves no byte in a SQLite store's files), and the schema's migrations."""
 
 from __future__ import annotations
 
@@ -522,6 +521,18 @@ def test_init_db_takes_in_a_version_5_store_made_before_alembic(store_url):
     assert [c.contact for c in box.claim(REFINER, 10, 60, "w", contact_order=True)] == ["id:a"]
     with box.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, 5)]  # as a rollback reads it
+    box.dispose()
+
+
+def test_init_db_refuses_a_version_5_store_still_holding_messages_kept_from_before_version_3(store_url):
+    make_v5_store(store_url)
+    box = Store(store_url)
+    with box.engine.begin() as conn:  # what the upgrade from version 2 made of messages still waiting
+        conn.execute(events.update().where(events.c.source_id == "rwaiting").values(messages='[{"type": "track"}]'))
+    with pytest.raises(StoreMisconfigured, match="1 event still holds messages kept from before version 3") as refused:
+        box.init_schema()
+    assert "deliver them with the release that made the store" in str(refused.value)
+    assert box.schema_version() is None and box.stats(SEGMENT).pending == 1
     box.dispose()
 
 

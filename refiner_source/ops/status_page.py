@@ -182,9 +182,9 @@ def _event(event_id: int):
     content = app_state.outbox.event_content(event_id)
     if content is None:
         _stop(404, "not_found", f"No event {event_id}.")
-    destination, stored, messages, generation, created_at = content
+    destination, stored, generation, created_at = content
     try:
-        calls, problem = preview(destination, stored, messages, generation, created_at, app_state.settings.rules), None
+        calls, problem = preview(destination, stored, generation, created_at, app_state.settings.rules), None
     except Exception as exc:  # an event that cannot be mapped (a dead letter): show it as stored, and why
         calls, problem = [json.loads(stored)] if stored else [], f"{type(exc).__name__}: {exc}"
     return render_template(
@@ -193,7 +193,7 @@ def _event(event_id: int):
         destination=destination,
         calls=calls,
         problem=problem,
-        kept=stored is not None or bool(messages),
+        kept=stored is not None,
         found=app_state.outbox.find_event(event_id),
         **_helpers(),
     )

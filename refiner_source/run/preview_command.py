@@ -58,11 +58,11 @@ def _calls(admitted, from_segment: bool, now: float, rules) -> list:
             click.echo(f"event {note['index']} ({note['message_id']}) is ignored: {note['reason']}", err=True)
         for note in admitted.invalid:
             click.echo(f"event {note['index']} is not valid: {note['error']}", err=True)
-        return [call for entry in admitted.entries for call in preview_of("refiner", entry.event, None, None, now, rules)]
+        return [call for entry in admitted.entries for call in preview_of("refiner", entry.event, None, now, rules)]
     if isinstance(admitted, Ignored):
         click.echo(f"ignored: {admitted.reason}", err=True)
         return []
-    return preview_of("segment", admitted.event, None, None, now, rules)
+    return preview_of("segment", admitted.event, None, now, rules)
 
 
 def _refused(status: int, answer: dict) -> None:

@@ -21,7 +21,6 @@ from refiner_source.store.suppression import Erased, Suppression
 from refiner_source.store.tables import (
     DEAD,
     DELIVERED,
-    LEGACY_EVENT,
     PENDING,
     PURGED,
     alerts,
@@ -38,7 +37,6 @@ from refiner_source.store.tables import (
 __all__ = [
     "DEAD",
     "DELIVERED",
-    "LEGACY_EVENT",
     "PENDING",
     "PURGED",
     "REFINER",

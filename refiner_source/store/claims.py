@@ -3,11 +3,9 @@ say when the next one is due."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, text, update
 from sqlalchemy.engine import Connection
@@ -23,7 +21,6 @@ class Claimed:
     id: int
     source_id: str  # the id its source gave it: a Refiner response's uuid, a Segment messageId
     event: str | None  # the stored event as JSON
-    messages: list[dict[str, Any]] | None  # messages built before version 3, sent as they are
     generation: str | None
     created_at: float
     attempts: int
@@ -84,7 +81,6 @@ class Claims(Database):
                 events.c.id,
                 events.c.source_id,
                 events.c.event,
-                events.c.messages,
                 events.c.generation,
                 events.c.created_at,
                 events.c.attempts,
@@ -102,7 +98,6 @@ class Claims(Database):
                 r.id,
                 r.source_id,
                 r.event,
-                json.loads(r.messages) if r.messages else None,
                 r.generation,
                 r.created_at,
                 r.attempts,
@@ -140,10 +135,7 @@ class Claims(Database):
                 conn.execute(
                     update(events)
                     .where(events.c.id.in_(list(delivered)), mine)
-                    # Messages kept from before version 3 are done with once delivered: never sent again.
-                    .values(
-                        status=DELIVERED, delivered_at=now, claimed_by=None, last_error=None, attempts=events.c.attempts + 1, messages=None
-                    )
+                    .values(status=DELIVERED, delivered_at=now, claimed_by=None, last_error=None, attempts=events.c.attempts + 1)
                 )
             still_mine: set[int] = set()
             for event_id in dead_ids:

@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, select, update
 
 from refiner_source.directions import SEGMENT
 from refiner_source.store.database import Database, chunks
 from refiner_source.store.tables import DEAD, DELIVERED, PENDING, PURGED, dead_letters, events
 
-# What replay can send again: an event kept, or a dead row of messages kept from before version 3.
-KEPT = or_(events.c.event.is_not(None), and_(events.c.messages.is_not(None), events.c.status == DEAD))
+# What replay can send again: an event whose content is kept (not forgotten past retention).
+KEPT = events.c.event.is_not(None)
 LARGEST_ID = 2**31 - 1  # ids are 32-bit integers: a larger number names no event (and PostgreSQL would refuse it)
 
 
@@ -126,8 +126,7 @@ class DeadLetters(Database):
             if generation is not None:
                 values["generation"] = generation
             with self._write() as conn:
-                # Still delivered or dead, and still kept (a purge may have come in between). A dead
-                # row of messages kept from before version 3 is sent again as it is; an event is mapped anew.
+                # Still delivered or dead, and still kept (a purge may have come in between): mapped anew when sent.
                 stmt = update(events).where(events.c.id.in_(chunk), events.c.status.in_([DELIVERED, DEAD]), KEPT)
                 queued += conn.execute(stmt.values(**values)).rowcount
                 requeued = select(events.c.id).where(events.c.id.in_(chunk), events.c.status == PENDING)
@@ -154,7 +153,7 @@ class DeadLetters(Database):
                 given_up += conn.execute(
                     update(events)
                     .where(events.c.id.in_(chunk), events.c.status == DEAD)
-                    .values(status=PURGED, event=None, messages=None, delivered_at=time.time())
+                    .values(status=PURGED, event=None, delivered_at=time.time())
                 ).rowcount
                 gone = select(events.c.id).where(events.c.id.in_(chunk), events.c.status == PURGED)
                 conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(gone)))

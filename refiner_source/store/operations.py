@@ -3,17 +3,16 @@ replay, and retention (forgetting answers, then receipts)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from refiner_source.directions import SEGMENT
 from refiner_source.store.dead import KEPT, LARGEST_ID, DeadLetters
-from refiner_source.store.tables import DEAD, DELIVERED, LEGACY_EVENT, PENDING, PURGED, dead_letters, events, last_errors
+from refiner_source.store.tables import DEAD, DELIVERED, PENDING, PURGED, dead_letters, events, last_errors
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,12 @@ class Operations(DeadLetters):
         until: float | None = None,
         generation: str | None = None,
         destination: str = SEGMENT,
-        skip: Callable[[str | None, str | None], bool] | None = None,
+        skip: Callable[[str | None], bool] | None = None,
     ) -> Requeued:
         """Put the delivered or dead events a replay selects back in line, to be mapped again (with
         `generation`, new messageIds). Pending events are left as they are: they will be mapped when
         sent anyway, and one in flight must not go out twice. Events past retention are counted, not
-        queued: their answers are gone. Events `skip` (of their stored event and kept messages) says are
+        queued: their answers are gone. Events `skip` (of their stored event) says are
         of a forgotten person are counted, not queued."""
         selection = [events.c.destination == destination]
         if source_id is not None:
@@ -80,11 +79,11 @@ class Operations(DeadLetters):
             selection.append(events.c.occurred_at < until)
         with self._guard(), self.engine.connect() as conn:  # a read: no write lock while it scans
             already = conn.execute(select(func.count()).select_from(events).where(*selection, events.c.status == PENDING)).scalar()
-            settled = or_(events.c.status == DEAD, and_(events.c.status == DELIVERED, events.c.triggered_event != LEGACY_EVENT))
-            content = (events.c.event, events.c.messages) if skip is not None else ()
+            settled = events.c.status.in_([DEAD, DELIVERED])
+            content = (events.c.event,) if skip is not None else ()
             rows = conn.execute(select(events.c.id, KEPT, *content).where(*selection, settled)).all()
         kept = [r for r in rows if r[1]]
-        ids = [r[0] for r in kept if skip is None or not skip(r[2], r[3])]
+        ids = [r[0] for r in kept if skip is None or not skip(r[2])]
         queued = self._requeue(ids, generation)
         return Requeued(
             matched=len(rows) + already, queued=queued, forgotten=len(rows) - len(kept), pending=already, suppressed=len(kept) - len(ids)
@@ -100,9 +99,7 @@ class Operations(DeadLetters):
         done = events.c.status.in_([DELIVERED, PURGED])
         with self._write() as conn:
             forgotten = conn.execute(
-                update(events)
-                .where(done, events.c.delivered_at < delivered_before, or_(events.c.event.is_not(None), events.c.messages.is_not(None)))
-                .values(event=None, messages=None)
+                update(events).where(done, events.c.delivered_at < delivered_before, events.c.event.is_not(None)).values(event=None)
             ).rowcount
             deleted = conn.execute(
                 delete(events).where(done, events.c.delivered_at < receipts_before, events.c.created_at < receipts_before)
@@ -134,7 +131,7 @@ class Operations(DeadLetters):
         return self._find(events.c.id == event_id, 1) if 0 < event_id <= LARGEST_ID else []
 
     def _find(self, condition, limit: int) -> list[dict[str, Any]]:
-        columns = [c for c in events.c if c.name not in ("event", "messages")]
+        columns = [c for c in events.c if c.name not in ("event", "messages")]  # no content: states only
         with self._guard(), self.engine.connect() as conn:
             rows = conn.execute(select(*columns).where(condition).order_by(events.c.id.desc()).limit(limit)).all()
             letters = conn.execute(
@@ -145,16 +142,14 @@ class Operations(DeadLetters):
             item["dead_letters"] = [dict(d._mapping) for d in letters if d.event_id == item["id"]]
         return found
 
-    def event_content(self, event_id: int) -> tuple[str, str | None, list[dict[str, Any]] | None, str | None, float] | None:
-        """(destination, stored event JSON, messages kept from before version 3, generation, created_at) of one event."""
+    def event_content(self, event_id: int) -> tuple[str, str | None, str | None, float] | None:
+        """(destination, stored event JSON, generation, created_at) of one event."""
         if not 0 < event_id <= LARGEST_ID:
             return None
         with self._guard(), self.engine.connect() as conn:
             row = conn.execute(
-                select(events.c.destination, events.c.event, events.c.messages, events.c.generation, events.c.created_at).where(
-                    events.c.id == event_id
-                )
+                select(events.c.destination, events.c.event, events.c.generation, events.c.created_at).where(events.c.id == event_id)
             ).first()
         if row is None:
             return None
-        return row.destination, row.event, json.loads(row.messages) if row.messages else None, row.generation, row.created_at
+        return row.destination, row.event, row.generation, row.created_at

@@ -129,7 +129,6 @@ def _row(entry: Entry, now: float) -> dict[str, Any]:
         "form_uuid": entry.form_uuid,
         "occurred_at": entry.occurred_at,
         "event": entry.event,
-        "messages": None,
         "message_count": entry.message_count,
         "generation": None,
         "status": PENDING,

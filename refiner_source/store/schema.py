@@ -8,11 +8,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 
 from refiner_source.store.database import Database, StoreMisconfigured
-from refiner_source.store.tables import schema_info
+from refiner_source.store.tables import events, schema_info
 
 BASELINE = "0001"  # the revision of schema version 5, the last one that init-db wrote by hand
 SCHEMA_VERSION = 5  # the refiner_schema row a store made before Alembic holds
@@ -47,6 +47,13 @@ class Schema(Database):
                         f"the store's schema is version {version}, from before the first release, which this release "
                         f"cannot upgrade: deliver or replay what it holds with the release that made it, then start "
                         f"with a new database"
+                    )
+                kept = conn.execute(select(func.count()).where(events.c.messages.is_not(None))).scalar()
+                if kept:
+                    raise StoreMisconfigured(
+                        f"{kept} event{' still holds' if kept == 1 else 's still hold'} messages kept from before version 3, "
+                        f"which this release no longer sends: deliver them with the release that made the store, then run "
+                        f"init-db again"
                     )
                 command.stamp(alembic_config(conn), BASELINE)  # made by hand as version 5: the baseline's tables
             command.upgrade(alembic_config(conn), "head")

@@ -5,7 +5,7 @@ by each process, and counted for the operator.
 The store knows no direction: the caller says which rows may concern the person (LIKE patterns on
 the stored JSON, values of the contact column) and which of those really do (`concerns`, on the
 parsed event). An erased event keeps its row as a bare receipt, as retention and purge-dead leave
-one: every column that could hold personal data (the event, kept messages, the contact, the last
+one: every column that could hold personal data (the event, the contact, the last
 error) is cleared, its dead letters are deleted, and its state becomes purged, so that it is never
 sent, replayed or shown, a resent webhook is still a duplicate, and the row goes with the other
 receipts after 90 days.
@@ -29,8 +29,8 @@ LIKE_ESCAPE = "!"
 STORED_MARGIN_SECONDS = 60.0
 ERASED_ERROR = "(this error's text named a person since forgotten: erased)"
 
-# (destination, stored event JSON, messages kept from before version 3) -> whether it concerns the person
-Concerns = Callable[[str, str | None, str | None], bool]
+# (destination, stored event JSON) -> whether it concerns the person
+Concerns = Callable[[str, str | None], bool]
 
 
 @dataclass
@@ -69,13 +69,13 @@ class Suppression(Database):
         (row ids are no guide: on PostgreSQL a later id may commit first), and erases. Then the old values
         are scrubbed from the database's files (Database._scrub). A dry run only reads."""
         prefilter = or_(
-            *(column.ilike(p, escape=LIKE_ESCAPE) for p in patterns for column in (events.c.event, events.c.messages)),
+            *(events.c.event.ilike(p, escape=LIKE_ESCAPE) for p in patterns),
             events.c.contact.in_(list(contacts)),
         )
-        columns = (events.c.id, events.c.destination, events.c.status, events.c.event, events.c.messages, events.c.contact)
+        columns = (events.c.id, events.c.destination, events.c.status, events.c.event, events.c.contact)
 
         def chosen(rows) -> dict[int, str]:
-            return {r.id: r.destination for r in rows if r.contact in contacts or concerns(r.destination, r.event, r.messages)}
+            return {r.id: r.destination for r in rows if r.contact in contacts or concerns(r.destination, r.event)}
 
         read_started = time.time()
         with self._guard(), self.engine.connect() as conn:
@@ -124,7 +124,6 @@ class Suppression(Database):
                 .values(
                     status=PURGED,
                     event=None,
-                    messages=None,
                     contact=None,
                     last_error=None,
                     claimed_by=None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
 
 PENDING, DELIVERED, DEAD, PURGED = "pending", "delivered", "dead", "purged"
-LEGACY_EVENT = "(messages kept from before version 3)"  # the rows an upgrade makes of waiting messages
 
 metadata = MetaData()
 
@@ -41,8 +40,8 @@ events = Table(
     # retention stop before them.
     Column("last_error", Text),
     Column("event", Text),
-    # Messages built before version 3 (a store upgraded with messages still to send): sent as they
-    # are, since a version 1 store kept no event to map again.
+    # Always NULL: where stores before version 3 kept messages. Kept in the schema so that a release
+    # from before Alembic, rolled back to, still reads the table; init-db refuses a store that has any.
     Column("messages", Text),
     UniqueConstraint("destination", "receipt_key", name="uq_refiner_events_receipt"),
     Index("ix_refiner_events_due", "destination", "status", "available_at"),

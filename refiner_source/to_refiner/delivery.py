@@ -50,7 +50,7 @@ def plan(claimed: Sequence[Claimed], rules: MappingRules) -> tuple[list[list[Cal
     return list(contacts.values()), dead
 
 
-def preview(stored: str | None, _kept: Any, _generation: str | None, _created_at: float, rules: MappingRules) -> list[dict[str, Any]]:
+def preview(stored: str | None, _generation: str | None, _created_at: float, rules: MappingRules) -> list[dict[str, Any]]:
     """The calls a stored event becomes now (the operator's event view), as delivery makes them."""
     return [] if stored is None else [{"path": c.path, "body": c.body} for c in to_refiner(json.loads(stored), rules)]
 

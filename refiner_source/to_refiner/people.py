@@ -22,5 +22,5 @@ def people_of(event: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
     return frozenset(found)
 
 
-def people_of_stored(event: str | None, _messages: str | None = None) -> frozenset[tuple[str, str]]:
+def people_of_stored(event: str | None) -> frozenset[tuple[str, str]]:
     return people_of(json.loads(event)) if event else frozenset()

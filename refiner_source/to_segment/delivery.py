@@ -63,9 +63,9 @@ def _by_event(items: Sequence[Item]) -> list[list[Item]]:
     return groups
 
 
-def preview(stored: str | None, kept: list[dict[str, Any]] | None, generation: str | None, created_at: float, rules: MappingRules):
+def preview(stored: str | None, generation: str | None, created_at: float, rules: MappingRules):
     """The messages a stored event becomes now (the operator's event view), as delivery makes them."""
-    return messages_of(stored, kept, generation, created_at, rules)
+    return messages_of(stored, generation, created_at, rules)
 
 
 def build_loop(settings: Settings, outbox: Store) -> SegmentWorker:
@@ -73,13 +73,9 @@ def build_loop(settings: Settings, outbox: Store) -> SegmentWorker:
     return SegmentWorker(outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules)
 
 
-def messages_of(
-    event: str | None, kept: list[dict[str, Any]] | None, generation: str | None, created_at: float, rules: MappingRules
-) -> list[dict[str, Any]]:
-    """The Segment messages of a stored event: those kept from before version 3 as they are, else the
-    event mapped now with `rules`; [] when its content is forgotten (past retention)."""
-    if kept is not None:
-        return kept
+def messages_of(event: str | None, generation: str | None, created_at: float, rules: MappingRules) -> list[dict[str, Any]]:
+    """The Segment messages of a stored event, mapped now with `rules`; [] when its content is
+    forgotten (past retention)."""
     if event is None:
         return []
     return map_event(event_from_json(event), rules, datetime.fromtimestamp(created_at, UTC), generation)
@@ -103,16 +99,16 @@ class ToSegment:
         return {"segment_host": self.api.host}
 
     def people(self, claim: Claimed) -> frozenset[tuple[str, str]]:
-        return people_of_stored(claim.event, json.dumps(claim.messages) if claim.messages else None)
+        return people_of_stored(claim.event)
 
     def plan(self, claimed: Sequence[Claimed]) -> tuple[list[list[Call]], list[DeadLetter]]:
-        """One lane of batches, mapped now with the current mapping file (messages kept by an upgraded
-        store are sent as they are). An event that cannot be mapped is dead at once."""
+        """One lane of batches, mapped now with the current mapping file. An event that cannot be mapped
+        is dead at once."""
         items: list[Item] = []
         dead: list[DeadLetter] = []
         for claim in claimed:
             try:
-                messages = messages_of(claim.event, claim.messages, claim.generation, claim.created_at, self.rules)
+                messages = messages_of(claim.event, claim.generation, claim.created_at, self.rules)
             except MessageTooLarge as exc:
                 dead.append(DeadLetter(claim.id, None, None, f"too large for Segment: {exc}"))
                 log.error(
