@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -137,6 +138,13 @@ def test_locks_hold_what_setup_cfg_asks_for_at_one_version_each():
         assert requirement.specifier.contains(version), f"requirements-test.txt: {requirement.name} {version} vs {requirement}"
     # The tests run what a deploy runs: every package of the deploy's lock, at its version.
     assert {p: v for p, (v, _) in runtime.items()} == {p: test[p][0] for p in runtime}
+
+
+def test_the_lock_is_written_by_one_uv_release_named_alike_everywhere():
+    """A lock remade by another uv may differ in its words alone, which CI's check would fail."""
+    (version,) = re.findall(r"^UV_VERSION=(\S+)$", (ROOT / ".ci" / "lock").read_text(), re.M)
+    assert f"pip install uv=={version}" in (ROOT / "README.md").read_text()
+    assert 'pip install --quiet "uv==$(sed -n \'s/^UV_VERSION=//p\' .ci/lock)"' in (ROOT / ".ci" / "run").read_text()
 
 
 def test_bin_refiner_source_runs_this_checkout_uninstalled(tmp_path):

@@ -187,7 +187,7 @@ def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
     try:
         with box.engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, 5)]
-            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [(head_revision(),)]
+            assert conn.exec_driver_sql("SELECT version_num FROM refiner_alembic_version").all() == [(head_revision(),)]
         assert box.store_many([entry_for(1)]) == 1 and box.stats().pending == 1
     finally:
         box.dispose()
@@ -493,13 +493,14 @@ def test_init_db_makes_exactly_the_tables_the_code_describes(store_url):
     box = Store(store_url)
     box.init_schema()
     with box.engine.connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "version_table": "refiner_alembic_version"})
+        assert compare_metadata(context, metadata) == []
     assert box.schema_version() == head_revision()
     box.dispose()
 
 
 def make_v5_store(url: str) -> None:
-    """A store as `init-db` made it before Alembic: today's tables, refiner_schema at 5, no alembic_version."""
+    """A store as `init-db` made it before Alembic: today's tables, refiner_schema at 5, no Alembic version table."""
     box = Store(url)
     with box.engine.begin() as conn:
         metadata.create_all(conn)
@@ -531,8 +532,34 @@ def test_init_db_refuses_a_version_5_store_still_holding_messages_kept_from_befo
         conn.execute(events.update().where(events.c.source_id == "rwaiting").values(messages='[{"type": "track"}]'))
     with pytest.raises(StoreMisconfigured, match="1 event still holds messages kept from before version 3") as refused:
         box.init_schema()
-    assert "deliver them with the release that made the store" in str(refused.value)
+    assert "with the release that made the store, let them be delivered" in str(refused.value)
     assert box.schema_version() is None and box.stats(SEGMENT).pending == 1
+    box.dispose()
+
+
+def test_a_store_at_a_newer_revision_than_this_release_knows_is_left_as_it_is(store_url, caplog):
+    """A rollback: the dynos of the release before start on a store a later release has migrated."""
+    box = Store(store_url)
+    box.init_schema()
+    with box.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE refiner_alembic_version SET version_num = '9999'")
+    with caplog.at_level("WARNING", logger="refiner_source.store.schema"):
+        box.init_schema()
+    assert box.schema_version() == "9999"
+    assert "a revision this release does not know" in caplog.text
+    assert box.store_many([entry_for(1)]) == 1 and box.stats(SEGMENT).pending == 1
+    box.dispose()
+
+
+def test_an_alembic_version_table_of_another_app_in_the_same_database_is_not_ours(store_url):
+    box = Store(store_url)
+    with box.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('their-head')")
+    box.init_schema()
+    assert box.schema_version() == head_revision()
+    with box.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [("their-head",)]
     box.dispose()
 
 

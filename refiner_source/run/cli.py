@@ -96,7 +96,8 @@ def worker(exit_with_parent: bool) -> None:
     settings = settings_or_exit(directions=True)
     configure_logging(settings.log_level)
     outbox = open_outbox(settings)
-    outbox.init_schema()
+    if not exit_with_parent:  # under serve, its init-db child has made the schema, and Alembic stays out of this process
+        outbox.init_schema()
     from refiner_source.destinations import delivery_loops
 
     parts = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from refiner_source.store.schema import VERSION_TABLE
 from refiner_source.store.tables import metadata
 
 config = context.config
@@ -19,6 +20,7 @@ def run(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
+        version_table=VERSION_TABLE,
         # SQLite cannot ALTER most of a table: Alembic copies it to a new one instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
