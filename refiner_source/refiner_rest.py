@@ -1,6 +1,6 @@
-"""Refiner's REST API client, shared by both directions: `Authorization: Bearer $REFINER_API_KEY`,
-a session per thread, and `GET /responses` a page at a time for the backfill (Refiner -> Segment).
-The calls Segment's events become (Segment -> Refiner) are in to_refiner/api.py, on this client."""
+"""Refiner's REST API, what both directions share: `Authorization: Bearer $REFINER_API_KEY` on a
+session per thread (`Sessions`), and `GET /responses` a page at a time for the backfill (Refiner ->
+Segment). The calls Segment's events become (Segment -> Refiner) are in to_refiner/api.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import requests
 
-from refiner_source.delivery.backoff import Backoff, retry_after
+from refiner_source.delivery.answers import Verdict, retry_after, verdict
+from refiner_source.delivery.backoff import Backoff
 
 PAGE_LENGTH = 500  # responses a page: five times fewer requests than the API's default pages
 
@@ -30,13 +31,28 @@ class Page:
     items: list[Any]
     next_cursor: str | None
     next_page: int | None
-    current_page: int | None
     last_page: int | None
 
 
+class Sessions:
+    """A requests session per thread, each with the key: the delivery loop sends from a pool of
+    threads, and a session (its connection pool) is not to be shared between them."""
+
+    def __init__(self, api_key: str) -> None:
+        self.headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._local = threading.local()
+
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers.update(self.headers)
+        return session
+
+
 class RefinerClient:
-    """Refiner's REST API: `GET /responses` a page at a time for the backfill (retrying what is
-    worth retrying); to_refiner/api.py adds the calls of the delivery worker (which retries by itself)."""
+    """Refiner's REST API for reading: `GET /responses` a page at a time for the backfill, retrying
+    what the answer's status says is worth retrying (refiner_source.delivery.answers.verdict)."""
 
     def __init__(
         self,
@@ -55,8 +71,7 @@ class RefinerClient:
         hears of each retry before its wait."""
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/responses"
-        self.headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
-        self._local = threading.local()  # a session (its connection pool) per thread: the delivery loop sends from a pool
+        self.sessions = Sessions(api_key)
         self.timeout = timeout
         self.backoff = backoff
         self.max_attempts = max_attempts
@@ -79,7 +94,7 @@ class RefinerClient:
         problem = ""
         for attempt in range(self.max_attempts):
             try:
-                answer = self.session().get(self.url, params=query, timeout=self.timeout)
+                answer = self.sessions.session().get(self.url, params=query, timeout=self.timeout, allow_redirects=False)
             except requests.RequestException as exc:
                 if not self._answered and _refused(exc):
                     # Refused before the API ever answered this run: a wrong REFINER_API_URL (or a
@@ -89,24 +104,23 @@ class RefinerClient:
                 self._pause(problem, self.backoff.delay(attempt), attempt)
                 continue
             self._answered = True
-            if answer.status_code == 200:
+            status = answer.status_code
+            kind = verdict(status)
+            if kind is Verdict.TAKEN:
                 return _page(answer, page)
-            if answer.status_code in (401, 403):
-                raise BackfillError(f"Refiner refused REFINER_API_KEY (HTTP {answer.status_code}): check that it is your project's API key")
-            if answer.status_code in (408, 429) or answer.status_code >= 500:
-                problem = f"HTTP {answer.status_code}"
+            if kind is Verdict.RETRY:
+                problem = f"HTTP {status}"
                 wait = retry_after(answer)
                 self._pause(problem, wait if wait is not None else self.backoff.delay(attempt), attempt)
                 continue
-            raise BackfillError(f"Refiner's API answered HTTP {answer.status_code} for {answer.url}: {answer.text[:200]}")
+            # A setting or the request is wrong: a command run by hand stops and says which.
+            if status in (401, 403):
+                raise BackfillError(f"Refiner refused REFINER_API_KEY (HTTP {status}): check that it is your project's API key")
+            if kind is Verdict.SETTING:
+                where = f" (to {answer.headers['Location']})" if 300 <= status < 400 and answer.headers.get("Location") else ""
+                raise BackfillError(f"Refiner's API answered HTTP {status}{where} for {answer.url}: check REFINER_API_URL")
+            raise BackfillError(f"Refiner's API answered HTTP {status} for {answer.url}: {answer.text[:200]}")
         raise BackfillError(f"Refiner's API did not answer after {self.max_attempts} attempts ({problem})")
-
-    def session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.headers.update(self.headers)
-        return session
 
     def _pause(self, problem: str, seconds: float, attempt: int) -> None:
         if attempt + 1 >= self.max_attempts:
@@ -157,4 +171,4 @@ def _page(answer: requests.Response, asked_page: int | None) -> Page:
         raise BackfillError(f"Refiner's API answered something that is not a page of responses: {answer.text[:200]}") from None
     cursor = pagination.get("next_page_cursor") or None
     next_page = None if cursor else (current + 1 if last is not None and current < last and items else None)
-    return Page(items, cursor, next_page, current, last)
+    return Page(items, cursor, next_page, last)

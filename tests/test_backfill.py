@@ -99,6 +99,35 @@ def test_5xx_is_retried_with_backoff(status):
 
 
 @responses.activate
+@pytest.mark.parametrize("status", [408, 423, 429])
+def test_408_423_and_429_are_retried(status):
+    responses.get(URL, status=status)
+    responses.get(URL, json=page([]))
+    client = api()
+    assert client.fetch({}).items == []
+    assert len(client.sleeps) == 1
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_stops_naming_refiner_api_url_and_where_it_leads(status):
+    responses.get(URL, status=status, headers={"Location": "https://elsewhere.test/v1/responses"})
+    elsewhere = responses.get("https://elsewhere.test/v1/responses", json=page([]))
+    with pytest.raises(BackfillError, match=r"REFINER_API_URL") as info:
+        api().fetch({})
+    assert "https://elsewhere.test/v1/responses" in str(info.value)
+    assert elsewhere.call_count == 0 and len(responses.calls) == 1
+
+
+@responses.activate
+def test_404_stops_naming_refiner_api_url():
+    responses.get(URL, status=404, body="Not Found")
+    with pytest.raises(BackfillError, match=r"HTTP 404 .*check REFINER_API_URL"):
+        api().fetch({})
+    assert len(responses.calls) == 1
+
+
+@responses.activate
 def test_401_stops_with_a_clear_line_about_the_key():
     responses.get(URL, status=401, json={"message": "Unauthenticated."})
     with pytest.raises(BackfillError, match="REFINER_API_KEY"):

@@ -77,7 +77,7 @@ def test_events_are_mapped_with_the_mapping_file_in_force_when_they_are_sent(out
 
 
 @responses.activate
-@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 423, 429])
 def test_retryable_status_is_retried_with_backoff(worker, outbox, status, monkeypatch):
     responses.post(URL, status=status, json={"code": "x", "message": "later"})
     responses.post(URL, json={"success": True})
@@ -118,7 +118,7 @@ def test_backoff_is_capped_exponential_with_jitter():
 
 
 def test_no_answer_has_no_retry_after():
-    from refiner_source.delivery.backoff import retry_after
+    from refiner_source.delivery.answers import retry_after
 
     assert retry_after(None) is None
     answer = requests.Response()
@@ -151,8 +151,8 @@ def test_4xx_splits_the_batch_and_dead_letters_only_the_bad_message(worker, outb
 
 
 @responses.activate
-@pytest.mark.parametrize("status", [401, 403])
-def test_rejected_write_key_is_retried_not_dead_lettered(worker, outbox, status):
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_rejected_write_key_or_host_is_retried_not_dead_lettered(worker, outbox, status):
     responses.post(URL, status=status, json={"code": "unauthorized", "message": "bad write key"})
     fill(outbox, 4)
     worker.run_once()

@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 from refiner_source import create_app
 from refiner_source.config import MappingRules, Settings
-from refiner_source.delivery.loop import Call, Loop
+from refiner_source.delivery.destination import Call
+from refiner_source.delivery.loop import Loop
 from refiner_source.erasure import erase, like_patterns, suppression_status
 from refiner_source.privacy import Suppressed, digest, fingerprint, key_of, pairs
 from refiner_source.run.cli import main

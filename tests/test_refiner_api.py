@@ -8,7 +8,7 @@ import pytest
 import requests
 import responses
 
-from refiner_source.delivery.loop import Rejected, RetryLater
+from refiner_source.delivery.answers import Rejected, RetryLater
 from refiner_source.to_refiner.api import RefinerApi
 from refiner_source.to_refiner.mapping import IDENTIFY_USER, TRACK_EVENT, RefinerCall
 
@@ -61,9 +61,9 @@ def test_429_with_retry_after_gives_retry_later_with_that_delay(api):
     assert len(responses.calls) == 1
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
+@pytest.mark.parametrize("status", [408, 423, 429, 500, 502, 503])
 @responses.activate
-def test_408_429_and_5xx_give_retry_later_without_delay_when_none_is_given(api, status):
+def test_408_423_429_and_5xx_give_retry_later_without_delay_when_none_is_given(api, status):
     responses.post(BASE + "/track-event", status=status, body="busy")
     exc = failure(api)
     assert isinstance(exc, RetryLater)
@@ -87,7 +87,16 @@ def test_401_and_403_give_retry_later_with_key_problem(api, status):
     assert KEY not in str(exc)  # the key is never in what gets logged
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+@responses.activate
+def test_404_is_refiner_api_url_naming_no_endpoint_retried_as_a_key_problem(api):
+    # Both calls create the user they name, so a 404 is the URL setting (a path without /v1, say):
+    # retried while the operator fixes it, never a dead letter for every event.
+    responses.post(BASE + "/identify-user", status=404, body="Not Found")
+    exc = failure(api, IDENTIFY)
+    assert isinstance(exc, RetryLater) and exc.key_problem is True and exc.status == 404
+
+
+@pytest.mark.parametrize("status", [400, 405, 409, 413, 422])
 @responses.activate
 def test_other_4xx_are_rejected_carrying_refiners_answer(api, status):
     answer = '{"message":"The email must be a valid email address.","errors":{"email":["invalid"]}}'
@@ -138,7 +147,7 @@ def test_each_thread_uses_its_own_session_with_the_key():
 
     def send():
         api.send(TRACK)
-        sessions.append(api.session())
+        sessions.append(api.sessions.session())
 
     threads = [threading.Thread(target=send) for _ in range(3)]
     for thread in threads:

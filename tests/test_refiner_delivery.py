@@ -278,7 +278,7 @@ def test_401_and_403_are_retried_and_logged_as_a_key_problem(outbox, refiner, ma
 # --- other 4xx: a dead letter with Refiner's answer, the others delivered ----------------------------
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
+@pytest.mark.parametrize("status", [400, 409, 422])
 def test_other_4xx_makes_a_dead_letter_with_refiners_answer_while_the_others_are_delivered(outbox, refiner, make_worker, status):
     refusal = {"message": "The email must be a valid email address.", "errors": {"email": ["invalid"]}}
     refiner.respond = lambda path, body: (status, {}, refusal) if body.get("email") == "not-an-email" else None

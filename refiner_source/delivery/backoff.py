@@ -1,13 +1,11 @@
-"""How long to wait before trying again: capped exponential backoff with jitter, or Retry-After."""
+"""How long to wait before trying again when the answer does not say (its Retry-After, in
+refiner_source.delivery.answers, wins): capped exponential backoff with jitter."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import requests
-from segment.analytics.request import parse_retry_after
 
 
 @dataclass(frozen=True)
@@ -21,8 +19,3 @@ class Backoff:
         ceiling = min(self.cap, self.base * (2 ** min(attempt, 30)))
         return ceiling / 2 + rng() * ceiling / 2
 
-
-def retry_after(response: requests.Response | None) -> float | None:
-    """The Retry-After of an answer, in seconds (HTTP-date or seconds; capped at 300 by the Segment
-    library's parser, which is the one reused here for Refiner's answers too)."""
-    return parse_retry_after(response) if response is not None else None

@@ -18,12 +18,13 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
+from refiner_source.delivery.answers import Rejected, RetryLater
 from refiner_source.delivery.backoff import Backoff
+from refiner_source.delivery.destination import Call, Destination
 from refiner_source.ops.tally import DELIVERY, Tally
 from refiner_source.privacy import Suppressed
 from refiner_source.store import Claimed, DeadLetter, Store, StoreUnavailable
@@ -31,73 +32,6 @@ from refiner_source.store import Claimed, DeadLetter, Store, StoreUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKOFF = Backoff(base=0.5, cap=60.0)
-
-
-def is_retryable(status: int) -> bool:
-    """Whether an HTTP answer means "not now" rather than "never": 408, 429, 5xx, and a 3xx (one the
-    client does not follow: the URL setting points at a redirector, which the operator must fix)."""
-    return status in (408, 429) or status >= 500 or 300 <= status < 400
-
-
-class RetryLater(Exception):
-    """The destination or the network said "not now". `delay` is its Retry-After when given;
-    `status` its HTTP status when it answered (None: not reachable); `key_problem` when it refused
-    the credentials or the host (retried while the operator fixes the setting, logged as an error)."""
-
-    def __init__(self, reason: str, delay: float | None, status: int | None = None, *, key_problem: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.delay = delay
-        self.status = status
-        self.key_problem = key_problem
-
-
-class Rejected(Exception):
-    """The destination refused the call itself (a 4xx that is not about credentials): the one event
-    at fault becomes a dead letter; `detail` is the destination's answer."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request to a destination: what it sends, and the events it delivers."""
-
-    body: Any
-    events: tuple[Claimed, ...]
-    message_id: str | None = None  # of a call that is one message: what its dead letter names
-    kind: str | None = None  # what sort of call (a Segment message type, a Refiner API path)
-    parts: tuple[Call, ...] = ()  # of a call made of several (merged calls): what split() may send instead
-
-
-class Destination(Protocol):
-    """What a destination supplies to the loop."""
-
-    name: str  # the destination its events are stored under
-    title: str  # who answers, in the log ("Segment", "Refiner")
-    id_name: str  # what the id its source gave an event is called in the log ("response_id", "message_id")
-    key_hint: str  # what to check when it refuses the credentials
-    contact_order: bool  # claim one contact's events in order, never past an earlier one waiting
-    concurrency: int  # lanes sent at once
-
-    def plan(self, claimed: Sequence[Claimed]) -> tuple[list[list[Call]], list[DeadLetter]]:
-        """The calls of the claimed events, in lanes (each lane in order; lanes independent), and
-        the events that cannot be mapped (dead at once). An event in neither is delivered."""
-
-    def send(self, call: Call) -> None:
-        """Returns when the destination took the call; raises RetryLater or Rejected."""
-
-    def split(self, call: Call) -> list[Call]:
-        """The smaller calls to send instead of a refused one ([]: it is one, and at fault)."""
-
-    def describe(self) -> dict[str, Any]:
-        """What the start-up log line says of it (host, concurrency)."""
-
-    def people(self, claim: Claimed) -> frozenset[tuple[str, str]]:
-        """Whom a claimed event concerns: (kind, normalised identifier) pairs (refiner_source.privacy)."""
 
 
 @dataclass

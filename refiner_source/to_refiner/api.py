@@ -5,31 +5,27 @@ from __future__ import annotations
 
 import requests
 
-from refiner_source.delivery.backoff import retry_after
-from refiner_source.delivery.loop import Rejected, RetryLater, is_retryable
-from refiner_source.refiner_rest import RefinerClient
+from refiner_source.delivery.answers import Rejected, RetryLater, raise_for
+from refiner_source.refiner_rest import Sessions
 from refiner_source.to_refiner.mapping import RefinerCall
 
 
-class RefinerApi(RefinerClient):
-    """The shared Refiner REST client (Bearer key, a session per thread), with the calls of this direction."""
+class RefinerApi:
+    """Refiner's REST API for writing: the identify-user and track-event calls of this direction."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.sessions = Sessions(api_key)
 
     def send(self, call: RefinerCall) -> None:
-        """POST one call. Returns when Refiner took it (2xx); raises RetryLater (network, 408, 429,
-        5xx; 401/403 with `key_problem`; a 3xx, which is REFINER_API_URL pointing at a redirect)
-        or Rejected (any other answer: the call itself is at fault)."""
+        """POST one call. Returns when Refiner took it (2xx); raises RetryLater (the network failing)
+        or RetryLater or Rejected as the answer's status says (refiner_source.delivery.answers.verdict)."""
         try:
-            answer = self.session().post(self.base_url + call.path, json=call.body, timeout=self.timeout, allow_redirects=False)
+            answer = self.sessions.session().post(self.base_url + call.path, json=call.body, timeout=self.timeout, allow_redirects=False)
         except requests.exceptions.InvalidJSONError as exc:  # not writable as JSON (NaN): no retry can help
             raise Rejected(0, f"the call cannot be written as JSON: {exc}") from exc
         except requests.RequestException as exc:
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
-        status = answer.status_code
-        if 200 <= status < 300:
-            return
-        detail = f"HTTP {status}: {answer.text[:500]}"
-        if status in (401, 403):
-            raise RetryLater(detail, retry_after(answer), status, key_problem=True)
-        if is_retryable(status):
-            raise RetryLater(detail, retry_after(answer), status)
-        raise Rejected(status, detail)
+        if not 200 <= answer.status_code < 300:
+            raise_for(answer.status_code, f"HTTP {answer.status_code}: {answer.text[:500]}", answer)

@@ -11,7 +11,8 @@ from typing import Any
 
 from refiner_source.config import MappingRules, Settings
 from refiner_source.delivery.backoff import Backoff
-from refiner_source.delivery.loop import DEFAULT_BACKOFF, Call, Loop
+from refiner_source.delivery.destination import Call
+from refiner_source.delivery.loop import DEFAULT_BACKOFF, Loop
 from refiner_source.directions import REFINER
 from refiner_source.store import Claimed, DeadLetter, Store
 from refiner_source.to_refiner.api import RefinerApi
@@ -66,7 +67,7 @@ class ToRefiner:
 
     name = REFINER
     title = "Refiner"
-    key_hint = "check that REFINER_API_KEY is your Refiner project's API key"
+    key_hint = "check that REFINER_API_KEY is your Refiner project's API key and that REFINER_API_URL is Refiner's API"
     id_name = "message_id"  # an event's id is the Segment messageId it came with
     contact_order = True
 

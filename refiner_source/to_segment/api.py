@@ -9,12 +9,7 @@ from typing import Any
 import requests
 from segment.analytics.request import APIError, post
 
-from refiner_source.delivery.backoff import retry_after
-from refiner_source.delivery.loop import Rejected, RetryLater, is_retryable
-
-# Refusals that are about our credentials or host, not about a message: splitting the batch would
-# wrongly dead-letter everything, so they wait and retry while the operator fixes the setting.
-CONFIGURATION_STATUSES = frozenset({401, 403, 404})
+from refiner_source.delivery.answers import RetryLater, raise_for
 
 
 class SegmentApi:
@@ -27,18 +22,14 @@ class SegmentApi:
         quiet_library_duplicates()
 
     def send_batch(self, messages: list[dict[str, Any]]) -> None:
-        """Returns when Segment took the batch; raises RetryLater (network, 408, 429, 5xx; the
-        credentials or host refused, or a 3xx: `key_problem`) or Rejected (a message is at fault)."""
+        """Returns when Segment took the batch; raises RetryLater or Rejected as the answer's status
+        says (refiner_source.delivery.answers.verdict): a batch Segment refuses for a setting (the
+        write key, SEGMENT_HOST) is never split, which would dead-letter every message in it."""
         try:
             post(self.write_key, self.host, gzip=True, timeout=self.timeout, batch=messages)
         except APIError as exc:
-            reason = f"HTTP {exc.status}: {exc.code}"
-            # A 3xx reaching us is one requests would not follow: SEGMENT_HOST points at a proxy or redirector.
-            if exc.status in CONFIGURATION_STATUSES or 300 <= exc.status < 400:
-                raise RetryLater(reason, retry_after(exc.response), exc.status, key_problem=True) from exc
-            if is_retryable(exc.status):
-                raise RetryLater(reason, retry_after(exc.response), exc.status) from exc
-            raise Rejected(exc.status, f"HTTP {exc.status} {exc.code}: {exc.message}") from exc
+            # The library raises for any answer but 200; a 3xx reaching us is one requests did not follow.
+            raise_for(exc.status, f"HTTP {exc.status} {exc.code}: {exc.message}", exc.response)
         except requests.RequestException as exc:
             raise RetryLater(f"network: {type(exc).__name__}", None) from exc
 
