@@ -28,10 +28,10 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     from refiner_source.logs import configure_logging
     from refiner_source.ops import forget_page  # noqa: F401 - its routes join the operator's blueprint
     from refiner_source.ops.status_page import operator_bp
-    from refiner_source.ops.tally import Tally
     from refiner_source.privacy import Suppressed, key_of
     from refiner_source.run.supervisor import PIDFILE_ENV
     from refiner_source.store import Store
+    from refiner_source.store.tally import Tally
     from refiner_source.to_refiner.webhook import bp as to_refiner_bp
     from refiner_source.to_segment.webhook import bp as to_segment_bp
     from refiner_source.web.body import LARGEST_BODY_BYTES

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from refiner_source.delivery.answers import Rejected, RetryLater
 from refiner_source.delivery.backoff import Backoff
 from refiner_source.delivery.destination import Call, Destination
-from refiner_source.ops.tally import DELIVERY, Tally
 from refiner_source.privacy import Suppressed
 from refiner_source.store import Claimed, DeadLetter, Store, StoreUnavailable
+from refiner_source.store.tally import DELIVERY, Tally
 
 log = logging.getLogger(__name__)
 

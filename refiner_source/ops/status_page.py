@@ -33,9 +33,9 @@ from refiner_source.ops.status_view import (
     when,
     with_code,
 )
-from refiner_source.ops.tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
 from refiner_source.privacy import STALE_KEY_WARNING
 from refiner_source.store import Store
+from refiner_source.store.tally import DELIVERY, LATENCY, LATENCY_BUCKETS, WEBHOOK
 from refiner_source.web.state import error, state
 
 operator_bp = Blueprint("operator", __name__, template_folder="templates")

@@ -13,9 +13,9 @@ from refiner_source.config import Settings
 from refiner_source.directions import DIRECTIONS
 from refiner_source.ops.chart import Chart, Range, chart
 from refiner_source.ops.health import stalled_hint
-from refiner_source.ops.tally import DELIVERY, WEBHOOK
 from refiner_source.store import Stats, Store
 from refiner_source.store.dead import DeadEvent
+from refiner_source.store.tally import DELIVERY, WEBHOOK
 
 WEBHOOK_OUTCOMES = ("accepted", "duplicate", "ignored", "rejected", "unavailable")
 DELIVERY_OUTCOMES = ("delivered", "dead", "retry")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Response, current_app, g, request
 
-from refiner_source.ops.tally import WEBHOOK
+from refiner_source.store.tally import WEBHOOK
 
 # Each webhook route registers its path here with the source it counts under.
 SOURCES: dict[str, str] = {}

@@ -8,9 +8,9 @@ from typing import Any
 from flask import Response, current_app, jsonify
 
 from refiner_source.config import Settings
-from refiner_source.ops.tally import Tally
 from refiner_source.privacy import Suppressed
 from refiner_source.store import Store
+from refiner_source.store.tally import Tally
 
 
 @dataclass(frozen=True)
