@@ -24,11 +24,11 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
 
     from flask import Flask
 
-    from refiner_source.config import settings_from
+    from refiner_source.config import key_of, settings_from
     from refiner_source.logs import configure_logging
     from refiner_source.ops import forget_page  # noqa: F401 - its routes join the operator's blueprint
     from refiner_source.ops.status_page import operator_bp
-    from refiner_source.privacy import Suppressed, key_of
+    from refiner_source.privacy import Suppressed
     from refiner_source.run.supervisor import PIDFILE_ENV
     from refiner_source.store import Store
     from refiner_source.store.tally import Tally

@@ -11,8 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from refiner_source.config import MappingRules, Settings
+    from refiner_source.config import Settings
     from refiner_source.delivery.loop import Loop
+    from refiner_source.mapping_file import MappingRules
     from refiner_source.store import Store
 
 # destination -> its delivery module (imported when used: a process loads only what it runs)
@@ -24,7 +25,8 @@ DELIVERY_MODULES = {
 
 def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:
     """A delivery loop for each direction that is on, each dropping the events of people on the suppression list."""
-    from refiner_source.privacy import Suppressed, key_of
+    from refiner_source.config import key_of
+    from refiner_source.privacy import Suppressed
 
     loops = [_module(d).build_loop(settings, outbox) for d in DELIVERY_MODULES if settings.direction_on(d)]
     for loop in loops:

@@ -8,8 +8,9 @@ import importlib
 import json
 from typing import TYPE_CHECKING
 
+from refiner_source.config import key_of
 from refiner_source.directions import DIRECTIONS
-from refiner_source.privacy import digests, fingerprint, key_of
+from refiner_source.privacy import digests, fingerprint
 
 if TYPE_CHECKING:
     from refiner_source.config import Settings

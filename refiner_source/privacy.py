@@ -16,20 +16,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refiner_source.config import Settings
     from refiner_source.store import Store
 
 log = logging.getLogger(__name__)
 
 USER, EMAIL, ANONYMOUS = "user", "email", "anonymous"
-KINDS = (USER, EMAIL, ANONYMOUS)
 FORGOTTEN = "forgotten"  # the reason a suppressed person's event is ignored
-MIN_KEY_LENGTH = 16
 REFRESH_SECONDS = 2.0  # a process reads the list again this often: a forget holds for new webhooks within this bound
-# Where the key comes from when REFINER_SUPPRESSION_KEY is unset, in this order.
-KEY_SOURCES = ("REFINER_WEBHOOK_SECRET", "SEGMENT_SHARED_SECRET", "REFINER_API_KEY")
-
-Person = frozenset  # of (kind, normalised value) pairs
 
 
 def normal(kind: str, value: object) -> str | None:
@@ -52,32 +45,6 @@ def person_of(given: Iterable[tuple[str, object]]) -> set[tuple[str, str]]:
 def pairs(user: object = None, email: object = None, anonymous: object = None) -> set[tuple[str, str]]:
     """The (kind, normalised value) pairs of whichever identifiers are given."""
     return person_of(((USER, user), (EMAIL, email), (ANONYMOUS, anonymous)))
-
-
-def check_key(value: str | None) -> str | None:
-    """REFINER_SUPPRESSION_KEY as config reads it: unset, or at least MIN_KEY_LENGTH characters."""
-    from refiner_source.config import ConfigError
-
-    if value is not None and len(value) < MIN_KEY_LENGTH:
-        raise ConfigError(
-            f"REFINER_SUPPRESSION_KEY must be at least {MIN_KEY_LENGTH} characters; "
-            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-        )
-    return value
-
-
-def key_of(settings: Settings) -> bytes | None:
-    """The suppression list's HMAC key: REFINER_SUPPRESSION_KEY, else one derived from the first of
-    REFINER_WEBHOOK_SECRET's tokens, SEGMENT_SHARED_SECRET, REFINER_API_KEY that is set; None when none is."""
-    if settings.suppression_key:
-        secret = settings.suppression_key
-    else:
-        first_token = settings.webhook_secrets[0] if settings.webhook_secrets else None
-        secret = next((c for c in (first_token, settings.segment_shared_secret, settings.refiner_api_key) if c), None)
-        if secret is None:
-            return None
-    # Derived, not the secret itself: the list's key is not a token the webhook accepts.
-    return hmac.new(secret.encode("utf-8"), b"refiner-source suppression list", hashlib.sha256).digest()
 
 
 def fingerprint(key: bytes) -> str:

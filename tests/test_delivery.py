@@ -12,8 +12,8 @@ import requests
 import responses
 from sqlalchemy import update
 
-from refiner_source.config import MappingRules
 from refiner_source.delivery.backoff import Backoff
+from refiner_source.mapping_file import MappingRules
 from refiner_source.ops.upkeep import Upkeep
 from refiner_source.store import SEGMENT, events
 from refiner_source.to_segment.delivery import Item, SegmentWorker, pack

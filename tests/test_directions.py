@@ -17,7 +17,7 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from refiner_source.config import MappingRules
+from refiner_source.mapping_file import MappingRules
 from refiner_source.store import REFINER, SEGMENT, DeadLetter, Store
 from refiner_source.to_refiner.events import load
 from refiner_source.to_refiner.intake import prepare

@@ -13,11 +13,12 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from refiner_source import create_app
-from refiner_source.config import MappingRules, Settings
+from refiner_source.config import Settings, key_of
 from refiner_source.delivery.destination import Call
 from refiner_source.delivery.loop import Loop
 from refiner_source.erasure import erase, like_patterns, suppression_status
-from refiner_source.privacy import Suppressed, digest, fingerprint, key_of, pairs
+from refiner_source.mapping_file import MappingRules
+from refiner_source.privacy import Suppressed, digest, fingerprint, pairs
 from refiner_source.run.cli import main
 from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, DeadLetter, Store, dead_letters, events, last_errors, suppressed
 from refiner_source.store.suppression import ERASED_ERROR

@@ -76,7 +76,7 @@ def test_a_dry_run_needs_no_key(outbox, settings):
 
 
 def test_a_segment_event_naming_the_address_in_either_traits_is_theirs(outbox, both):
-    from refiner_source.config import MappingRules
+    from refiner_source.mapping_file import MappingRules
     from refiner_source.to_refiner.events import load
     from refiner_source.to_refiner.intake import prepare
 

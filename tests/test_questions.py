@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import update
 
-from refiner_source.config import MappingRules
+from refiner_source.mapping_file import MappingRules
 from refiner_source.store import REFINER, events
 from refiner_source.to_refiner.events import load
 from refiner_source.to_refiner.intake import prepare

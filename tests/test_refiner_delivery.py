@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from refiner_source.config import MappingRules
 from refiner_source.delivery.backoff import Backoff
+from refiner_source.mapping_file import MappingRules
 from refiner_source.store import PENDING, REFINER, Store
 from refiner_source.store import events as events_table
 from refiner_source.to_refiner import events as segment_events

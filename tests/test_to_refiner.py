@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from refiner_source.config import MappingRules, ToRefinerRules
+from refiner_source.mapping_file import MappingRules, ToRefinerRules
 from refiner_source.to_refiner import events as segment_events
 from refiner_source.to_refiner.mapping import (
     IDENTIFY_USER,

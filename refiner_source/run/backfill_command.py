@@ -31,7 +31,8 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
 
     Safe to stop (Ctrl-C) and to run again: it resumes, and never sends a response twice.
     """
-    from refiner_source.privacy import Suppressed, key_of
+    from refiner_source.config import key_of
+    from refiner_source.privacy import Suppressed
     from refiner_source.refiner_rest import BackfillError, RefinerClient
     from refiner_source.to_segment.backfill import filters, run_backfill
 

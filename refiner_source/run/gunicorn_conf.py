@@ -12,7 +12,8 @@ import signal
 
 from gunicorn.glogging import Logger
 
-from refiner_source.config import ConfigError, load_settings
+from refiner_source.config import load_settings
+from refiner_source.errors import ConfigError
 from refiner_source.run.supervisor import PARENT_ENV, stop_when_orphaned
 
 try:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from refiner_source.config import ConfigError, Settings, load_settings
+from refiner_source.config import Settings, load_settings
 from refiner_source.directions import DIRECTIONS
+from refiner_source.errors import ConfigError
 
 if TYPE_CHECKING:
     from refiner_source.store import Store

@@ -10,8 +10,8 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from refiner_source.config import MappingRules
 from refiner_source.entry import Entry
+from refiner_source.mapping_file import MappingRules
 from refiner_source.privacy import FORGOTTEN
 from refiner_source.to_refiner.events import load as load_event
 from refiner_source.to_refiner.intake import prepare

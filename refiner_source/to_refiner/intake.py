@@ -7,9 +7,9 @@ import hashlib
 import json
 from typing import Any
 
-from refiner_source.config import MappingRules
 from refiner_source.directions import REFINER
 from refiner_source.entry import Entry
+from refiner_source.mapping_file import MappingRules
 from refiner_source.privacy import EMAIL, USER
 from refiner_source.to_refiner.events import normalise
 from refiner_source.to_refiner.mapping import contact_key, to_refiner

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from refiner_source.config import MappingRules
+from refiner_source.mapping_file import MappingRules
 
 IDENTIFY_USER = "/identify-user"
 TRACK_EVENT = "/track-event"

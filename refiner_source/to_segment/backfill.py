@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from refiner_source.config import MappingRules
+from refiner_source.mapping_file import MappingRules
 from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerClient
 from refiner_source.store import BackfillState, Store
 from refiner_source.to_segment.events import event_from_json

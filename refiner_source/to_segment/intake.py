@@ -12,8 +12,8 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from refiner_source.config import MappingRules
 from refiner_source.entry import Entry
+from refiner_source.mapping_file import MappingRules
 from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, event_to_json
 from refiner_source.to_segment.mapping import calls
 from refiner_source.to_segment.people import people_of
