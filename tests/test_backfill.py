@@ -205,7 +205,7 @@ def refiner():
 def test_backfill_stores_every_completed_response_once(outbox, refiner):
     progress = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.pages, progress.seen, progress.stored, progress.duplicates) == (3, 230, 230, 0)
-    assert outbox.stats().pending == 230
+    assert outbox.stats(SEGMENT).pending == 230
 
 
 def test_backfill_by_page_numbers_when_there_is_no_cursor(outbox):
@@ -219,7 +219,7 @@ def test_second_run_sends_nothing_new(outbox, refiner):
     run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     again = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (again.seen, again.stored, again.duplicates) == (230, 0, 230)
-    assert outbox.stats().pending == 230
+    assert outbox.stats(SEGMENT).pending == 230
 
 
 def test_response_already_received_by_webhook_is_not_sent_again(outbox):
@@ -229,7 +229,7 @@ def test_response_already_received_by_webhook_is_not_sent_again(outbox):
     with RefinerStub(total=1, make=lambda i: item) as stub:
         progress = run_backfill(RefinerClient(stub.url, "refiner-key", page_length=100), outbox, RULES, {})
     assert (progress.stored, progress.duplicates) == (0, 1)
-    assert outbox.stats().pending == 1
+    assert outbox.stats(SEGMENT).pending == 1
 
 
 def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
@@ -248,7 +248,7 @@ def test_interrupted_run_resumes_where_it_stopped(outbox, refiner):
     assert resumed.resumed and resumed.pages == 3 and resumed.stored == 230
     assert len(refiner.requests) == asked + 1  # only the third page was asked for again
     assert "page_cursor" in refiner.requests[-1]["query"]
-    assert outbox.stats().pending == 230
+    assert outbox.stats(SEGMENT).pending == 230
 
 
 def test_runs_with_other_filters_keep_their_own_progress(outbox, refiner):
@@ -261,7 +261,7 @@ def test_dry_run_stores_nothing_and_shows_the_first_messages(outbox, refiner):
     progress = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True)
     assert progress.stored == 230 and len(progress.sample) == 3
     assert [m["type"] for m in progress.sample] == ["identify", "group", "track"]
-    assert outbox.stats().pending == 0
+    assert outbox.stats(SEGMENT).pending == 0
     assert not run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, dry_run=True).resumed
 
 
@@ -303,7 +303,7 @@ def test_replay_response_resends_it_remapped_with_its_original_message_ids(store
     assert claimed.generation is None
     ids = [m["messageId"] for m in map_event(event_from_json(claimed.event), RULES, NOW)]
     assert ids == [m["messageId"] for m in mapped(prepare(WebhookSchema().load(webhook_body), RULES))]
-    outbox.settle("t", delivered=[claimed.id])
+    outbox.settle("t", delivered=[claimed.id], destination=SEGMENT)
 
     fresh = run(["replay", "--form", webhook_body["form"]["uuid"], "--new-ids"], env)
     assert fresh.returncode == 0 and "with new messageIds" in fresh.stdout
@@ -315,7 +315,7 @@ def test_replay_response_resends_it_remapped_with_its_original_message_ids(store
 
 def deliver_all(outbox) -> None:
     while claimed := outbox.claim(SEGMENT, 500, 60, "t"):
-        outbox.settle("t", delivered=[c.id for c in claimed])
+        outbox.settle("t", delivered=[c.id for c in claimed], destination=SEGMENT)
 
 
 def test_replay_by_time_range_and_events_past_retention(store_url, outbox, webhook_body):
@@ -353,7 +353,7 @@ def test_event_json_holds_the_answers_so_purge_forgets_it(outbox, webhook_body, 
     outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
     ((claimed),) = outbox.claim(SEGMENT, 10, 60, "t")
     assert "Product Manager" in json.loads(claimed.event)["data"].values()
-    outbox.settle("t", delivered=[claimed.id])
+    outbox.settle("t", delivered=[claimed.id], destination=SEGMENT)
     assert "Product Manager" in json.dumps(stored_row())  # delivered, but still within retention
 
     day, now = 86400, time.time()
@@ -456,7 +456,7 @@ def test_e2e_backfill_dry_run_prints_counts_and_messages(store_url):
     assert "12 response(s) read in 1 page(s): 12 would be new" in result.stdout
     assert '"type": "identify"' in result.stdout
     assert refiner.requests[0]["query"]["date_range_start"] == "2026-01-01" and refiner.requests[0]["query"]["form_uuid"] == "form-1"
-    assert Store(store_url).stats().pending == 0
+    assert Store(store_url).stats(SEGMENT).pending == 0
 
 
 def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox):
@@ -474,10 +474,10 @@ def test_api_failure_mid_run_stores_the_pages_already_fetched_then_fails(outbox)
             run_backfill(api, outbox, RULES, {}, workers=2)
         state = outbox.backfill_state(json.dumps({}, sort_keys=True))
         assert state is not None and state.pages == 2 and not state.done
-        assert outbox.stats().pending == 200
+        assert outbox.stats(SEGMENT).pending == 200
         refiner.page = real_page
         resumed = run_backfill(RefinerClient(refiner.url, "refiner-key", page_length=100), outbox, RULES, {}, workers=2)
-    assert resumed.resumed and resumed.stored == 500 and outbox.stats().pending == 500
+    assert resumed.resumed and resumed.stored == 500 and outbox.stats(SEGMENT).pending == 500
 
 
 def test_mapping_processes_import_neither_the_web_app_nor_the_database():
@@ -502,8 +502,8 @@ def test_replay_reads_and_queues_more_than_one_page_of_responses(outbox):
     entries = [prepare(ApiResponseSchema().load(api_item(i)), RULES) for i in range(1203)]
     outbox.store_many(entries)
     deliver_all(outbox)
-    assert outbox.requeue(form_uuid="form-1").queued == 1203  # all of them, in chunks of 500
-    assert outbox.stats().pending == 1203
+    assert outbox.requeue(form_uuid="form-1", destination=SEGMENT).queued == 1203  # all of them, in chunks of 500
+    assert outbox.stats(SEGMENT).pending == 1203
 
 
 @pytest.mark.parametrize("dry_run", [False, True])

@@ -76,7 +76,7 @@ def test_dry_run_shows_messages_of_new_responses_only(outbox):
     assert (progress.seen, progress.stored, progress.duplicates) == (10, 5, 5)
     ids = [m["messageId"] for m in progress.sample]
     assert ids == [f"refiner-response-000000{i}-completed-survey-{call}" for i in (1, 3) for call in ("identify", "group", "track")]
-    assert outbox.stats().pending == 5
+    assert outbox.stats(SEGMENT).pending == 5
 
 
 def test_e2e_dry_run_of_responses_all_sent_before_shows_no_message(store_url):

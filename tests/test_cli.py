@@ -49,7 +49,9 @@ def test_init_db_creates_the_schema_and_is_safe_twice(store_url):
 def test_status_prints_pending_delivered_dead_and_oldest_age(store_url, outbox):
     outbox.store_many([entry_for(i) for i in range(3)])
     a, b, c = outbox.claim(SEGMENT, 3, 60, "w")
-    outbox.settle("w", delivered=[a.id], dead=[DeadLetter(b.id, "m1", "track", "HTTP 400 invalid: nope")], released=[c.id])
+    outbox.settle(
+        "w", delivered=[a.id], dead=[DeadLetter(b.id, "m1", "track", "HTTP 400 invalid: nope")], released=[c.id], destination=SEGMENT
+    )
     text = run(["status"], {"DATABASE_URL": store_url})
     assert text.returncode == 0, text.stderr
     assert "pending    1" in text.stdout and "delivered  1" in text.stdout and "dead       1" in text.stdout
@@ -61,14 +63,14 @@ def test_status_prints_pending_delivered_dead_and_oldest_age(store_url, outbox):
 def dead_one(outbox) -> None:
     outbox.store_many([entry_for(1)])
     (claimed,) = outbox.claim(SEGMENT, 1, 60, "w")
-    outbox.settle("w", dead=[DeadLetter(claimed.id, "m", "track", "HTTP 400")])
+    outbox.settle("w", dead=[DeadLetter(claimed.id, "m", "track", "HTTP 400")], destination=SEGMENT)
 
 
 def test_replay_puts_dead_letters_back_in_line(store_url, outbox):
     dead_one(outbox)
     result = run(["replay"], {"DATABASE_URL": store_url})
     assert result.returncode == 0 and "1 dead letter(s) queued again" in result.stdout
-    assert Store(store_url).stats().pending == 1
+    assert Store(store_url).stats(SEGMENT).pending == 1
 
 
 def test_status_with_an_unreachable_store_says_so_in_one_line():
@@ -84,7 +86,7 @@ def test_purge_dead_deletes_dead_letters_on_request(store_url, outbox):
     assert kept.returncode == 0 and "0 dead letter(s) deleted" in kept.stdout
     gone = run(["purge-dead", "--yes"], {"DATABASE_URL": store_url})
     assert gone.returncode == 0 and "1 dead letter(s) deleted" in gone.stdout
-    assert Store(store_url).stats().dead == 0
+    assert Store(store_url).stats(SEGMENT).dead == 0
 
 
 # --- clear lines for the mistakes a new user makes (issue 9) -------------------------------------

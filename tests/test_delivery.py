@@ -61,7 +61,7 @@ def test_batch_is_posted_gzipped_with_the_write_key_and_marked_delivered(worker,
     body = json.loads(gzip.decompress(call.request.body))
     expected = [mid(r, call) for r in range(2) for call in ("identify", "group", "track")]
     assert body["writeKey"] == "wk" and [m["messageId"] for m in body["batch"]] == expected  # in order, mapped at delivery
-    assert outbox.stats().delivered == 2
+    assert outbox.stats(SEGMENT).delivered == 2
 
 
 @responses.activate
@@ -85,13 +85,13 @@ def test_retryable_status_is_retried_with_backoff(worker, outbox, status, monkey
     fill(outbox, 2)
     wait = worker.run_once()
     assert 5 <= wait <= 10
-    assert outbox.stats().pending == 2 and outbox.stats().dead == 0
+    assert outbox.stats(SEGMENT).pending == 2 and outbox.stats(SEGMENT).dead == 0
     worker.run_once()  # not due yet: nothing is sent before the delay is over
     assert len(responses.calls) == 1
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + wait + 0.5)  # the clock, not a sleep: no flakiness
     worker.run_once()
-    assert outbox.stats().delivered == 2
+    assert outbox.stats(SEGMENT).delivered == 2
 
 
 @responses.activate
@@ -107,7 +107,7 @@ def test_network_error_is_retried(worker, outbox):
     responses.post(URL, body=requests.ConnectionError("refused"))
     fill(outbox, 1)
     assert worker.run_once() > 0
-    assert outbox.stats().pending == 1
+    assert outbox.stats(SEGMENT).pending == 1
 
 
 def test_backoff_is_capped_exponential_with_jitter():
@@ -142,9 +142,9 @@ def test_4xx_splits_the_batch_and_dead_letters_only_the_bad_message(worker, outb
     responses.add_callback(responses.POST, URL, callback=answer)
     fill(outbox, 8)
     worker.run_once()
-    stats = outbox.stats()
+    stats = outbox.stats(SEGMENT)
     assert (stats.delivered, stats.dead) == (7, 1)  # events: r5 is dead, for its track alone
-    assert outbox.dead_letters() == [("r5", mid(5), "HTTP 400 invalid_request: bad message")]
+    assert outbox.dead_letters(destination=SEGMENT) == [("r5", mid(5), "HTTP 400 invalid_request: bad message")]
     accepted = {m["messageId"] for batch in sent_batches() for m in batch if mid(5) not in [x["messageId"] for x in batch]}
     everything = {mid(r, call) for r in range(8) for call in ("identify", "group", "track")}
     assert accepted == everything - {mid(5)}  # the event's other messages were delivered
@@ -156,7 +156,7 @@ def test_rejected_write_key_or_host_is_retried_not_dead_lettered(worker, outbox,
     responses.post(URL, status=status, json={"code": "unauthorized", "message": "bad write key"})
     fill(outbox, 4)
     worker.run_once()
-    assert outbox.stats().dead == 0 and outbox.stats().pending == 4
+    assert outbox.stats(SEGMENT).dead == 0 and outbox.stats(SEGMENT).pending == 4
 
 
 def test_pack_keeps_every_request_under_500_kb_in_order_and_an_events_messages_together():
@@ -178,7 +178,7 @@ def test_large_claim_is_sent_in_several_requests(worker, outbox):
     responses.post(URL, json={"success": True})
     fill(outbox, 20, size=30_000)  # two answers of 30 KB an event
     worker.run_once()
-    assert len(responses.calls) == 3 and outbox.stats().delivered == 20
+    assert len(responses.calls) == 3 and outbox.stats(SEGMENT).delivered == 20
 
 
 @responses.activate
@@ -190,7 +190,7 @@ def test_stop_finishes_the_request_in_flight_and_hands_back_the_rest(worker, out
     responses.add_callback(responses.POST, URL, callback=answer)
     fill(outbox, 20, size=30_000)
     worker.run_once()
-    stats = outbox.stats()
+    stats = outbox.stats(SEGMENT)
     assert len(responses.calls) == 1 and stats.delivered > 0 and stats.pending == 20 - stats.delivered
     assert outbox.next_due_in(SEGMENT) == 0  # given back at once for the next worker
 
@@ -199,19 +199,19 @@ def test_upkeep_forgets_answers_after_retention_days_and_receipts_after_90(outbo
     worker = Upkeep(outbox, retention_days=7)
     fill(outbox, 2)
     (a, b) = outbox.claim(SEGMENT, 2, 60, "w")
-    outbox.settle("w", delivered=[a.id, b.id])
+    outbox.settle("w", delivered=[a.id, b.id], destination=SEGMENT)
     worker.purge_if_due()
-    assert outbox.requeue(source_id="r0").forgotten == 0  # younger than 7 days: kept
-    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 2, 60, "w")])
+    assert outbox.requeue(source_id="r0", destination=SEGMENT).forgotten == 0  # younger than 7 days: kept
+    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 2, 60, "w")], destination=SEGMENT)
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 8 * 86400)
     worker._next_purge = 0
     worker.purge_if_due()
-    assert outbox.requeue(source_id="r1").forgotten == 1 and outbox.stats().delivered == 2
+    assert outbox.requeue(source_id="r1", destination=SEGMENT).forgotten == 1 and outbox.stats(SEGMENT).delivered == 2
     monkeypatch.setattr(time, "time", lambda: now + 91 * 86400)
     worker._next_purge = 0
     worker.purge_if_due()
-    assert outbox.stats().delivered == 0
+    assert outbox.stats(SEGMENT).delivered == 0
 
 
 @responses.activate
@@ -227,8 +227,8 @@ def test_dead_letter_keeps_its_own_error_when_the_rest_of_its_batch_meets_an_out
     responses.add_callback(responses.POST, URL, callback=answer)
     fill(outbox, 8)
     worker.run_once()
-    assert outbox.dead_letters() == [("r1", mid(1), "HTTP 400 invalid_request: bad message")]
-    stats = outbox.stats()
+    assert outbox.dead_letters(destination=SEGMENT) == [("r1", mid(1), "HTTP 400 invalid_request: bad message")]
+    stats = outbox.stats(SEGMENT)
     assert stats.dead == 1 and stats.delivered + stats.pending == 7 and stats.pending > 0
 
 
@@ -277,7 +277,7 @@ def test_a_redirect_is_a_host_problem_retried_not_a_dead_letter(worker, outbox):
     responses.post(URL, status=304)  # one requests does not follow: SEGMENT_HOST points at a redirector
     fill(outbox, 2)
     worker.run_once()
-    assert outbox.stats().dead == 0 and outbox.stats().pending == 2
+    assert outbox.stats(SEGMENT).dead == 0 and outbox.stats(SEGMENT).pending == 2
 
 
 @responses.activate
@@ -296,8 +296,8 @@ def test_a_message_that_cannot_be_shrunk_under_32_kb_is_a_dead_letter_with_its_r
     responses.post(URL, json={"success": True})
     fill(outbox, 2)
     worker.run_once()
-    assert (outbox.stats().dead, outbox.stats().delivered) == (1, 1)
-    assert outbox.dead_letters() == [
+    assert (outbox.stats(SEGMENT).dead, outbox.stats(SEGMENT).delivered) == (1, 1)
+    assert outbox.dead_letters(destination=SEGMENT) == [
         ("r1", "-", "too large for Segment: identify for response r1 is over 32 KB with nothing left to shorten")
     ]
     assert {m["userId"] for batch in sent_batches() for m in batch} == {"user-0"}
@@ -308,7 +308,7 @@ def test_replay_sends_an_event_again_mapped_anew_with_new_ids(worker, outbox):
     responses.post(URL, json={"success": True})
     fill(outbox, 1)
     worker.run_once()
-    assert outbox.requeue(source_id="r0", generation="r1700000000000").queued == 1
+    assert outbox.requeue(source_id="r0", generation="r1700000000000", destination=SEGMENT).queued == 1
     worker.run_once()
     first, second = sent_batches()
     assert [m["messageId"] for m in second] == [f"{m['messageId']}-r1700000000000" for m in first]
@@ -324,7 +324,7 @@ def test_sigterm_while_bisecting_hands_the_claim_back_instead_of_going_on(worker
     fill(outbox, 8)
     worker.run_once()
     assert len(responses.calls) == 1  # no bisecting after the stop
-    stats = outbox.stats()
+    stats = outbox.stats(SEGMENT)
     assert (stats.pending, stats.dead) == (8, 0) and outbox.next_due_in(SEGMENT) == 0
 
 
@@ -366,4 +366,4 @@ def test_segment_rate_limit_after_a_delivered_batch_still_waits_its_retry_after(
     responses.add_callback(responses.POST, URL, callback=lambda request: next(answers))
     fill(outbox, 12, size=60_000)  # messages near Segment's 32 KB: several batches of 500 KB in one round
     assert worker.run_once() == 7  # the round got somewhere, then was told to wait: it waits
-    assert len(responses.calls) == 2 and outbox.stats().delivered > 0 and outbox.stats().pending > 0
+    assert len(responses.calls) == 2 and outbox.stats(SEGMENT).delivered > 0 and outbox.stats(SEGMENT).pending > 0

@@ -54,7 +54,7 @@ def fill(outbox: Store) -> None:
     # r1's Saw Survey delivered, r1's Completed Survey dead, r11 and r2 left waiting
     first, second = [c for c in claimed if c.source_id == "r1"]
     outbox.settle("w", delivered=[first.id], dead=[DeadLetter(second.id, "m", "track", "HTTP 400 no")], destination=SEGMENT)
-    outbox.settle("w", released=[c.id for c in claimed if c.source_id != "r1"])
+    outbox.settle("w", released=[c.id for c in claimed if c.source_id != "r1"], destination=SEGMENT)
     outbox.store_many(
         [
             segment_event("m-user", user="user-1"),
@@ -138,7 +138,7 @@ def test_a_dry_run_counts_and_erases_nothing_and_suppresses_no_one(outbox, both)
 def test_a_delivered_event_past_retention_loses_its_contact_too(outbox, both):
     outbox.store_many([segment_event("m-old", user="user-1")])
     (claim,) = outbox.claim(REFINER, 1, 60, "w")
-    outbox.settle("w", delivered=[claim.id])
+    outbox.settle("w", delivered=[claim.id], destination=SEGMENT)
     outbox.purge(time.time() + 1, 0)  # retention: the event's content is gone, the receipt and contact stay
     assert rows(outbox)[(REFINER, "m-old")]["contact"] == "id:user-1"
     assert erase(outbox, both, frozenset(pairs(user="user-1")))[REFINER].events == 1
@@ -425,7 +425,7 @@ def test_forget_unsuppress_then_status_counts_nobody(store_url, outbox):
 def test_replay_skips_and_counts_the_events_of_a_suppressed_person(store_url, outbox, both):
     outbox.store_many([entry_for(1), entry_for(2)])
     claimed = outbox.claim(SEGMENT, 2, 60, "w")
-    outbox.settle("w", delivered=[c.id for c in claimed])
+    outbox.settle("w", delivered=[c.id for c in claimed], destination=SEGMENT)
     key = key_of(both)
     with outbox._write() as conn:  # on the list, the way a forget that raced the webhook leaves the event
         outbox._suppress(conn, {("user", digest(key, "user", "user-1"))}, fingerprint(key))

@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 
 from refiner_source import __version__
 from refiner_source.config import load_settings
-from refiner_source.store import Store
+from refiner_source.store import SEGMENT, Store
 from tests.conftest import SECRET, entry_for
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
@@ -192,9 +192,9 @@ def test_several_worker_processes_deliver_thousands_of_messages_exactly_once(sto
         assert len(counts) == total and set(counts.values()) == {1}, counts.most_common(3)
         # Each worker marks its events after Segment's answer: give the last of them time to, no more.
         deadline = time.monotonic() + 30
-        while outbox.stats().delivered < 1000 and time.monotonic() < deadline:
+        while outbox.stats(SEGMENT).delivered < 1000 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert outbox.stats().delivered == 1000
+        assert outbox.stats(SEGMENT).delivered == 1000
         assert len({r["headers"].get("User-Agent") for r in segment.requests}) == 1
         assert len(received) == total
     finally:

@@ -807,7 +807,7 @@ def test_one_dead_event_is_replayed_with_its_own_button_the_others_stay_dead(adm
     done = admin.post("/status/replay", data={"csrf": csrf_of(page), "event": str(one), "q": "r1", "range": "24h"}, headers=basic())
     assert done.status_code == 303 and done.headers["Location"].endswith("/status?q=r1&range=24h&replayed=1")
     assert [e["status"] for e in outbox.find_events("r1")] == ["pending"] and [e["status"] for e in outbox.find_events("r2")] == ["dead"]
-    assert [source for source, _, _ in outbox.dead_letters()] == ["r2"]
+    assert [source for source, _, _ in outbox.dead_letters(destination=SEGMENT)] == ["r2"]
     after = status_html(admin, done.headers["Location"])
     assert "Queued again: 1 event." in after and ">Replay 1 event<" in after
     again = admin.post("/status/replay", data={"csrf": csrf_of(page), "event": str(one)}, headers=basic())
@@ -825,7 +825,7 @@ def test_one_dead_event_is_deleted_with_its_own_button_its_receipt_kept(admin, o
     (gone,) = outbox.find_events("r1")
     assert gone["status"] == "purged" and gone["dead_letters"] == []
     assert outbox.event_content(one)[1] is None, "its answers are deleted"
-    assert outbox.stats(SEGMENT).dead == 1 and [source for source, _, _ in outbox.dead_letters()] == ["r2"]
+    assert outbox.stats(SEGMENT).dead == 1 and [source for source, _, _ in outbox.dead_letters(destination=SEGMENT)] == ["r2"]
     assert "Deleted the dead letters of 1 event" in status_html(admin, done.headers["Location"])
     # The receipt stays: Refiner resending the response is a duplicate, not a new event.
     assert post_refiner(admin, survey_body(1, answer=ANSWER)).json["status"] == "duplicate"

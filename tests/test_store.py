@@ -35,7 +35,7 @@ def store(outbox: Store, *ids) -> None:
 
 def test_store_commits_one_row_per_event_with_its_receipt(outbox):
     assert outbox.store_grouped(entry_for(1)) is True
-    stats = outbox.stats()
+    stats = outbox.stats(SEGMENT)
     assert (stats.pending, stats.delivered, stats.dead) == (1, 0, 0)
     assert stats.oldest_pending_age is not None and stats.oldest_pending_age < 60
     with outbox.engine.connect() as conn:
@@ -46,7 +46,7 @@ def test_store_of_a_receipt_seen_before_writes_nothing(outbox):
     store(outbox, 1)
     assert outbox.store_grouped(entry_for(1)) is False
     assert outbox.store_many([entry_for(1)]) == 0
-    assert outbox.stats().pending == 1
+    assert outbox.stats(SEGMENT).pending == 1
 
 
 def test_claim_is_exclusive_until_the_lease_runs_out(outbox, monkeypatch):
@@ -70,7 +70,7 @@ def test_concurrent_claims_never_share_an_event(outbox, settings):
         while batch := box.claim(SEGMENT, 7, 60, name):
             with lock:
                 seen.extend(c.id for c in batch)
-            box.settle(name, delivered=[c.id for c in batch])
+            box.settle(name, delivered=[c.id for c in batch], destination=SEGMENT)
         box.dispose()
 
     threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
@@ -79,13 +79,13 @@ def test_concurrent_claims_never_share_an_event(outbox, settings):
     for t in threads:
         t.join()
     assert len(seen) == 300 and len(set(seen)) == 300
-    assert outbox.stats().delivered == 300
+    assert outbox.stats(SEGMENT).delivered == 300
 
 
 def test_release_makes_events_due_again_after_the_delay(outbox, monkeypatch):
     store(outbox, 1)
     (claimed,) = outbox.claim(SEGMENT, 10, 60, "a")
-    outbox.settle("a", released=[claimed.id], delay=30, error="HTTP 503")
+    outbox.settle("a", released=[claimed.id], delay=30, error="HTTP 503", destination=SEGMENT)
     assert outbox.claim(SEGMENT, 10, 60, "a") == []
     assert 25 < outbox.next_due_in(SEGMENT) <= 30
     now = time.time()
@@ -100,21 +100,26 @@ def test_settle_only_while_the_worker_still_holds_the_claim(outbox, monkeypatch)
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 61)
     (taken,) = outbox.claim(SEGMENT, 10, 60, "other")  # the lease ran out: another worker has it
-    outbox.settle("slow", delivered=[claimed.id])  # late: changes nothing
-    assert outbox.stats().pending == 1
-    outbox.settle("other", delivered=[taken.id])
-    assert outbox.stats().delivered == 1
+    outbox.settle("slow", delivered=[claimed.id], destination=SEGMENT)  # late: changes nothing
+    assert outbox.stats(SEGMENT).pending == 1
+    outbox.settle("other", delivered=[taken.id], destination=SEGMENT)
+    assert outbox.stats(SEGMENT).delivered == 1
 
 
 def test_dead_letters_are_kept_and_replay_puts_their_events_back(outbox):
     store(outbox, 1, 2)
     a, b = outbox.claim(SEGMENT, 10, 60, "w")
-    outbox.settle("w", delivered=[b.id], dead=[DeadLetter(a.id, "refiner-r1-completed-survey-group", "group", "HTTP 400 invalid: bad")])
-    stats = outbox.stats()
+    outbox.settle(
+        "w",
+        delivered=[b.id],
+        dead=[DeadLetter(a.id, "refiner-r1-completed-survey-group", "group", "HTTP 400 invalid: bad")],
+        destination=SEGMENT,
+    )
+    stats = outbox.stats(SEGMENT)
     assert (stats.pending, stats.delivered, stats.dead) == (0, 1, 1)
-    assert outbox.dead_letters() == [("r1", "refiner-r1-completed-survey-group", "HTTP 400 invalid: bad")]
-    assert outbox.replay_dead() == 1
-    assert outbox.dead_letters() == []
+    assert outbox.dead_letters(destination=SEGMENT) == [("r1", "refiner-r1-completed-survey-group", "HTTP 400 invalid: bad")]
+    assert outbox.replay_dead(destination=SEGMENT) == 1
+    assert outbox.dead_letters(destination=SEGMENT) == []
     (again,) = outbox.claim(SEGMENT, 10, 60, "w")
     assert again.id == a.id and again.attempts == 0
 
@@ -122,21 +127,21 @@ def test_dead_letters_are_kept_and_replay_puts_their_events_back(outbox):
 def test_requeue_selects_by_response_form_and_time_with_a_new_generation(outbox):
     store(outbox, 1, 2)
     for claimed in outbox.claim(SEGMENT, 10, 60, "w"):
-        outbox.settle("w", delivered=[claimed.id])
-    result = outbox.requeue(source_id="r2", generation="r123")
+        outbox.settle("w", delivered=[claimed.id], destination=SEGMENT)
+    result = outbox.requeue(source_id="r2", generation="r123", destination=SEGMENT)
     assert (result.matched, result.queued, result.forgotten) == (1, 1, 0)
     (again,) = outbox.claim(SEGMENT, 10, 60, "w")
     assert again.source_id == "r2" and again.generation == "r123"
-    assert outbox.requeue(source_id="nobody").matched == 0
+    assert outbox.requeue(source_id="nobody", destination=SEGMENT).matched == 0
     occurred = entry_for(1).occurred_at
-    assert outbox.requeue(since=occurred + 1).matched == 0
-    assert outbox.requeue(since=occurred, until=occurred + 1).matched == 2
+    assert outbox.requeue(since=occurred + 1, destination=SEGMENT).matched == 0
+    assert outbox.requeue(since=occurred, until=occurred + 1, destination=SEGMENT).matched == 2
 
 
 def test_init_schema_is_safe_to_run_twice(outbox):
     outbox.init_schema()
     outbox.init_schema()
-    assert outbox.stats().pending == 0 and outbox.schema_version() == head_revision()
+    assert outbox.stats(SEGMENT).pending == 0 and outbox.schema_version() == head_revision()
 
 
 # Each process connects, says "ready", and waits for a line on stdin: they all begin init_schema at once.
@@ -188,7 +193,7 @@ def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
         with box.engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT id, version FROM refiner_schema").all() == [(1, 5)]
             assert conn.exec_driver_sql("SELECT version_num FROM refiner_alembic_version").all() == [(head_revision(),)]
-        assert box.store_many([entry_for(1)]) == 1 and box.stats().pending == 1
+        assert box.store_many([entry_for(1)]) == 1 and box.stats(SEGMENT).pending == 1
     finally:
         box.dispose()
 
@@ -203,16 +208,18 @@ def _last_error(stderr: str) -> str:
 def test_purge_forgets_answers_then_receipts_but_never_touches_pending_or_dead(outbox):
     store(outbox, "delivered", "dead", "pending")
     delivered, dead, _pending = outbox.claim(SEGMENT, 3, 60, "w")
-    outbox.settle("w", delivered=[delivered.id], dead=[DeadLetter(dead.id, None, None, "HTTP 400")], released=[_pending.id])
+    outbox.settle(
+        "w", delivered=[delivered.id], dead=[DeadLetter(dead.id, None, None, "HTTP 400")], released=[_pending.id], destination=SEGMENT
+    )
     assert outbox.purge(delivered_before=time.time() - 60, receipts_before=time.time() - 60) == (0, 0)
     assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() - 60) == (1, 0)  # answers forgotten
-    assert outbox.requeue(source_id="rdelivered").forgotten == 1
+    assert outbox.requeue(source_id="rdelivered", destination=SEGMENT).forgotten == 1
     assert outbox.purge(delivered_before=time.time() + 1, receipts_before=time.time() + 1) == (0, 1)  # receipt gone
     assert outbox.store_many([entry_for("delivered")]) == 1  # so a resend is new again
-    stats = outbox.stats()
+    stats = outbox.stats(SEGMENT)
     assert (stats.dead, stats.pending) == (1, 2)
-    assert outbox.purge_dead(before=time.time() + 1) == 1
-    assert outbox.stats().dead == 0 and outbox.dead_letters() == []
+    assert outbox.purge_dead(before=time.time() + 1, destination=SEGMENT) == 1
+    assert outbox.stats(SEGMENT).dead == 0 and outbox.dead_letters(destination=SEGMENT) == []
     assert outbox.store_many([entry_for("dead")]) == 0  # given up on, but still a duplicate
 
 
@@ -298,7 +305,7 @@ def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: outbox.store_grouped(entry_for(i)), keys))
     assert sum(answers) == 40  # exactly one "new" per response, whatever the grouping
-    assert outbox.stats().pending == 40
+    assert outbox.stats(SEGMENT).pending == 40
     assert outbox.store_grouped(entry_for(0)) is False
 
 
@@ -339,7 +346,7 @@ def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch)
     assert isinstance(answers["follower"], StoreUnavailable), answers  # its webhook answers 503, not 200 "duplicate"
     monkeypatch.setattr(outbox, "_write_held", real_write)
     keys = [entry_for(i).receipt_key for i in ("lead", "follow")]
-    assert outbox.known_receipts(keys) == set() and outbox.stats().pending == 0
+    assert outbox.known_receipts(keys, destination=SEGMENT) == set() and outbox.stats(SEGMENT).pending == 0
     assert outbox._waiting == []
 
 
@@ -355,7 +362,7 @@ def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monke
         outbox.store_grouped(entry_for("failed"))
     assert outbox.store_grouped(entry_for("next")) is True
     failed, following = entry_for("failed").receipt_key, entry_for("next").receipt_key
-    assert outbox.known_receipts([failed, following]) == {following}  # the 503 one was not stored
+    assert outbox.known_receipts([failed, following], destination=SEGMENT) == {following}  # the 503 one was not stored
     assert outbox.store_grouped(entry_for("failed")) is True  # Refiner's retry
 
 
@@ -367,7 +374,7 @@ def test_the_grouped_writer_keeps_its_connection_only_while_webhooks_keep_coming
     outbox._held_at -= 2  # idle for two seconds
     outbox.store_grouped(entry_for("c"))
     assert outbox._held is not held and held.closed  # back to the pool; the next one is checked out (and pinged)
-    assert outbox.stats().pending == 3
+    assert outbox.stats(SEGMENT).pending == 3
 
 
 def test_a_failed_group_gives_back_its_connection_and_the_next_one_is_stored(outbox, monkeypatch):
@@ -383,7 +390,7 @@ def test_a_failed_group_gives_back_its_connection_and_the_next_one_is_stored(out
             outbox.store_grouped(entry_for("during"))
     assert outbox._held is None and held.closed
     assert outbox.store_grouped(entry_for("after")) is True
-    assert outbox.known_receipts([entry_for(k).receipt_key for k in ("before", "during", "after")]) == {
+    assert outbox.known_receipts([entry_for(k).receipt_key for k in ("before", "during", "after")], destination=SEGMENT) == {
         entry_for("before").receipt_key,
         entry_for("after").receipt_key,
     }
@@ -397,14 +404,14 @@ def test_same_receipt_twice_in_one_group_is_stored_once(outbox):
     outbox._waiting.append(queued)  # another thread's copy, waiting for a leader
     answer = outbox.store_grouped(entry)
     assert sorted([answer, queued.result]) == [False, True] and queued.done
-    assert outbox.stats().pending == 1
-    assert outbox.store_many([entry, entry]) == 0 and outbox.stats().pending == 1
+    assert outbox.stats(SEGMENT).pending == 1
+    assert outbox.store_many([entry, entry]) == 0 and outbox.stats(SEGMENT).pending == 1
 
 
 def test_store_many_with_a_receipt_twice_writes_one_row(outbox):
     entry = entry_for(2)
     assert outbox.store_many([entry, entry]) == 1
-    assert outbox.stats().pending == 1
+    assert outbox.stats(SEGMENT).pending == 1
 
 
 def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tmp_path):
@@ -431,19 +438,19 @@ def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tm
 def test_replay_leaves_pending_events_alone_so_one_in_flight_is_not_sent_twice(outbox):
     store(outbox, 1)
     (in_flight,) = outbox.claim(SEGMENT, 10, 60, "w")
-    result = outbox.requeue(source_id="r1", generation="r1")
+    result = outbox.requeue(source_id="r1", generation="r1", destination=SEGMENT)
     assert (result.matched, result.queued, result.pending) == (1, 0, 1)
-    outbox.settle("w", delivered=[in_flight.id])  # the worker still holds it: its answer counts
-    assert outbox.stats().delivered == 1
+    outbox.settle("w", delivered=[in_flight.id], destination=SEGMENT)  # the worker still holds it: its answer counts
+    assert outbox.stats(SEGMENT).delivered == 1
 
 
 def test_oldest_pending_age_counts_from_the_replay_not_from_the_first_receipt(outbox, monkeypatch):
     store(outbox, 1)
-    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")])
+    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")], destination=SEGMENT)
     now = time.time()
     monkeypatch.setattr(time, "time", lambda: now + 30 * 86400)  # a month later
-    outbox.requeue(source_id="r1")
-    assert outbox.stats().oldest_pending_age < 60
+    outbox.requeue(source_id="r1", destination=SEGMENT)
+    assert outbox.stats(SEGMENT).oldest_pending_age < 60
 
 
 def test_a_receipt_outlives_a_late_delivery_by_the_full_receipt_retention(outbox, monkeypatch):
@@ -451,7 +458,7 @@ def test_a_receipt_outlives_a_late_delivery_by_the_full_receipt_retention(outbox
     monkeypatch.setattr(time, "time", lambda: now - 100 * 86400)  # received 100 days ago...
     store(outbox, 1)
     monkeypatch.setattr(time, "time", lambda: now)
-    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")])  # ...delivered today
+    outbox.settle("w", delivered=[c.id for c in outbox.claim(SEGMENT, 10, 60, "w")], destination=SEGMENT)  # ...delivered today
     assert outbox.purge(delivered_before=now - 7 * 86400, receipts_before=now - 90 * 86400) == (0, 0)
     assert outbox.store_many([entry_for(1)]) == 0
 
@@ -466,7 +473,7 @@ def refiner_entry(message_id: str, contact: str) -> Entry:
 def test_one_contacts_calls_keep_their_order_while_an_earlier_one_waits_to_be_retried(outbox):
     outbox.store_many([refiner_entry("a1", "id:a"), refiner_entry("b1", "id:b")])
     a1, b1 = outbox.claim(REFINER, 10, 60, "w", contact_order=True)
-    outbox.settle("w", delivered=[b1.id], released=[a1.id], delay=30)  # a1 waits 30 s to be retried
+    outbox.settle("w", delivered=[b1.id], released=[a1.id], delay=30, destination=SEGMENT)  # a1 waits 30 s to be retried
     outbox.store_many([refiner_entry("a2", "id:a"), refiner_entry("b2", "id:b")])
     claimed = outbox.claim(REFINER, 10, 60, "w", contact_order=True)
     assert [c.source_id for c in claimed] == ["b2"]  # a2 waits behind a1; b's calls go on
@@ -478,7 +485,7 @@ def test_a_contact_claimed_by_one_worker_is_not_claimed_by_another(outbox):
     (held,) = outbox.claim(REFINER, 10, 60, "first", contact_order=True)
     outbox.store_many([refiner_entry("a2", "id:a")])
     assert outbox.claim(REFINER, 10, 60, "second", contact_order=True) == []
-    outbox.settle("first", delivered=[held.id])
+    outbox.settle("first", delivered=[held.id], destination=SEGMENT)
     assert [c.source_id for c in outbox.claim(REFINER, 10, 60, "second", contact_order=True)] == ["a2"]
 
 
@@ -602,7 +609,7 @@ def test_the_last_delivery_error_is_kept_after_recovery_but_a_hand_back_is_not_o
 def test_find_events_by_response_id_or_by_a_dead_letters_message_id(outbox):
     store(outbox, 1, 2)
     a, b = outbox.claim(SEGMENT, 2, 60, "w")
-    outbox.settle("w", delivered=[a.id], dead=[DeadLetter(b.id, "refiner-x-track", "track", "HTTP 400")])
+    outbox.settle("w", delivered=[a.id], dead=[DeadLetter(b.id, "refiner-x-track", "track", "HTTP 400")], destination=SEGMENT)
     assert [e["response_id"] for e in outbox.find_events("r1")] == ["r1"]
     (found,) = outbox.find_events("refiner-x-track")
     assert found["response_id"] == "r2" and found["status"] == "dead" and found["dead_letters"][0]["error"] == "HTTP 400"
@@ -614,3 +621,17 @@ def test_traffic_counts_hold_more_than_32_bits(outbox):
     outbox.add_traffic({(100, "latency", "segment", "sum_ms"): 3_000_000_000})
     outbox.add_traffic({(100, "latency", "segment", "sum_ms"): 3_000_000_000})
     assert outbox.traffic_totals()[("latency", "segment", "sum_ms")] == 6_000_000_000
+
+
+def test_no_store_method_has_a_default_destination():
+    """A forgotten argument must fail, not silently read or write the other direction."""
+    import inspect
+
+    defaulted = [
+        name
+        for name, method in inspect.getmembers(Store, inspect.isfunction)
+        if (parameter := inspect.signature(method).parameters.get("destination")) is not None
+        and parameter.default is not inspect.Parameter.empty
+    ]
+    assert defaulted == []
+    assert "stats" in {n for n, m in inspect.getmembers(Store, inspect.isfunction) if "destination" in inspect.signature(m).parameters}

@@ -16,7 +16,7 @@ def test_stored_will_be_delivered_answers_202_with_message_count(post_webhook, w
     response = post_webhook(webhook_body)
     assert response.status_code == 202
     assert response.json == {"status": "accepted", "response_id": webhook_body["response"]["uuid"], "messages": 3}
-    assert outbox.stats().pending == 1  # one stored event; its three messages are made at delivery
+    assert outbox.stats(SEGMENT).pending == 1  # one stored event; its three messages are made at delivery
 
 
 def test_accepted_messages_are_committed_before_the_answer(post_webhook, webhook_body, store_url, settings):
@@ -32,7 +32,7 @@ def test_same_response_seen_before_answers_200_duplicate_without_new_rows(post_w
     again = post_webhook(webhook_body)
     assert again.status_code == 200
     assert again.json["status"] == "duplicate" and again.json["response_id"] == webhook_body["response"]["uuid"]
-    assert outbox.stats().pending == 1
+    assert outbox.stats(SEGMENT).pending == 1
 
 
 def test_same_response_with_another_event_is_not_a_duplicate(post_webhook, webhook_body, outbox):
@@ -40,7 +40,7 @@ def test_same_response_with_another_event_is_not_a_duplicate(post_webhook, webho
     assert post_webhook(webhook_body).json["messages"] == 1
     webhook_body["triggered_event"] = "Completed Survey"
     assert post_webhook(webhook_body).status_code == 202
-    assert outbox.stats().pending == 2
+    assert outbox.stats(SEGMENT).pending == 2
 
 
 def test_event_that_is_not_forwarded_answers_200_ignored(post_webhook, webhook_body, outbox):
@@ -48,7 +48,7 @@ def test_event_that_is_not_forwarded_answers_200_ignored(post_webhook, webhook_b
     response = post_webhook(webhook_body)
     assert response.status_code == 200
     assert response.json["status"] == "ignored" and "Created Contact" in response.json["reason"]
-    assert outbox.stats().pending == 0
+    assert outbox.stats(SEGMENT).pending == 0
 
 
 def test_event_that_is_not_forwarded_is_ignored_with_the_reason_docs_http_md_gives(post_webhook, webhook_body):
@@ -93,7 +93,7 @@ def test_body_not_json_or_not_utf8_or_empty_answers_400(post_webhook, body, code
 def test_token_missing_answers_401(post_webhook, webhook_body, outbox):
     response = post_webhook(webhook_body, token=None)
     assert response.status_code == 401 and response.json["error"] == "missing_token"
-    assert outbox.stats().pending == 0
+    assert outbox.stats(SEGMENT).pending == 0
 
 
 def test_token_wrong_answers_401(post_webhook, webhook_body):
@@ -134,14 +134,14 @@ def test_token_is_checked_before_the_body_is_read(client, outbox):
     assert post("?token=wrong-token-0123456789") == (401, False)
     assert post("") == (401, False)  # no token at all
     assert post(f"?token={SECRET}") == (400, True)  # the same request with the token: read, and found not JSON
-    assert outbox.stats().pending == 0
+    assert outbox.stats(SEGMENT).pending == 0
 
 
 def test_body_over_1_mib_answers_413(post_webhook, webhook_body, outbox):
     webhook_body["response"]["data"]["essay"] = "x" * (1 << 20)
     response = post_webhook(webhook_body)
     assert response.status_code == 413 and response.json["error"] == "body_too_large"
-    assert outbox.stats().pending == 0
+    assert outbox.stats(SEGMENT).pending == 0
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_json_of_the_wrong_shape_answers_422_with_field_paths(post_webhook, webh
     assert response.status_code == 422, response.json
     assert response.json["error"] == "invalid_payload"
     assert path in response.json["fields"] and all(response.json["fields"][path])
-    assert outbox.stats().pending == 0
+    assert outbox.stats(SEGMENT).pending == 0
 
 
 @pytest.mark.parametrize("body", [[], "string", 3, None])

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from refiner_source.config import Settings
-from refiner_source.directions import DIRECTIONS
+from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
 from refiner_source.ops.health import stalled_for, stalled_hint
 from refiner_source.run.options import DATE, TO, check_range, chosen_directions, epoch, open_outbox, settings_or_exit
 
@@ -92,10 +92,10 @@ def _print_direction(outbox: Store, destination: str, stats, title: str, gap: bo
         click.echo(f"last delivery error ({datetime.fromtimestamp(at, UTC):%Y-%m-%d %H:%M:%S} UTC): {error}")
     if stats.dead:
         # A Segment event's id is the messageId of its one call to Refiner: show the call instead of the id again.
-        columns = "response id, message id" if destination == "segment" else "Segment messageId, call"
+        columns = "response id, message id" if destination == SEGMENT else "Segment messageId, call"
         click.echo(f"newest dead letters ({columns}, error); `refiner-source replay --to {destination}` resends them:")
         for source_id, message_id, call, error in outbox.dead_letter_calls(destination=destination):
-            second = (message_id if destination == "segment" else call) or "-"
+            second = (message_id if destination == SEGMENT else call) or "-"
             click.echo(f"  {source_id}  {second}  {error}")
 
 
@@ -116,9 +116,9 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
     settings = settings_or_exit()
     outbox = open_outbox(settings, existing=True)
     if message_id is not None:
-        if any((response_id, form_uuid, since, until, new_ids)) or to == "segment":
+        if any((response_id, form_uuid, since, until, new_ids)) or to == SEGMENT:
             raise click.UsageError("--message selects one Segment event for Refiner; it goes with no other selection")
-        result = outbox.requeue(source_id=message_id, destination="refiner", skip=replay_skip(outbox, settings, "refiner"))
+        result = outbox.requeue(source_id=message_id, destination=REFINER, skip=replay_skip(outbox, settings, REFINER))
         if not result.matched:
             raise click.ClickException(f"nothing matched --message {message_id}: no Segment event with that messageId was accepted")
         click.echo(f"{result.queued} event(s) queued again for Refiner" + (f", {result.pending} not sent yet" if result.pending else ""))
@@ -134,7 +134,9 @@ def replay(response_id: str | None, form_uuid: str | None, since, until, new_ids
         raise click.UsageError("--response, --form, --since and --until select Refiner's responses (to Segment); use --message ID")
     now = datetime.now(UTC)
     generation = f"r{int(now.timestamp() * 1000)}" if new_ids else None  # ms: two replays never share ids
-    result = outbox.requeue(response_id, form_uuid, epoch(since), epoch(until), generation, skip=replay_skip(outbox, settings, "segment"))
+    result = outbox.requeue(
+        response_id, form_uuid, epoch(since), epoch(until), generation, skip=replay_skip(outbox, settings, SEGMENT), destination=SEGMENT
+    )
     if not result.matched:
         chosen = {"--response": response_id, "--form": form_uuid, "--since": since, "--until": until}
         selection = " ".join(f"{name} {value}" for name, value in chosen.items() if value is not None)
@@ -170,5 +172,5 @@ def purge_dead(older_than: float, yes: bool, to: str | None) -> None:
         count = sum(outbox.stats(d).dead for d in directions)
         click.confirm(f"Delete {count} dead letter(s) older than {older_than:g} day(s) for good?", abort=True)
     for destination in directions:
-        count = outbox.purge_dead(time.time() - older_than * 86400, destination)
+        count = outbox.purge_dead(time.time() - older_than * 86400, destination=destination)
         click.echo(f"{count} dead letter(s) deleted ({DIRECTIONS[destination].title})")

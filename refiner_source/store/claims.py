@@ -115,7 +115,8 @@ class Claims(Database):
         released: Sequence[int] = (),
         delay: float = 0.0,
         error: str = "",
-        destination: str | None = None,
+        *,
+        destination: str,
     ) -> None:
         """Record, in one transaction, what became of claimed events: delivered; dead (with the
         letters of the messages at fault); or released for another try after `delay`.
@@ -129,7 +130,7 @@ class Claims(Database):
         retried = error if released and error and not error.startswith("handed back") else None
         newest_error = dead[-1].error if dead else retried
         with self._write() as conn:
-            if newest_error and destination is not None:
+            if newest_error:
                 self._record_error(conn, destination, newest_error, now)
             if delivered:
                 conn.execute(

@@ -10,7 +10,6 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, select, update
 
-from refiner_source.directions import SEGMENT
 from refiner_source.store.database import Database, chunks
 from refiner_source.store.tables import DEAD, DELIVERED, PENDING, PURGED, dead_letters, events
 
@@ -47,11 +46,12 @@ class DeadEvent:
 class DeadLetters(Database):
     """What died, and the operator's two answers to it: send again, or give up."""
 
-    def dead_letters(self, limit: int = 20, destination: str = SEGMENT) -> list[tuple[str, str, str]]:
+    def dead_letters(self, limit: int = 20, *, destination: str) -> list[tuple[str, str, str]]:
         """(response id, message id or "-", error) of the newest dead letters."""
-        return [(source_id, message_id or "-", error) for source_id, message_id, _call, error in self.dead_letter_calls(limit, destination)]
+        calls = self.dead_letter_calls(limit, destination=destination)
+        return [(source_id, message_id or "-", error) for source_id, message_id, _call, error in calls]
 
-    def dead_letter_calls(self, limit: int = 20, destination: str = SEGMENT) -> list[tuple[str, str | None, str | None, str]]:
+    def dead_letter_calls(self, limit: int = 20, *, destination: str) -> list[tuple[str, str | None, str | None, str]]:
         """(event's id from its source, message id, call, error) of the newest dead letters."""
         stmt = (
             select(events.c.source_id, dead_letters.c.message_id, dead_letters.c.call, dead_letters.c.error)
@@ -63,7 +63,7 @@ class DeadLetters(Database):
         with self._guard(), self.engine.connect() as conn:
             return [(r.source_id, r.message_id, r.call, r.error) for r in conn.execute(stmt).all()]
 
-    def dead_events(self, limit: int = 20, destination: str = SEGMENT) -> list[DeadEvent]:
+    def dead_events(self, limit: int = 20, *, destination: str) -> list[DeadEvent]:
         """The dead events whose letters are newest, each with all its letters (one event may have several)."""
         newest = func.max(dead_letters.c.id)
         mine = and_(events.c.destination == destination, events.c.status == DEAD)
@@ -86,7 +86,7 @@ class DeadLetters(Database):
             by_event.setdefault(d.event_id, []).append(Letter(d.message_id, d.call, d.error, d.created_at))
         return [DeadEvent(r.id, r.source_id, r.triggered_event, tuple(by_event.get(r.id, ()))) for r in rows]
 
-    def dead_letter_count(self, destination: str = SEGMENT) -> int:
+    def dead_letter_count(self, destination: str) -> int:
         """How many messages are dead letters (an event may have several; stats().dead counts events)."""
         stmt = (
             select(func.count())
@@ -96,7 +96,7 @@ class DeadLetters(Database):
         with self._guard(), self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar() or 0)
 
-    def replay_dead(self, destination: str = SEGMENT) -> int:
+    def replay_dead(self, destination: str) -> int:
         """Put every dead event back in line, to be mapped again with the current mapping; how many."""
         with self._guard(), self.engine.connect() as conn:
             ids = list(conn.execute(select(events.c.id).where(events.c.destination == destination, events.c.status == DEAD)).scalars())
@@ -133,7 +133,7 @@ class DeadLetters(Database):
                 conn.execute(delete(dead_letters).where(dead_letters.c.event_id.in_(requeued)))
         return queued
 
-    def purge_dead(self, before: float, destination: str = SEGMENT) -> int:
+    def purge_dead(self, before: float, *, destination: str) -> int:
         """Give up on dead events that arrived before `before` (an operator's decision, by command):
         their letters and answers are deleted; the receipt stays, so a resend is still a duplicate."""
         return self._give_up(and_(events.c.destination == destination, events.c.status == DEAD, events.c.created_at < before))

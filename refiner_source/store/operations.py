@@ -10,7 +10,6 @@ from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 
-from refiner_source.directions import SEGMENT
 from refiner_source.store.dead import KEPT, LARGEST_ID, DeadLetters
 from refiner_source.store.tables import DEAD, DELIVERED, PENDING, PURGED, dead_letters, events, last_errors
 
@@ -38,7 +37,7 @@ class Requeued:
 class Operations(DeadLetters):
     """Reads for the status page and the CLI, and the commands that put events back in line or forget them."""
 
-    def stats(self, destination: str = SEGMENT) -> Stats:
+    def stats(self, destination: str) -> Stats:
         mine = events.c.destination == destination
         with self._guard(), self.engine.connect() as conn:
             counts = dict(conn.execute(select(events.c.status, func.count()).where(mine).group_by(events.c.status)).all())
@@ -60,7 +59,8 @@ class Operations(DeadLetters):
         since: float | None = None,
         until: float | None = None,
         generation: str | None = None,
-        destination: str = SEGMENT,
+        *,
+        destination: str,
         skip: Callable[[str | None], bool] | None = None,
     ) -> Requeued:
         """Put the delivered or dead events a replay selects back in line, to be mapped again (with
@@ -108,13 +108,13 @@ class Operations(DeadLetters):
             self._scrub(events)
         return forgotten, deleted
 
-    def last_error(self, destination: str = SEGMENT) -> tuple[str | None, float | None]:
+    def last_error(self, destination: str) -> tuple[str | None, float | None]:
         """The newest delivery error of a destination (a retry or a dead letter) and when, even if it recovered since."""
         with self._guard(), self.engine.connect() as conn:
             row = conn.execute(select(last_errors.c.error, last_errors.c.at).where(last_errors.c.destination == destination)).first()
         return (row.error, row.at) if row else (None, None)
 
-    def last_delivered_at(self, destination: str = SEGMENT) -> float | None:
+    def last_delivered_at(self, destination: str) -> float | None:
         """When the newest delivery still kept happened: after the last error's time, delivery has recovered."""
         stmt = select(func.max(events.c.delivered_at)).where(events.c.destination == destination, events.c.status == DELIVERED)
         with self._guard(), self.engine.connect() as conn:

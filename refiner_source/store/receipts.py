@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
-from refiner_source.directions import SEGMENT
 from refiner_source.entry import Entry
 from refiner_source.store.cursors import BackfillState, Cursors
 from refiner_source.store.database import chunks, insert_ignoring_conflict
@@ -95,7 +94,7 @@ class Receipts(Cursors):
         # compilation ("insertmanyvalues"). A row back means inserted (rowcount is -1 on psycopg here).
         return {(r.destination, r.receipt_key) for r in conn.execute(self._insert, rows)}
 
-    def known_receipts(self, keys: Sequence[str], destination: str = SEGMENT) -> set[str]:
+    def known_receipts(self, keys: Sequence[str], *, destination: str) -> set[str]:
         """Which of these receipts exist already (for a dry run)."""
         found: set[str] = set()
         with self._guard(), self.engine.connect() as conn:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from refiner_source.directions import SEGMENT
 from refiner_source.mapping_file import MappingRules
 from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerClient
 from refiner_source.store import BackfillState, Store
@@ -197,7 +198,7 @@ def _store_page(
     finished = result.next_cursor is None and result.next_page is None
     saved = BackfillState(result.next_cursor, result.next_page, finished, progress.pages, progress.seen, progress.stored)
     if dry_run:
-        known = outbox.known_receipts([e.receipt_key for e in entries])
+        known = outbox.known_receipts([e.receipt_key for e in entries], destination=SEGMENT)
         fresh = [e for e in entries if e.receipt_key not in known]
         new = len(fresh)
         for entry in fresh:  # a response already sent would not be sent again: no sample of it
