@@ -25,6 +25,7 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     from flask import Flask
 
     from refiner_source.config import key_of, settings_from
+    from refiner_source.directions import LARGEST_BODY_BYTES
     from refiner_source.logs import configure_logging
     from refiner_source.ops import forget_page  # noqa: F401 - its routes join the operator's blueprint
     from refiner_source.ops.status_page import operator_bp
@@ -32,11 +33,10 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     from refiner_source.run.supervisor import PIDFILE_ENV
     from refiner_source.store import Store
     from refiner_source.store.tally import Tally
-    from refiner_source.to_refiner.webhook import bp as to_refiner_bp
-    from refiner_source.to_segment.webhook import bp as to_segment_bp
-    from refiner_source.web.body import LARGEST_BODY_BYTES
     from refiner_source.web.counts import count_webhook
     from refiner_source.web.health import bp as health_bp
+    from refiner_source.web.refiner_webhook import bp as refiner_webhook_bp
+    from refiner_source.web.segment_webhook import bp as segment_webhook_bp
     from refiner_source.web.state import AppState
 
     settings = settings_from(config)
@@ -53,8 +53,8 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
         suppressed=Suppressed(outbox, key_of(settings)),
     )
     app.register_blueprint(health_bp)
-    app.register_blueprint(to_segment_bp)
-    app.register_blueprint(to_refiner_bp)
+    app.register_blueprint(refiner_webhook_bp)
+    app.register_blueprint(segment_webhook_bp)
     app.register_blueprint(operator_bp)
     app.after_request(count_webhook)
     return app

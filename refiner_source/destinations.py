@@ -1,14 +1,13 @@
-"""The destinations, registered once: each direction's delivery module, which supplies the loop
-that sends its events and the preview of what a stored event becomes.
-
-A third destination is a package beside to_segment/ and to_refiner/ (its mapping, its API client
-and a delivery module with `build_loop` and `preview`) and one line here.
-"""
+"""Each direction's delivery module (<package>.delivery, named by the registry in directions.py):
+the loop that sends its events and the preview of what a stored event becomes. Imported when used:
+a process loads only what it runs."""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from refiner_source.directions import DIRECTIONS
 
 if TYPE_CHECKING:
     from refiner_source.config import Settings
@@ -16,19 +15,12 @@ if TYPE_CHECKING:
     from refiner_source.mapping_file import MappingRules
     from refiner_source.store import Store
 
-# destination -> its delivery module (imported when used: a process loads only what it runs)
-DELIVERY_MODULES = {
-    "segment": "refiner_source.to_segment.delivery",
-    "refiner": "refiner_source.to_refiner.delivery",
-}
-
-
 def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:
     """A delivery loop for each direction that is on, each dropping the events of people on the suppression list."""
     from refiner_source.config import key_of
     from refiner_source.privacy import Suppressed
 
-    loops = [_module(d).build_loop(settings, outbox) for d in DELIVERY_MODULES if settings.direction_on(d)]
+    loops = [_module(d).build_loop(settings, outbox) for d in DIRECTIONS if settings.direction_on(d)]
     for loop in loops:
         loop.suppressed = Suppressed(outbox, key_of(settings), refresh=0)  # fresh before each claim is sent
     return loops
@@ -41,4 +33,4 @@ def preview(destination: str, stored: str | None, generation: str | None, create
 
 
 def _module(destination: str):
-    return importlib.import_module(DELIVERY_MODULES[destination])
+    return importlib.import_module(DIRECTIONS[destination].package + ".delivery")

@@ -1,6 +1,8 @@
-"""The two directions, named once, by the destination their events are stored under: their titles,
-their webhooks, and the pair of settings that turns each on. No imports: the settings, the store,
-the mapping processes of a backfill and the web app all read these."""
+"""The one registry of the directions, keyed by the destination their events are stored under:
+each one's titles, its webhook (path and body limit), the pair of settings that turns it on, and the
+package that holds its schemas, admission, mapping, people and delivery. Nothing is added to it at
+import time. No imports: the settings, the store, the mapping processes of a backfill and the web
+app all read it."""
 
 from __future__ import annotations
 
@@ -17,11 +19,41 @@ class Direction:
     target: str  # who receives them
     variables: tuple[str, str]  # the pair of settings that turns it on
     arrow: str  # the title as start-up errors write it
+    body_limit: int  # the largest body its webhook takes, in bytes
+    package: str  # its package: <package>.delivery (build_loop, preview) and <package>.people (people_of_stored)
 
+    @property
+    def path(self) -> str:
+        """Its webhook's route."""
+        return f"/webhooks/{self.source}"
+
+
+# Segment's largest batch is 4,000 events of at most 32 KB each (125 MiB): a body it can send is never
+# refused. Segment -> Refiner's webhook reads a batch as it arrives, so this costs no memory.
+LARGEST_BODY_BYTES = 256 << 20
 
 DIRECTIONS = {
-    SEGMENT: Direction("Refiner to Segment", "refiner", "Segment", ("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET"), "Refiner -> Segment"),
+    SEGMENT: Direction(
+        "Refiner to Segment",
+        "refiner",
+        "Segment",
+        ("SEGMENT_WRITE_KEY", "REFINER_WEBHOOK_SECRET"),
+        "Refiner -> Segment",
+        body_limit=1 << 20,
+        package="refiner_source.to_segment",
+    ),
     REFINER: Direction(
-        "Segment to Refiner", "segment", "Refiner's API", ("SEGMENT_SHARED_SECRET", "REFINER_API_KEY"), "Segment -> Refiner"
+        "Segment to Refiner",
+        "segment",
+        "Refiner's API",
+        ("SEGMENT_SHARED_SECRET", "REFINER_API_KEY"),
+        "Segment -> Refiner",
+        body_limit=LARGEST_BODY_BYTES,
+        package="refiner_source.to_refiner",
     ),
 }
+
+
+def by_path(path: str) -> Direction | None:
+    """The direction whose webhook is at `path` (None: no webhook's)."""
+    return next((d for d in DIRECTIONS.values() if d.path == path), None)

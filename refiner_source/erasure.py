@@ -16,11 +16,6 @@ if TYPE_CHECKING:
     from refiner_source.config import Settings
     from refiner_source.store import Erased, Store
 
-# destination -> the module that says whom its stored events concern (`people_of_stored`)
-PEOPLE_MODULES = {
-    "segment": "refiner_source.to_segment.people",
-    "refiner": "refiner_source.to_refiner.people",
-}
 PLAIN = {chr(c) for c in range(0x20, 0x7F)} - {'"', "\\"}  # characters JSON (ASCII, escaped) writes as they are
 
 
@@ -29,7 +24,8 @@ class NoKey(Exception):
 
 
 def people_of_stored(destination: str):
-    return importlib.import_module(PEOPLE_MODULES[destination]).people_of_stored
+    """What says whom a stored event of `destination` concerns: its direction's <package>.people."""
+    return importlib.import_module(DIRECTIONS[destination].package + ".people").people_of_stored
 
 
 def like_patterns(person: frozenset[tuple[str, str]]) -> list[str]:

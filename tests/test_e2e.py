@@ -223,6 +223,11 @@ def test_e2e_schemathesis_against_openapi_json_finds_no_5xx_and_no_undocumented_
             # schema calls invalid may rightly get a 200. Everything else is checked.
             "--exclude-checks",
             "negative_data_rejection,positive_data_acceptance",
+            # Every warning but "validation mismatch" (most of an operation's random bodies answered
+            # 4xx): whether it fires depends on the examples drawn, and it was seen, once in a full
+            # run, with every check passing. The others cannot fire by chance here.
+            "--warnings",
+            "missing_auth,missing_test_data,missing_deserializer,unused_openapi_auth,method_not_allowed",
             "--no-color",
         ],
         capture_output=True,
@@ -231,7 +236,7 @@ def test_e2e_schemathesis_against_openapi_json_finds_no_5xx_and_no_undocumented_
         cwd=tmp_path,  # schemathesis keeps a cache folder in its working directory
     )
     assert result.returncode == 0, result.stdout[-5000:]
-    assert "No issues found" in result.stdout
+    assert "No issues found" in result.stdout, result.stdout[-3000:]
 
 
 def test_e2e_group_sigterm_with_a_request_in_flight_does_not_restart_the_delivery_worker(make_service):

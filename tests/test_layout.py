@@ -17,11 +17,16 @@ STATED_REASON = re.compile(r"\blong\b", re.IGNORECASE)
 
 # folder under refiner_source/ -> the packages of refiner_source none of its modules may import
 BANNED = {
-    "to_segment": ("to_refiner",),
-    "to_refiner": ("to_segment",),
-    "store": ("to_segment", "to_refiner", "web", "ops", "run"),
-    "delivery": ("to_segment", "to_refiner"),
+    "to_segment": ("to_refiner", "web", "ops", "run"),
+    "to_refiner": ("to_segment", "web", "ops", "run"),
+    "store": ("to_segment", "to_refiner", "web", "ops", "run", "delivery"),
+    "delivery": ("to_segment", "to_refiner", "web", "ops", "run"),
 }
+# folder under refiner_source/ -> the libraries none of its modules may import: the directions,
+# the store and delivery run in processes that serve no HTTP (the delivery worker, a backfill's
+# mapping processes), and the web face sits above them.
+FRAMEWORKS = ("flask", "werkzeug")
+FRAMEWORK_FREE = ("to_segment", "to_refiner", "store", "delivery")
 
 
 def module_name(path: Path, root: Path) -> tuple[str, bool]:
@@ -74,6 +79,18 @@ def forbidden_imports(root: Path, folder: str, banned: tuple[str, ...]) -> list[
 def test_no_module_imports_what_its_folder_must_not_know(folder):
     assert (PACKAGE / folder).is_dir(), folder
     problems = forbidden_imports(PACKAGE, folder, BANNED[folder])
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("folder", FRAMEWORK_FREE)
+def test_no_direction_store_or_delivery_module_imports_the_web_framework(folder):
+    problems = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+        for path in sorted((PACKAGE / folder).rglob("*.py"))
+        for line, names in imports(path, PACKAGE)
+        for name in names[:1]
+        if name.split(".")[0] in FRAMEWORKS
+    ]
     assert not problems, "\n".join(problems)
 
 

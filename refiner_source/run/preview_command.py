@@ -10,6 +10,7 @@ import time
 
 import click
 
+from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
 from refiner_source.run.options import settings_or_exit
 
 
@@ -27,12 +28,13 @@ def preview(file, from_segment: bool) -> None:
     raw = file.read()
     if from_segment:
         from refiner_source.to_refiner.admission import admit
-        from refiner_source.to_refiner.webhook import MAX_EVENT_BYTES, MAX_SEGMENT_BODY_BYTES
+        from refiner_source.to_refiner.events import MAX_EVENT_BYTES
 
-        limit = MAX_SEGMENT_BODY_BYTES if raw.lstrip().startswith(b"[") else MAX_EVENT_BYTES  # as the webhook reads it
+        limit = DIRECTIONS[REFINER].body_limit if raw.lstrip().startswith(b"[") else MAX_EVENT_BYTES  # as the webhook reads it
     else:
         from refiner_source.to_segment.admission import admit
-        from refiner_source.to_segment.webhook import MAX_BODY_BYTES as limit
+
+        limit = DIRECTIONS[SEGMENT].body_limit
     expected = "a Segment event (a JSON object) or an array of them" if from_segment else "a JSON object"
     try:
         if len(raw) > limit:

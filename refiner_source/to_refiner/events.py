@@ -16,6 +16,7 @@ from refiner_source.validation import storable
 
 MAX_ID_LENGTH = 255
 MAX_TRAITS = 1000
+MAX_EVENT_BYTES = 1 << 20  # one event, alone or in a batch: 32 times what Segment lets an event be
 MAX_DEPTH = 32  # objects in objects: traits are flattened, and must not run out of stack doing it
 
 

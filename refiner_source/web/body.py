@@ -9,14 +9,19 @@ from typing import Any
 from flask import Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from refiner_source.directions import LARGEST_BODY_BYTES, by_path
 from refiner_source.validation import Refused
 from refiner_source.validation import too_large as body_too_large
 
 log = logging.getLogger(__name__)
 
-LARGEST_BODY_BYTES = 256 << 20  # POST /webhooks/segment (a batch of Segment events, read as it arrives); the app's limit
-# Each webhook route registers its path here with its limit, so that a 413 raised before the route runs names it.
-BODY_LIMITS: dict[str, int] = {}
+
+
+def body_limit(path: str) -> int:
+    """The body limit of the route at `path`: its direction's, else the app's (the largest), so that
+    a 413 raised before the route runs names the route's own."""
+    direction = by_path(path)
+    return direction.body_limit if direction is not None else LARGEST_BODY_BYTES
 
 
 def read_body(limit: int) -> bytes | None:

@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from refiner_source.run.supervisor import worker_running
 from refiner_source.store import StoreUnavailable
-from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, too_large
+from refiner_source.web.body import body_limit, too_large
 from refiner_source.web.state import error, state
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def readyz():
 @bp.app_errorhandler(HTTPException)
 def http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
-        return too_large(BODY_LIMITS.get(request.path, LARGEST_BODY_BYTES))
+        return too_large(body_limit(request.path))
     response, status = error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
     for name, value in exc.get_headers():  # e.g. Allow on a 405, as RFC 9110 requires
         if name.lower() != "content-type":

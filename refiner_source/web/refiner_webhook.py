@@ -8,22 +8,20 @@ import logging
 
 from flask import Blueprint, g, jsonify, request
 
+from refiner_source.directions import DIRECTIONS, SEGMENT
 from refiner_source.privacy import FORGOTTEN
 from refiner_source.store import StoreUnavailable
 from refiner_source.to_segment.admission import Ignored, admit
 from refiner_source.to_segment.events import shape_of
 from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import presented_token, token_ok
-from refiner_source.web.body import BODY_LIMITS, read_body, refusal, too_large
-from refiner_source.web.counts import SOURCES
+from refiner_source.web.body import read_body, refusal, too_large
 from refiner_source.web.state import error, forgotten, state
 
 log = logging.getLogger(__name__)
 
-PATH = "/webhooks/refiner"
-MAX_BODY_BYTES = 1 << 20
-BODY_LIMITS[PATH] = MAX_BODY_BYTES
-SOURCES[PATH] = "refiner"
+PATH = DIRECTIONS[SEGMENT].path
+MAX_BODY_BYTES = DIRECTIONS[SEGMENT].body_limit
 bp = Blueprint("refiner_to_segment", __name__)
 
 

@@ -20,26 +20,23 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from refiner_source.directions import DIRECTIONS, REFINER
 from refiner_source.store import StoreUnavailable
 from refiner_source.to_refiner.admission import Admitted, admit, admit_batch, not_a_body
+from refiner_source.to_refiner.events import MAX_EVENT_BYTES
 from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import digest_ok, presented_token, signature_ok, token_ok
-from refiner_source.web.body import BODY_LIMITS, LARGEST_BODY_BYTES, refusal, too_large
-from refiner_source.web.counts import SOURCES
+from refiner_source.web.body import refusal, too_large
 from refiner_source.web.state import error, forgotten, state
 from refiner_source.web.stream import Body, Element
 
 log = logging.getLogger(__name__)
 
-PATH = "/webhooks/segment"
-# Segment's largest batch is 4,000 events of at most 32 KB each (125 MiB): a body it can send is never refused.
-MAX_SEGMENT_BODY_BYTES = LARGEST_BODY_BYTES
-MAX_EVENT_BYTES = 1 << 20  # one event, alone or in a batch: 32 times what Segment lets an event be
+PATH = DIRECTIONS[REFINER].path
+MAX_SEGMENT_BODY_BYTES = DIRECTIONS[REFINER].body_limit
 # A batch is validated and stored this many events (or characters of their text) at a time.
 GROUP_EVENTS = 500
 GROUP_CHARS = 4 << 20
-BODY_LIMITS[PATH] = MAX_SEGMENT_BODY_BYTES
-SOURCES[PATH] = "segment"
 bp = Blueprint("segment_to_refiner", __name__)
 
 
