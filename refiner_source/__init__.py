@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
     from refiner_source.config import Settings
 
-__version__ = "0.1.0"
+from refiner_source.version import __version__ as __version__  # the package's, for whoever embeds it
 
 
 def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
@@ -25,12 +25,12 @@ def create_app(config: Mapping[str, Any] | Settings | None = None) -> Flask:
     from flask import Flask
 
     from refiner_source.config import key_of, settings_from
+    from refiner_source.delivery.pidfile import PIDFILE_ENV
     from refiner_source.directions import LARGEST_BODY_BYTES
     from refiner_source.logs import configure_logging
     from refiner_source.ops import forget_page  # noqa: F401 - its routes join the operator's blueprint
     from refiner_source.ops.status_page import operator_bp
     from refiner_source.privacy import Suppressed
-    from refiner_source.run.supervisor import PIDFILE_ENV
     from refiner_source.store import Store
     from refiner_source.store.tally import Tally
     from refiner_source.web.counts import count_webhook

@@ -16,7 +16,7 @@ from refiner_source.delivery.backoff import Backoff
 from refiner_source.mapping_file import MappingRules
 from refiner_source.ops.upkeep import Upkeep
 from refiner_source.store import SEGMENT, events
-from refiner_source.to_segment.delivery import Item, SegmentWorker, pack
+from refiner_source.to_segment.delivery import Item, pack, segment_loop
 from tests.conftest import entry_for
 
 HOST = "https://segment.test"
@@ -33,7 +33,7 @@ def mid(i: int, call: str = "track") -> str:
 
 @pytest.fixture
 def worker(outbox):
-    return SegmentWorker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
+    return segment_loop(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
 
 
 def fill(outbox, n: int, size: int = 10) -> None:
@@ -69,7 +69,7 @@ def test_events_are_mapped_with_the_mapping_file_in_force_when_they_are_sent(out
     responses.post(URL, json={"success": True})
     fill(outbox, 1)
     renamed = MappingRules(traits={"what_is_your_job_role": "job_role"}, events={"Completed Survey": "Feedback Given"})
-    SegmentWorker(outbox, "wk", HOST, rules=renamed).run_once()
+    segment_loop(outbox, "wk", HOST, rules=renamed).run_once()
     (batch,) = sent_batches()
     identify, _group, track = batch
     assert identify["traits"]["job_role"] == "y" * 10 and track["event"] == "Feedback Given"
@@ -344,7 +344,7 @@ def test_an_unexpected_error_in_a_round_hands_the_claim_back(worker, outbox, mon
 
 @responses.activate
 def test_segment_down_backs_off_more_and_more_whatever_new_events_arrive(outbox):
-    worker = SegmentWorker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=1.0, cap=64.0))
+    worker = segment_loop(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=1.0, cap=64.0))
     responses.post(URL, body=requests.ConnectionError("refused"))
     waits = []
     for round_ in range(6):
@@ -361,7 +361,7 @@ def test_segment_down_backs_off_more_and_more_whatever_new_events_arrive(outbox)
 
 @responses.activate
 def test_segment_rate_limit_after_a_delivered_batch_still_waits_its_retry_after(outbox):
-    worker = SegmentWorker(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
+    worker = segment_loop(outbox, "wk", HOST, batch_size=50, idle_poll=0.01, backoff=Backoff(base=0.01, cap=0.05))
     answers = iter([(200, {}, json.dumps({"success": True})), (429, {"Retry-After": "7"}, json.dumps({"code": "rate_limited"}))])
     responses.add_callback(responses.POST, URL, callback=lambda request: next(answers))
     fill(outbox, 12, size=60_000)  # messages near Segment's 32 KB: several batches of 500 KB in one round

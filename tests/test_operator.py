@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from refiner_source import create_app
 from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
 from refiner_source.store import DeadLetter
-from refiner_source.to_segment.delivery import SegmentWorker
+from refiner_source.to_segment.delivery import segment_loop
 from tests.conftest import SECRET, entry_for, survey_body
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
@@ -310,7 +310,7 @@ def test_metrics_are_prometheus_text_with_exact_counts_and_conventional_names(ad
     # were stored, so that the latencies land in known buckets.
     with SegmentStub() as segment:
         segment.reject["refiner-r1-completed-survey-track"] = (400, {"code": "invalid_request", "message": "bad message"})
-        worker = SegmentWorker(outbox, "wk", segment.url, batch_size=1, idle_poll=0.01)
+        worker = segment_loop(outbox, "wk", segment.url, batch_size=1, idle_poll=0.01)
         for later in (0.26, 1.0, 1.7):
             with monkeypatch.context() as clock:
                 clock.setattr(time, "time", lambda later=later: stored_at + later)

@@ -1,4 +1,4 @@
-"""The delivery worker to Refiner (each contact's calls in order, merged identifies, retries): RefinerWorker against a real local
+"""The delivery worker to Refiner (each contact's calls in order, merged identifies, retries): Loop against a real local
 HTTP server standing in for Refiner's REST API, on SQLite and PostgreSQL. Nothing of ours is mocked."""
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import pytest
 from sqlalchemy import select, update
 
 from refiner_source.delivery.backoff import Backoff
+from refiner_source.delivery.loop import Loop
 from refiner_source.mapping_file import MappingRules
 from refiner_source.store import PENDING, REFINER, Store
 from refiner_source.store import events as events_table
 from refiner_source.to_refiner import events as segment_events
 from refiner_source.to_refiner.api import RefinerApi
-from refiner_source.to_refiner.delivery import RefinerWorker
+from refiner_source.to_refiner.delivery import refiner_loop
 from refiner_source.to_refiner.intake import prepare
 from tests.refiner_stub import RefinerStub
 from tests.service import free_port
@@ -111,11 +112,11 @@ def refiner():
 
 @pytest.fixture
 def make_worker(outbox, refiner):
-    made: list[RefinerWorker] = []
+    made: list[Loop] = []
 
-    def make(api_key: str = KEY, url: str | None = None, **options: Any) -> RefinerWorker:
+    def make(api_key: str = KEY, url: str | None = None, **options: Any) -> Loop:
         options.setdefault("idle_poll", 0.01)
-        worker = RefinerWorker(outbox, RefinerApi(url or refiner.url, api_key, timeout=5), rules=RULES, **options)
+        worker = refiner_loop(outbox, RefinerApi(url or refiner.url, api_key, timeout=5), rules=RULES, **options)
         made.append(worker)
         return worker
 
@@ -360,7 +361,7 @@ def test_two_workers_on_one_store_keep_each_contacts_order(outbox, refiner, make
     workers = [make_worker(concurrency=3, batch_size=5) for _ in range(2)]
     deadline = time.monotonic() + 30
 
-    def drain(worker: RefinerWorker) -> None:
+    def drain(worker: Loop) -> None:
         while outbox.stats(REFINER).pending and time.monotonic() < deadline:
             worker.run_once()
 

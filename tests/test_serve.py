@@ -199,7 +199,7 @@ def test_serve_killed_alone_leaves_neither_gunicorn_nor_the_delivery_worker_runn
 
 
 def test_worker_running_reads_the_pidfile_the_supervisor_keeps(tmp_path):
-    from refiner_source.run.supervisor import worker_running
+    from refiner_source.delivery.pidfile import worker_running
 
     pidfile = tmp_path / "delivery.pid"
     assert not worker_running(str(pidfile))  # no file: the worker is between two lives

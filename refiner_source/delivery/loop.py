@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from collections import deque
@@ -81,12 +80,8 @@ class Loop:
     def stop(self, *_args: object) -> None:
         # A plain flag, no lock: stop() is a signal handler, and Python runs handlers in the main
         # thread wherever it is, also inside Event.wait() holding the Event's lock, where Event.set()
-        # would wait for itself forever (seen: `worker` with the Refiner loop's threads hung on SIGTERM).
+        # would wait for itself forever (`worker`, with the Refiner loop's threads, would hang on SIGTERM).
         self._stopping = True
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
         log.info("delivery worker started", extra={"worker": self.name, "destination": self.destination, **self.to.describe()})

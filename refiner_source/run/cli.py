@@ -11,7 +11,6 @@ import threading
 
 import click
 
-from refiner_source import __version__
 from refiner_source.logs import configure_logging
 from refiner_source.run.backfill_command import backfill
 from refiner_source.run.forget_command import forget
@@ -19,6 +18,7 @@ from refiner_source.run.operator_commands import purge_dead, replay, status
 from refiner_source.run.options import open_outbox, settings_or_exit
 from refiner_source.run.preview_command import preview
 from refiner_source.run.questions_command import questions
+from refiner_source.version import __version__
 
 # Imports of the web app, the database and Segment stay inside the commands, here and in the modules
 # above: a backfill's mapping processes (spawned) import this module again, and should carry only

@@ -1,6 +1,6 @@
 """`refiner-source serve`: one small supervisor process with two children, gunicorn and the delivery worker.
 
-Why a process of its own, and not a thread in gunicorn's master (as it once was): there,
+Why a process of its own, and not a thread in gunicorn's master: there,
 `subprocess.Popen` raced gunicorn's forks of web workers (a forked worker inherited Popen's
 exec-status pipe, and Popen waited until that worker exited, so the delivery worker ran without
 a supervisor), and gunicorn's SIGCHLD handler reaps every child, ours included. This process
@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from refiner_source.delivery.pidfile import PIDFILE_ENV
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
@@ -29,7 +31,6 @@ STOP_SECONDS = 22.0  # from the stop signal to SIGKILL of what is left: under th
 STEADY_SECONDS = 10.0  # a worker that lived this long is restarted at once; quicker deaths back off
 MAX_RESTART_DELAY = 30.0
 STOPPED_ON_PURPOSE = (0, -signal.SIGTERM, -signal.SIGINT)
-PIDFILE_ENV = "REFINER_SOURCE_DELIVERY_PIDFILE"  # where /readyz learns the delivery worker's pid
 PARENT_ENV = "REFINER_SOURCE_SUPERVISOR_PID"  # gunicorn's master stops if this process goes away
 
 
@@ -218,27 +219,6 @@ def _signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
-
-
-def worker_running(pidfile: str) -> bool:
-    """Whether the pid in `pidfile` is a live process (a zombie, dead but not yet reaped, is not)."""
-    try:
-        pid = int(Path(pidfile).read_text())
-    except (OSError, ValueError):
-        return False
-    if os.path.isdir("/proc/self"):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    try:  # no /proc (macOS): ask the kernel
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def stop_when_orphaned(stop, parent: int | None = None) -> None:

@@ -13,56 +13,45 @@ from refiner_source.store.claims import Claimed, Claims, DeadLetter
 from refiner_source.store.contents import Contents
 from refiner_source.store.counts import Counts
 from refiner_source.store.cursors import BackfillState
-from refiner_source.store.database import UNDEFINED_TABLE, StoreMisconfigured, StoreUnavailable, make_engine
-from refiner_source.store.operations import Operations, Requeued, Stats
+from refiner_source.store.database import StoreMisconfigured, StoreUnavailable
+from refiner_source.store.operations import Operations, Stats
 from refiner_source.store.receipts import Receipts
 from refiner_source.store.schema import Schema, head_revision
 from refiner_source.store.suppression import Erased, Suppression
 from refiner_source.store.tables import (
     DEAD,
-    DELIVERED,
     PENDING,
     PURGED,
     alerts,
-    backfills,
     dead_letters,
     events,
     last_errors,
     metadata,
-    schema_info,
     suppressed,
-    traffic,
 )
 
 __all__ = [
     "DEAD",
-    "DELIVERED",
     "PENDING",
     "PURGED",
     "REFINER",
     "SEGMENT",
-    "UNDEFINED_TABLE",
     "BackfillState",
     "Claimed",
     "DeadLetter",
     "Erased",
     "Entry",
-    "Requeued",
     "Stats",
     "Store",
     "StoreMisconfigured",
     "StoreUnavailable",
     "alerts",
-    "backfills",
     "dead_letters",
     "events",
     "head_revision",
     "last_errors",
-    "make_engine",
     "metadata",
-    "schema_info",
     "suppressed",
-    "traffic",
 ]
 
 

@@ -43,7 +43,7 @@ def make_engine(url: str) -> Engine:
     Its errors never quote a statement's values (hide_parameters): they are events, and a traceback is logged."""
     if url.startswith("sqlite"):
         # A pool, not a connection per transaction: in WAL mode the last connection to close
-        # checkpoints the log, which cost every webhook a checkpoint (measured: ~1 ms of 3.7 ms).
+        # checkpoints the log, which would cost every webhook a checkpoint.
         engine = create_engine(
             url, pool_size=5, max_overflow=5, hide_parameters=True, connect_args={"timeout": 30, "check_same_thread": False}
         )
@@ -106,8 +106,8 @@ class Database:
     def _write_held(self) -> Iterator[Connection]:
         """A write transaction on a connection kept between calls while they come often: for the
         webhooks' group commit (one leader at a time per process), so that each group under load skips
-        the pool's checkout, its pre-ping and its reset on return (measured: 0.49 to 0.35 ms a webhook
-        on SQLite, 1.48 to 0.37 ms on PostgreSQL). Idle for a second, or failed, it goes back to the
+        the pool's checkout, its pre-ping and its reset on return (bench/README.md has what it saves).
+        Idle for a second, or failed, it goes back to the
         pool, and the next call checks out one that is pinged (PostgreSQL restarted meanwhile, say)."""
         with self._guard(), self._write_lock:
             now = time.monotonic()
@@ -192,8 +192,8 @@ class _SqliteWriterLock:
 
     SQLite admits one writer at a time and makes the others wait in its busy handler, which
     sleeps 1, 2, 5, 10 ... 100 ms between tries: with gunicorn's workers and the delivery worker
-    all writing, they slept while the database was free (measured: 270 webhooks/s, p99 860 ms).
-    A lock the kernel hands to the next waiter at once keeps the file busy instead.
+    all writing, they would sleep while the database was free. A lock the kernel hands to the
+    next waiter at once keeps the file busy instead.
     """
 
     def __init__(self, path: str, timeout: float = 30.0) -> None:

@@ -38,10 +38,6 @@ class DeadEvent:
     triggered_event: str
     letters: tuple[Letter, ...]
 
-    @property
-    def died_at(self) -> float | None:
-        return self.letters[-1].created_at if self.letters else None
-
 
 class DeadLetters(Database):
     """What died, and the operator's two answers to it: send again, or give up."""

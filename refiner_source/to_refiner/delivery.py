@@ -57,10 +57,10 @@ def preview(stored: str | None, _generation: str | None, _created_at: float, rul
     return [] if stored is None else [{"path": c.path, "body": c.body} for c in to_refiner(json.loads(stored), rules)]
 
 
-def build_loop(settings: Settings, outbox: Store) -> RefinerWorker:
+def build_loop(settings: Settings, outbox: Store) -> Loop:
     """The loop the worker runs while Segment -> Refiner is on."""
     api = RefinerApi(settings.refiner_api_url, settings.refiner_api_key, timeout=15.0)
-    return RefinerWorker(outbox, api, rules=settings.rules, concurrency=settings.refiner_api_concurrency)
+    return refiner_loop(outbox, api, rules=settings.rules, concurrency=settings.refiner_api_concurrency)
 
 
 class ToRefiner:
@@ -94,20 +94,17 @@ class ToRefiner:
         return list(call.parts)
 
 
-class RefinerWorker(Loop):
+def refiner_loop(
+    outbox: Store,
+    api: RefinerApi,
+    *,
+    rules: MappingRules = MappingRules(),  # noqa: B008 - frozen, shared safely
+    concurrency: int = 4,
+    batch_size: int = 200,
+    lease_seconds: float = 60.0,
+    idle_poll: float = 0.2,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> Loop:
     """The delivery loop to Refiner."""
-
-    def __init__(
-        self,
-        outbox: Store,
-        api: RefinerApi,
-        *,
-        rules: MappingRules = MappingRules(),  # noqa: B008 - frozen, shared safely
-        concurrency: int = 4,
-        batch_size: int = 200,
-        lease_seconds: float = 60.0,
-        idle_poll: float = 0.2,
-        backoff: Backoff = DEFAULT_BACKOFF,
-    ) -> None:
-        destination = ToRefiner(api, rules, concurrency)
-        super().__init__(outbox, destination, batch_size=batch_size, lease_seconds=lease_seconds, idle_poll=idle_poll, backoff=backoff)
+    destination = ToRefiner(api, rules, concurrency)
+    return Loop(outbox, destination, batch_size=batch_size, lease_seconds=lease_seconds, idle_poll=idle_poll, backoff=backoff)

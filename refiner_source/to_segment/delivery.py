@@ -70,9 +70,9 @@ def preview(stored: str | None, generation: str | None, created_at: float, rules
     return messages_of(stored, generation, created_at, rules)
 
 
-def build_loop(settings: Settings, outbox: Store) -> SegmentWorker:
+def build_loop(settings: Settings, outbox: Store) -> Loop:
     """The loop the worker runs while Refiner -> Segment is on."""
-    return SegmentWorker(outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules)
+    return segment_loop(outbox, settings.segment_write_key, settings.segment_host, rules=settings.rules)
 
 
 def messages_of(event: str | None, generation: str | None, created_at: float, rules: MappingRules) -> list[dict[str, Any]]:
@@ -150,21 +150,18 @@ def _call(items: list[Item], claims: dict[int, Claimed]) -> Call:
     return Call(items, events)
 
 
-class SegmentWorker(Loop):
+def segment_loop(
+    outbox: Store,
+    write_key: str,
+    host: str,
+    *,
+    rules: MappingRules = MappingRules(),  # noqa: B008 - frozen, shared safely
+    batch_size: int = 100,
+    lease_seconds: float = 60.0,
+    idle_poll: float = 0.2,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    timeout: float = 15.0,
+) -> Loop:
     """The delivery loop to Segment."""
-
-    def __init__(
-        self,
-        outbox: Store,
-        write_key: str,
-        host: str,
-        *,
-        rules: MappingRules = MappingRules(),  # noqa: B008 - frozen, shared safely
-        batch_size: int = 100,
-        lease_seconds: float = 60.0,
-        idle_poll: float = 0.2,
-        backoff: Backoff = DEFAULT_BACKOFF,
-        timeout: float = 15.0,
-    ) -> None:
-        destination = ToSegment(SegmentApi(write_key, host, timeout), rules)
-        super().__init__(outbox, destination, batch_size=batch_size, lease_seconds=lease_seconds, idle_poll=idle_poll, backoff=backoff)
+    destination = ToSegment(SegmentApi(write_key, host, timeout), rules)
+    return Loop(outbox, destination, batch_size=batch_size, lease_seconds=lease_seconds, idle_poll=idle_poll, backoff=backoff)

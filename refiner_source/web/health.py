@@ -7,7 +7,7 @@ import logging
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from refiner_source.run.supervisor import worker_running
+from refiner_source.delivery.pidfile import worker_running
 from refiner_source.store import StoreUnavailable
 from refiner_source.web.body import body_limit, too_large
 from refiner_source.web.state import error, state
@@ -21,8 +21,8 @@ bp = Blueprint("health", __name__)
 def index():
     """What this service is and which directions are on, with links: for whoever opens the bare URL.
     Nothing secret: no settings' values, no counts (those are behind REFINER_ADMIN_PASSWORD on /status)."""
-    from refiner_source import __version__
     from refiner_source.directions import DIRECTIONS
+    from refiner_source.version import __version__
 
     settings = state().settings
     directions = {
@@ -48,7 +48,7 @@ def index():
 def openapi():
     document = current_app.extensions.get("refiner_source_openapi")
     if document is None:
-        from refiner_source import __version__
+        from refiner_source.version import __version__
         from refiner_source.web.openapi import build_openapi
 
         document = current_app.extensions["refiner_source_openapi"] = build_openapi(__version__)
