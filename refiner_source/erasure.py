@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from refiner_source.config import key_of
 from refiner_source.directions import DIRECTIONS
+from refiner_source.errors import RefinerSourceError
 from refiner_source.privacy import digests, fingerprint
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 PLAIN = {chr(c) for c in range(0x20, 0x7F)} - {'"', "\\"}  # characters JSON (ASCII, escaped) writes as they are
 
 
-class NoKey(Exception):
+class NoKey(RefinerSourceError):
     """No secret to make the suppression list's key from; str() is the operator's one line."""
 
 

@@ -14,11 +14,12 @@ import requests
 
 from refiner_source.delivery.answers import Verdict, retry_after, verdict
 from refiner_source.delivery.backoff import Backoff
+from refiner_source.errors import RefinerSourceError
 
 PAGE_LENGTH = 500  # responses a page: five times fewer requests than the API's default pages
 
 
-class BackfillError(Exception):
+class BackfillError(RefinerSourceError):
     """Refiner's API cannot be used (key refused, unexpected answer); str() is the line to show."""
 
 

@@ -11,6 +11,7 @@ import threading
 
 import click
 
+from refiner_source.errors import RefinerSourceError
 from refiner_source.logs import configure_logging
 from refiner_source.run.backfill_command import backfill
 from refiner_source.run.forget_command import forget
@@ -31,21 +32,24 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-class _StoreErrors(click.Group):
+class _UserErrors(click.Group):
+    """Where every command's errors meant for the user are caught, once: a RefinerSourceError is its
+    one line (click prints `Error: ` and it, and exits 1), and the store not answering says so."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except RefinerSourceError as exc:
+            raise click.ClickException(str(exc)) from None
         except Exception as exc:
-            from refiner_source.store import StoreMisconfigured, StoreUnavailable
+            from refiner_source.store import StoreUnavailable
 
-            if isinstance(exc, StoreMisconfigured):
-                raise click.ClickException(str(exc)) from None
             if not isinstance(exc, StoreUnavailable):
                 raise
             raise click.ClickException(f"the store at DATABASE_URL is not answering: {exc}") from None
 
 
-@click.group(cls=_StoreErrors)
+@click.group(cls=_UserErrors)
 @click.version_option(__version__, prog_name="refiner-source")  # also run uninstalled, from a checkout (Heroku)
 def main() -> None:
     """Refiner survey responses into Segment, and Segment's events into Refiner.
@@ -60,14 +64,11 @@ def main() -> None:
 @main.command()
 def serve() -> None:
     """Run the web app under gunicorn on $PORT, with the delivery worker beside it (each direction that is on)."""
-    from refiner_source.run.supervisor import PortInUse, Supervisor, bind
+    from refiner_source.run.supervisor import Supervisor, bind
 
     settings = settings_or_exit(directions=True)
     configure_logging(settings.log_level)
-    try:
-        listener = bind(settings.port)  # first: a port in use is said at once, and creates nothing
-    except PortInUse as exc:
-        raise click.ClickException(str(exc)) from None
+    listener = bind(settings.port)  # first: a port in use is said at once, and creates nothing
     # The schema is made by `init-db` in a child process: the supervisor lives as long as the service,
     # and not importing the store keeps it at about 17 MB instead of 45 (bench/README.md).
     made = subprocess.run([sys.executable, "-m", "refiner_source", "init-db"], stdout=subprocess.DEVNULL)

@@ -32,7 +32,7 @@ def forget(
     events and backfilled responses (reason "forgotten"). Prints counts, never the values.
 
     The identifiers given (any number of each option) are taken as one person."""
-    from refiner_source.erasure import NoKey, erase
+    from refiner_source.erasure import erase
     from refiner_source.erasure import unsuppress as take_off
     from refiner_source.privacy import EMAIL, USER, normal, person_of
 
@@ -46,14 +46,11 @@ def forget(
         raise click.UsageError("--unsuppress erases nothing: it goes with neither --dry-run nor --no-suppress")
     settings = settings_or_exit()
     outbox = open_outbox(settings, existing=True)
-    try:
-        if unsuppress:
-            removed = take_off(outbox, settings, person)
-            _say(as_json, {"unsuppressed": removed}, f"{removed} identifier(s) taken off the suppression list")
-            return
-        erased = erase(outbox, settings, person, suppress=not no_suppress, dry_run=dry_run)
-    except NoKey as exc:
-        raise click.ClickException(str(exc)) from None
+    if unsuppress:
+        removed = take_off(outbox, settings, person)
+        _say(as_json, {"unsuppressed": removed}, f"{removed} identifier(s) taken off the suppression list")
+        return
+    erased = erase(outbox, settings, person, suppress=not no_suppress, dry_run=dry_run)
     counts = {d: {"events": e.events, "dead_letters": e.dead_letters, "waiting": e.waiting} for d, e in erased.items()}
     suppressed = not dry_run and not no_suppress
     if as_json:

@@ -13,17 +13,14 @@ import click
 
 from refiner_source.config import Settings, load_settings
 from refiner_source.directions import DIRECTIONS
-from refiner_source.errors import ConfigError
 
 if TYPE_CHECKING:
     from refiner_source.store import Store
 
 
 def settings_or_exit(*require: str, directions: bool = False) -> Settings:
-    try:
-        return load_settings(require=require, directions=directions)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The settings, for a command (a ConfigError is the command line's one line: run/cli.py)."""
+    return load_settings(require=require, directions=directions)
 
 
 def open_outbox(settings: Settings, *, existing: bool = False) -> Store:

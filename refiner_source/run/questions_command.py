@@ -82,19 +82,16 @@ def _from_store(settings) -> Counter[str]:
 
 
 def _from_api(settings, days: int) -> Counter[str]:
-    from refiner_source.refiner_rest import BackfillError, RefinerClient
+    from refiner_source.refiner_rest import RefinerClient
     from refiner_source.to_segment.backfill import filters
 
     client = RefinerClient(settings.refiner_api_url, settings.refiner_api_key)
     query = filters(datetime.now(UTC) - timedelta(days=days), None, None)
     counted: Counter[str] = Counter()
     cursor, page = None, None
-    try:
-        while True:
-            found = client.fetch(query, cursor=cursor, page=page)
-            counted += _count(item.get("data") for item in found.items if isinstance(item, dict))
-            if not (found.next_cursor or found.next_page):
-                return counted
-            cursor, page = found.next_cursor, found.next_page
-    except BackfillError as exc:
-        raise click.ClickException(str(exc)) from None
+    while True:
+        found = client.fetch(query, cursor=cursor, page=page)
+        counted += _count(item.get("data") for item in found.items if isinstance(item, dict))
+        if not (found.next_cursor or found.next_page):
+            return counted
+        cursor, page = found.next_cursor, found.next_page

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from refiner_source.delivery.pidfile import PIDFILE_ENV
+from refiner_source.errors import RefinerSourceError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ STOPPED_ON_PURPOSE = (0, -signal.SIGTERM, -signal.SIGINT)
 PARENT_ENV = "REFINER_SOURCE_SUPERVISOR_PID"  # gunicorn's master stops if this process goes away
 
 
-class PortInUse(Exception):
+class PortInUse(RefinerSourceError):
     """The port cannot be bound; str() is the one line to show."""
 
 

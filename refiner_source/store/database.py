@@ -18,6 +18,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
+from refiner_source.errors import RefinerSourceError
+
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
 BUSY_TIMEOUT_MS = 30000  # how long SQLite waits for a lock before the store "is not answering"
 # A truncating checkpoint waits for readers still on an older snapshot: a few short tries, each with the
@@ -33,7 +35,7 @@ class StoreUnavailable(Exception):
     """The database did not answer (down, locked too long, connection cut): callers answer 503."""
 
 
-class StoreMisconfigured(StoreUnavailable):
+class StoreMisconfigured(StoreUnavailable, RefinerSourceError):
     """The database answers but cannot serve: no schema yet, a SQLite folder missing or not writable.
     str() is the whole line for the operator, with the resolved path."""
 
