@@ -48,16 +48,16 @@ class Settings:
     @property
     def to_segment_on(self) -> bool:
         """Refiner -> Segment: on when SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET are both set."""
-        return bool(self.segment_write_key and self.webhook_secrets)
+        return self.direction_on(SEGMENT)
 
     @property
     def to_refiner_on(self) -> bool:
         """Segment -> Refiner: on when SEGMENT_SHARED_SECRET and REFINER_API_KEY are both set."""
-        return bool(self.segment_shared_secret and self.refiner_api_key)
+        return self.direction_on(REFINER)
 
     def direction_on(self, destination: str) -> bool:
-        """Whether the direction to `destination` ("segment" or "refiner") is on."""
-        return self.to_segment_on if destination == SEGMENT else self.to_refiner_on
+        """Whether the direction to `destination` is on, by the registry's rule (refiner_source.directions)."""
+        return DIRECTIONS[destination].on(self)
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[str, ...] = (), directions: bool = False) -> Settings:

@@ -6,7 +6,9 @@ app all read it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 SEGMENT = "segment"  # Refiner's responses, to Segment
 REFINER = "refiner"  # Segment's events, to Refiner
@@ -21,6 +23,7 @@ class Direction:
     arrow: str  # the title as start-up errors write it
     body_limit: int  # the largest body its webhook takes, in bytes
     package: str  # its package: <package>.delivery (build_loop, preview) and <package>.people (people_of_stored)
+    on: Callable[[Any], bool]  # of the Settings: whether it is on (its pair of settings both set)
 
     @property
     def path(self) -> str:
@@ -41,6 +44,7 @@ DIRECTIONS = {
         "Refiner -> Segment",
         body_limit=1 << 20,
         package="refiner_source.to_segment",
+        on=lambda settings: bool(settings.segment_write_key and settings.webhook_secrets),
     ),
     REFINER: Direction(
         "Segment to Refiner",
@@ -50,6 +54,7 @@ DIRECTIONS = {
         "Segment -> Refiner",
         body_limit=LARGEST_BODY_BYTES,
         package="refiner_source.to_refiner",
+        on=lambda settings: bool(settings.segment_shared_secret and settings.refiner_api_key),
     ),
 }
 

@@ -7,9 +7,7 @@ The store re-exports it: `from refiner_source.store import Entry`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from refiner_source.directions import SEGMENT
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,7 +21,7 @@ class Entry:
     message_count: int = 0  # what the webhook answers; the messages are made at delivery
     form_uuid: str | None = None
     occurred_at: float | None = None
-    destination: str = SEGMENT
+    destination: str = field(kw_only=True)  # always said: no direction is the default
     contact: str | None = None  # whose event, where the destination keeps one contact's order (Refiner)
     # Whom it concerns: (kind, normalised identifier) pairs (refiner_source.privacy), checked against
     # the suppression list before it is stored; not stored as such.

@@ -292,7 +292,7 @@ def test_store_raises_on_a_broken_entry_instead_of_calling_it_a_duplicate(outbox
     from sqlalchemy.exc import IntegrityError
 
     good = entry_for(1)
-    broken = Entry(good.receipt_key, None, good.triggered_event, good.event)  # type: ignore[arg-type]
+    broken = Entry(good.receipt_key, None, good.triggered_event, good.event, destination=good.destination)  # type: ignore[arg-type]
     with pytest.raises(IntegrityError):
         outbox.store_many([broken])
     assert outbox.store_many([good]) == 1  # nothing half-written, receipt included

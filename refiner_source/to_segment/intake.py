@@ -12,6 +12,7 @@ from typing import Any
 
 from marshmallow import ValidationError
 
+from refiner_source.directions import SEGMENT
 from refiner_source.entry import Entry
 from refiner_source.mapping_file import MappingRules
 from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, event_to_json
@@ -38,6 +39,7 @@ def prepare(event: SurveyEvent, rules: MappingRules) -> Entry:
         message_count=len(calls(event, rules)),
         form_uuid=event.form_uuid,
         occurred_at=occurred.timestamp() if occurred else None,
+        destination=SEGMENT,
         people=people_of(event),
     )
 
