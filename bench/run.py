@@ -324,8 +324,8 @@ def arrived(segment: SegmentStub) -> dict[str, float]:
     return {rid: max(calls.values()) for rid, calls in seen.items() if len(calls) == 2}
 
 
-def wait_until_quiet(segment: SegmentStub, expected: set[str], timeout: float) -> None:
-    """Until every expected response has arrived, or nothing more has arrived for 10 s."""
+def wait_until_quiet(segment: SegmentStub, expected: set[str], timeout: float, quiet: float = 10) -> None:
+    """Until every expected response has arrived, or nothing more has arrived for `quiet` seconds."""
     deadline, last, last_change = time.monotonic() + timeout, -1, time.monotonic()
     while time.monotonic() < deadline:
         if expected <= arrived(segment).keys():
@@ -333,7 +333,7 @@ def wait_until_quiet(segment: SegmentStub, expected: set[str], timeout: float) -
         count = len(segment.arrivals)
         if count != last:
             last, last_change = count, time.monotonic()
-        elif time.monotonic() - last_change > 10:
+        elif time.monotonic() - last_change > quiet:
             return  # nothing more is coming
         time.sleep(0.2)
 
@@ -390,10 +390,19 @@ def drain(workdir: Path, backlog: int) -> dict:
         )
         try:
             wait_until_quiet(segment, set(acknowledged), timeout=600)
+            drained = delivered(segment, acknowledged, started)  # the rate: the backlog, as it comes
+            # Events the service had given back with a backoff while Segment was down come due
+            # within the backoff's cap (60 s), or a lease (60 s): waited for, they are late, not lost.
+            wait_until_quiet(segment, set(acknowledged), timeout=600, quiet=75)
+            final = delivered(segment, acknowledged, started)
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(30)
-        return {"backlog": backlog, **delivered(segment, acknowledged, started)}
+        from refiner_source.store import SEGMENT, Store
+
+        pending = Store(app.env["DATABASE_URL"]).stats(SEGMENT).pending  # still in the store, if any
+        late = final["delivered"] - drained["delivered"]
+        return {"backlog": backlog, **drained, "late": late, "lost": final["lost"], "still_pending": pending}
 
 
 def _database_url(workdir: Path, name: str) -> str:
@@ -616,7 +625,7 @@ def print_table(r: dict) -> None:
         x = r["delivery"]["drain"]
         print(
             f"   refiner-source, draining {x['acknowledged']} stored while Segment was down: {x['delivered_per_s']:.0f}/s, "
-            f"lost {x['lost']}; / naive: {r['delivery']['drain_to_naive']}"
+            f"late {x.get('late', 0)} (backed off while it was down), lost {x['lost']}; / naive: {r['delivery']['drain_to_naive']}"
         )
     if "latency" in r:
         x = r["latency"]
