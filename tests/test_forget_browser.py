@@ -8,9 +8,9 @@ import requests
 
 from refiner_source.to_segment.mapping import message_id
 from tests.conftest import survey_body
+from tests.ops.test_operator import PASSWORD, start_service
+from tests.ops.test_operator_browser import browser, figure, post, reload_until, screenshot  # noqa: F401 - browser is a fixture
 from tests.service import wait_until
-from tests.test_operator import PASSWORD, start_service
-from tests.test_operator_browser import browser, figure, post, reload_until, screenshot  # noqa: F401 - browser is a fixture
 
 
 def test_browser_forget_a_person_shows_the_counts_asks_to_confirm_and_erases(tmp_path, store_url, segment, browser):  # noqa: F811

@@ -147,3 +147,19 @@ def test_no_class_is_over_200_lines_without_saying_why():
                 if lines > MAX_CLASS_LINES and not STATED_REASON.search(ast.get_docstring(node) or ""):
                     over.append(f"{path.relative_to(PACKAGE.parent)}: class {node.name}, {lines} lines")
     assert not over, "\n".join(over)
+
+
+TESTS = Path(__file__).resolve().parent
+HELPERS = {"fixtures", "standin", "__pycache__"}  # not tests of a package: data, and the stand-in destination
+
+
+def test_the_tests_mirror_the_packages():
+    """tests/<package>/ for each package's tests, tests/e2e/ for whole services, and the tests of the
+    top-level modules in tests/ itself: a folder of tests names a package of refiner_source."""
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir()} - HELPERS
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders - packages == {"e2e"}, folders - packages
+    for folder in folders:
+        assert (TESTS / folder / "__init__.py").is_file(), folder  # unique module names across folders
+        assert any((TESTS / folder).glob("test_*.py")), folder
+

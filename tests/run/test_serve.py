@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from tests.conftest import SECRET
+from tests.e2e.test_e2e import WRITE_KEY, post, tracks, unique_body
 from tests.segment_stub import SegmentStub
 from tests.service import Service, command, free_port
-from tests.test_e2e import WRITE_KEY, post, tracks, unique_body
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from playwright.sync_api import sync_playwright
 
 from refiner_source.to_segment.mapping import message_id
 from tests.conftest import SECRET, survey_body
-from tests.test_operator import PASSWORD, start_service
+from tests.ops.test_operator import PASSWORD, start_service
 
 CHROMIUM = "/usr/bin/chromium"
 DEAD = "rdead"  # Segment rejects its identify and track calls: one event, two dead letters; replayed on its own

@@ -16,7 +16,7 @@ from refiner_source.to_segment.events import ApiResponseSchema, WebhookSchema, e
 from refiner_source.to_segment.intake import prepare
 from refiner_source.to_segment.mapping import map_event
 from tests.refiner_stub import RefinerStub, api_item, api_item_of_webhook
-from tests.test_backfill import NOW, RULES, URL, api, page
+from tests.to_segment.test_backfill import NOW, RULES, URL, api, page
 
 # --- what Refiner's API gives for a response, used in full (docs/backfill.md) --------------------
 
@@ -80,7 +80,7 @@ def test_dry_run_shows_messages_of_new_responses_only(outbox):
 
 
 def test_e2e_dry_run_of_responses_all_sent_before_shows_no_message(store_url):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     box = Store(store_url)
     box.init_schema()
@@ -114,7 +114,7 @@ def test_a_skipped_item_is_logged_with_its_id_and_fields_whatever_the_workers(ou
 
 
 def test_e2e_the_command_logs_a_skipped_item_with_its_default_workers(store_url):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     with RefinerStub(total=3, make=broken_second) as refiner:
         env = {"DATABASE_URL": store_url, "REFINER_API_URL": refiner.url, "REFINER_API_KEY": "refiner-key"}
@@ -159,8 +159,8 @@ def test_a_refused_connection_after_an_answer_is_a_blip_and_retried():
 def test_e2e_an_api_url_that_refuses_the_connection_fails_at_once_naming_it(store_url, dry_run):
     import time
 
+    from tests.run.test_cli import run
     from tests.service import free_port
-    from tests.test_cli import run
 
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     env = {"DATABASE_URL": store_url, "REFINER_API_URL": url, "REFINER_API_KEY": "refiner-key"}

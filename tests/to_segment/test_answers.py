@@ -301,7 +301,7 @@ def test_the_docs_example_of_typed_answers_holds(tmp_path):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "docs" / "mapping.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "mapping.md").read_text()
     section = text[text.index("### Typed answers, NPS and one event per answer") :]
     example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
     rules = mapping_file(tmp_path, example)
@@ -323,7 +323,7 @@ def test_the_readmes_typed_answers_example_is_a_valid_mapping_file_that_types_an
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     (example,) = [block for block in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[types]" in block]
     rules = mapping_file(tmp_path, example)
     sent = map_event(WebhookSchema().load(webhook()), rules, NOW)
@@ -358,8 +358,8 @@ def test_e2e_refiner_mapping_with_a_trait_name_reaches_segment_and_both_variable
     import requests
 
     from tests.conftest import SECRET
+    from tests.run.test_cli import run
     from tests.service import Service, free_port
-    from tests.test_cli import run
 
     env = {
         "PORT": str(free_port()),

@@ -22,10 +22,10 @@ from refiner_source.store import REFINER, SEGMENT, DeadLetter, Store
 from refiner_source.to_refiner.events import load
 from refiner_source.to_refiner.intake import prepare
 from tests.conftest import SECRET, entry_for, load_fixture
+from tests.ops.test_alerts import AlertReceiver
 from tests.refiner_stub import RefinerStub
+from tests.run.test_cli import one_line_error, run
 from tests.service import Service, free_port, wait_until
-from tests.test_alerts import AlertReceiver
-from tests.test_cli import one_line_error, run
 
 SHARED_SECRET = "segment-shared-secret-0123456789"
 API_KEY = "refiner-directions-key"

@@ -289,7 +289,7 @@ def test_empty_result_finishes_at_once(outbox):
 
 
 def test_replay_response_resends_it_remapped_with_its_original_message_ids(store_url, outbox, webhook_body, tmp_path):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
     mapping = tmp_path / "mapping.toml"
@@ -319,7 +319,7 @@ def deliver_all(outbox) -> None:
 
 
 def test_replay_by_time_range_and_events_past_retention(store_url, outbox, webhook_body):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     outbox.store_many([prepare(WebhookSchema().load(webhook_body), RULES)])
     env = {"DATABASE_URL": store_url}
@@ -333,7 +333,7 @@ def test_replay_by_time_range_and_events_past_retention(store_url, outbox, webho
 
 
 def test_replay_new_ids_alone_is_a_usage_error(store_url, outbox):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     result = run(["replay", "--new-ids"], {"DATABASE_URL": store_url})
     assert result.returncode == 2 and "--new-ids goes with" in result.stderr
@@ -436,7 +436,7 @@ def test_e2e_backfill_command_interrupted_resumed_delivered_once_and_idempotent(
 
 
 def test_e2e_backfill_without_api_key_or_with_a_wrong_one_says_so(store_url):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     missing = run(["backfill"], {"DATABASE_URL": store_url})
     assert missing.returncode == 1 and "REFINER_API_KEY is not set" in missing.stderr
@@ -447,7 +447,7 @@ def test_e2e_backfill_without_api_key_or_with_a_wrong_one_says_so(store_url):
 
 
 def test_e2e_backfill_dry_run_prints_counts_and_messages(store_url):
-    from tests.test_cli import run
+    from tests.run.test_cli import run
 
     with RefinerStub(total=12) as refiner:
         env = {"DATABASE_URL": store_url, "REFINER_API_URL": refiner.url, "REFINER_API_KEY": "refiner-key"}

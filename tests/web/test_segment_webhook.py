@@ -800,7 +800,7 @@ def what_segment_does_table() -> dict[int, str]:
     """docs/http.md's table "What each answer makes Segment do": status -> what Segment does."""
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "docs" / "http.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "http.md").read_text()
     section = text.split("### What each answer makes Segment do", 1)[1].split("\n## ", 1)[0]
     table = {}
     for line in section.splitlines():

@@ -23,12 +23,12 @@ from refiner_source import __version__
 from refiner_source.config import load_settings
 from refiner_source.store import SEGMENT, Store
 from tests.conftest import SECRET, entry_for
+from tests.e2e.test_e2e import post, tracks, unique_body
 from tests.segment_stub import SegmentStub
 from tests.service import Service, free_port
 from tests.tcp_proxy import TcpProxy
-from tests.test_e2e import post, tracks, unique_body
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Set by Heroku itself (the runtime, the Postgres add-on), so app.json must not ask for them.
 SET_BY_HEROKU = {"PORT", "DATABASE_URL"}
 

@@ -15,7 +15,7 @@ from refiner_source.to_segment.events import WebhookSchema
 from refiner_source.to_segment.intake import prepare as prepare_response
 from tests.conftest import survey_body
 from tests.refiner_stub import RefinerStub
-from tests.test_cli import run
+from tests.run.test_cli import run
 
 
 def stored(i: int, **answers) -> object:
