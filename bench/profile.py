@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from refiner_source import create_app  # noqa: E402
 from refiner_source.config import Settings, normalize_database_url  # noqa: E402
-from refiner_source.mapping_file import MappingRules  # noqa: E402
+from refiner_source.directions.mapping_file import MappingRules  # noqa: E402
 from refiner_source.store import Store  # noqa: E402
 from refiner_source.to_segment.events import WebhookSchema, event_from_json  # noqa: E402
 from refiner_source.to_segment.intake import prepare  # noqa: E402

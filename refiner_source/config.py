@@ -1,5 +1,5 @@
 """Settings from the environment, validated once, with one clear line per mistake; the rules of the
-keys among them (the suppression list's key). The mapping file is refiner_source.mapping_file."""
+keys among them (the suppression list's key). The mapping file is refiner_source.directions.mapping_file."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from refiner_source.directions import DIRECTIONS, REFINER, SEGMENT
+from refiner_source.directions.mapping_file import MappingRules, load_mapping_file, load_mapping_text
 from refiner_source.errors import ConfigError
-from refiner_source.mapping_file import MappingRules, load_mapping_file, load_mapping_text
 
 SEGMENT_REGION_HOSTS = {
     "us": "https://api.segment.io",

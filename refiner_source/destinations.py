@@ -12,7 +12,7 @@ from refiner_source.directions import DIRECTIONS
 if TYPE_CHECKING:
     from refiner_source.config import Settings
     from refiner_source.delivery.loop import Loop
-    from refiner_source.mapping_file import MappingRules
+    from refiner_source.directions.mapping_file import MappingRules
     from refiner_source.store import Store
 
 def delivery_loops(settings: Settings, outbox: Store) -> list[Loop]:

@@ -12,11 +12,20 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from refiner_source.store import Store
+
+
+class Concerning(Protocol):
+    """What names the people it concerns (an Entry of either direction)."""
+
+    people: frozenset[tuple[str, str]]
+
+
+E = TypeVar("E", bound=Concerning)
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +120,15 @@ class Suppressed:
         if not hashes:
             return False
         return any((kind, digest(self.key, kind, value)) in hashes for kind, value in person)
+
+    def set_aside(self, entries: Sequence[E]) -> tuple[list[E], list[E]]:
+        """(the entries to store, the entries of people on the list), each in the order given: the
+        one check of the suppression list that every intake makes (both webhooks, the backfill)
+        before it stores anything. Raises StoreUnavailable when the list cannot be read."""
+        if not self.active():
+            return list(entries), []
+        kept: list[E] = []
+        gone: list[E] = []
+        for entry in entries:
+            (gone if entry.people and self.forgotten(entry.people) else kept).append(entry)
+        return kept, gone

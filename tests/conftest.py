@@ -156,7 +156,7 @@ def survey_body(i: int | str, event: str = "Completed Survey", answer: str = "Pr
 
 def entry_for(i: int | str, event: str = "Completed Survey", answer: str = "Product Manager", rules=None):
     """The store's entry for survey_body(i, ...), as the webhook makes it."""
-    from refiner_source.mapping_file import MappingRules
+    from refiner_source.directions.mapping_file import MappingRules
     from refiner_source.to_segment.events import WebhookSchema
     from refiner_source.to_segment.intake import prepare
 

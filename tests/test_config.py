@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from refiner_source.config import load_settings
+from refiner_source.directions.mapping_file import load_mapping_file
 from refiner_source.errors import ConfigError
-from refiner_source.mapping_file import load_mapping_file
 
 BASE = {"SEGMENT_WRITE_KEY": "wk", "REFINER_WEBHOOK_SECRET": "s3cret-token-value"}
 

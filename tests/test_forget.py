@@ -17,7 +17,6 @@ from refiner_source.config import Settings, key_of
 from refiner_source.delivery.destination import Call
 from refiner_source.delivery.loop import Loop
 from refiner_source.erasure import erase, like_patterns, suppression_status
-from refiner_source.mapping_file import MappingRules
 from refiner_source.privacy import Suppressed, digest, fingerprint, pairs
 from refiner_source.run.cli import main
 from refiner_source.store import PENDING, PURGED, REFINER, SEGMENT, DeadLetter, Store, dead_letters, events, last_errors, suppressed
@@ -39,7 +38,7 @@ def segment_event(message_id: str, user: str | None = None, email: str | None = 
         event["anonymousId"] = anonymous
     if email:
         event["context"] = {"traits": {"email": email}}
-    return prepare_segment_event(load_segment_event(event), MappingRules())
+    return prepare_segment_event(load_segment_event(event))
 
 
 @pytest.fixture

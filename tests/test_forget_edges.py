@@ -76,7 +76,6 @@ def test_a_dry_run_needs_no_key(outbox, settings):
 
 
 def test_a_segment_event_naming_the_address_in_either_traits_is_theirs(outbox, both):
-    from refiner_source.mapping_file import MappingRules
     from refiner_source.to_refiner.events import load
     from refiner_source.to_refiner.intake import prepare
 
@@ -87,7 +86,7 @@ def test_a_segment_event_naming_the_address_in_either_traits_is_theirs(outbox, b
         "traits": {"email": "a@example.com"},
         "context": {"traits": {"email": "b@example.com"}},
     }
-    outbox.store_many([prepare(load(event), MappingRules())])
+    outbox.store_many([prepare(load(event))])
     assert erase(outbox, both, frozenset(pairs(email="B@example.com")))[REFINER].events == 1
 
 

@@ -5,6 +5,8 @@ a reader takes in at once without saying why."""
 from __future__ import annotations
 
 import ast
+import graphlib
+import itertools
 import re
 from pathlib import Path
 
@@ -21,12 +23,15 @@ BANNED = {
     "to_refiner": ("to_segment", "web", "ops", "run"),
     "store": ("to_segment", "to_refiner", "web", "ops", "run", "delivery"),
     "delivery": ("to_segment", "to_refiner", "web", "ops", "run"),
+    # what every direction shares (the registry, the entry, the refusal, the mapping file's rules):
+    # below them all, it knows none of them
+    "directions": ("config", "store", "delivery", "privacy", "to_segment", "to_refiner", "web", "ops", "run"),
 }
 # folder under refiner_source/ -> the libraries none of its modules may import: the directions,
 # the store and delivery run in processes that serve no HTTP (the delivery worker, a backfill's
 # mapping processes), and the web face sits above them.
 FRAMEWORKS = ("flask", "werkzeug")
-FRAMEWORK_FREE = ("to_segment", "to_refiner", "store", "delivery")
+FRAMEWORK_FREE = ("directions", "to_segment", "to_refiner", "store", "delivery")
 
 
 def module_name(path: Path, root: Path) -> tuple[str, bool]:
@@ -147,6 +152,58 @@ def test_no_class_is_over_200_lines_without_saying_why():
                 if lines > MAX_CLASS_LINES and not STATED_REASON.search(ast.get_docstring(node) or ""):
                     over.append(f"{path.relative_to(PACKAGE.parent)}: class {node.name}, {lines} lines")
     assert not over, "\n".join(over)
+
+
+def room_of(name: str, root: Path) -> str | None:
+    """The room (a folder or a module right under root) that the module `name` is in; None for
+    another library's, or the package's own __init__."""
+    parts = name.split(".")
+    if parts[0] != root.name or len(parts) < 2:
+        return None
+    room = parts[1]
+    return room if (root / room).is_dir() or (root / f"{room}.py").is_file() else None
+
+
+def room_imports(root: Path) -> dict[str, dict[str, str]]:
+    """room -> {each room it imports: the first import that says so, as path:line}. The package's
+    __init__ (the app factory, which assembles every room) stands above them all and is left out."""
+    graph: dict[str, dict[str, str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        room = relative.parts[0].removesuffix(".py")
+        if room == "__init__":
+            continue
+        graph.setdefault(room, {})
+        for line, names in imports(path, root):
+            for name in names:
+                other = room_of(name, root)
+                if other is not None and other != room:
+                    graph[room].setdefault(other, f"{path.relative_to(root.parent)}:{line}")
+    return graph
+
+
+def test_the_rooms_import_one_way():
+    """Every folder and module right under refiner_source/ can be given a floor such that each
+    imports only rooms below it: no circle, at any depth (a function's import, a type's)."""
+    graph = room_imports(PACKAGE)
+    try:
+        order = list(graphlib.TopologicalSorter({room: set(others) for room, others in graph.items()}).static_order())
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]
+        pytest.fail("a circle: " + ", ".join(f"{a} -> {b} ({graph[a][b]})" for a, b in itertools.pairwise(cycle)))
+    assert order.index("directions") < order.index("store") < order.index("delivery") < order.index("web") < order.index("run")
+
+
+def test_the_room_check_finds_a_circle(tmp_path):
+    root = tmp_path / "refiner_source"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "__init__.py").write_text("")
+    (root / "a" / "deep.py").write_text("def later():\n    from refiner_source import b\n")
+    (root / "b.py").write_text("from refiner_source.a.deep import later\n")
+    graph = room_imports(root)
+    assert graph == {"a": {"b": "refiner_source/a/deep.py:2"}, "b": {"a": "refiner_source/b.py:1"}}
+    with pytest.raises(graphlib.CycleError):
+        list(graphlib.TopologicalSorter({room: set(others) for room, others in graph.items()}).static_order())
 
 
 TESTS = Path(__file__).resolve().parent

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from refiner_source import create_app
 from refiner_source.config import Settings, normalize_database_url
-from refiner_source.mapping_file import MappingRules, load_mapping_file
+from refiner_source.directions.mapping_file import MappingRules, load_mapping_file
 from refiner_source.run.cli import main
 from refiner_source.store import SEGMENT, DeadLetter, Store
 from refiner_source.to_refiner import events as segment_events

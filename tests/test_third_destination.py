@@ -11,8 +11,8 @@ import pytest
 from refiner_source.config import Settings
 from refiner_source.destinations import delivery_loops, preview
 from refiner_source.directions import DIRECTIONS, Direction, by_path
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.erasure import erase
-from refiner_source.mapping_file import MappingRules
 from refiner_source.privacy import pairs
 from refiner_source.store import Entry
 from refiner_source.web.body import body_limit

@@ -69,7 +69,7 @@ def backfill(since, until, form_uuid: str | None, dry_run: bool, workers: int) -
             report=display,
             should_stop=stop.is_set,
             workers=workers,
-            forgotten=Suppressed(outbox, key_of(settings)).forgotten,
+            suppressed=Suppressed(outbox, key_of(settings)),
         )
     except BackfillError as exc:
         display.close()

@@ -21,7 +21,7 @@ def preview(file, from_segment: bool) -> None:
     """Print, as a JSON array, the calls a Refiner webhook body in FILE (stdin when none) would become:
     Segment messages; with --segment, the Refiner API calls of a Segment event or batch. Nothing is
     stored or sent. A body the webhook would refuse gets the webhook's error, and exit status 1."""
-    from refiner_source.validation import Refused, strict_json, too_large
+    from refiner_source.directions.validation import Refused, strict_json, too_large
 
     settings = settings_or_exit()
     rules = settings.rules

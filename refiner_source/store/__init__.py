@@ -7,7 +7,7 @@ before the webhook is answered; what the event becomes is decided when it is sen
 from __future__ import annotations
 
 from refiner_source.directions import REFINER, SEGMENT
-from refiner_source.entry import Entry
+from refiner_source.directions.entry import Entry
 from refiner_source.store.alert_state import AlertState
 from refiner_source.store.claims import Claimed, Claims, DeadLetter
 from refiner_source.store.contents import Contents

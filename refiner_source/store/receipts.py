@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
-from refiner_source.entry import Entry
+from refiner_source.directions.entry import Entry
 from refiner_source.store.cursors import BackfillState, Cursors
 from refiner_source.store.database import chunks, insert_ignoring_conflict
 from refiner_source.store.tables import PENDING, events

@@ -14,7 +14,7 @@ from refiner_source.delivery.backoff import Backoff
 from refiner_source.delivery.destination import Call
 from refiner_source.delivery.loop import DEFAULT_BACKOFF, Loop
 from refiner_source.directions import REFINER
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.store import Claimed, DeadLetter, Store
 from refiner_source.to_refiner.api import RefinerApi
 from refiner_source.to_refiner.mapping import merge, mergeable, to_refiner

@@ -12,7 +12,7 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from refiner_source.validation import storable
+from refiner_source.directions.validation import storable
 
 MAX_ID_LENGTH = 255
 MAX_TRAITS = 1000

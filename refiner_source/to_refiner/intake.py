@@ -8,18 +8,18 @@ import json
 from typing import Any
 
 from refiner_source.directions import REFINER
-from refiner_source.entry import Entry
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.entry import Entry
+from refiner_source.directions.validation import storable
 from refiner_source.privacy import EMAIL, USER
 from refiner_source.to_refiner.events import normalise
-from refiner_source.to_refiner.mapping import contact_key, to_refiner
+from refiner_source.to_refiner.mapping import CALLS_PER_EVENT, contact_key
 from refiner_source.to_refiner.people import people_of
-from refiner_source.validation import storable
 
 
-def prepare(event: dict[str, Any], rules: MappingRules) -> Entry:
-    """The entry of a validated, forwarded event: its messageId is the receipt (a resend is a
-    duplicate), its contact keeps its place in line."""
+def prepare(event: dict[str, Any]) -> Entry:
+    """The entry of a validated, forwarded event (ignored_reason is None): its messageId is the
+    receipt (a resend is a duplicate), its contact keeps its place in line. Its call is made at
+    delivery: the mapping does not run here."""
     stored = normalise(event)
     return Entry(
         receipt_key=event["messageId"],
@@ -27,7 +27,7 @@ def prepare(event: dict[str, Any], rules: MappingRules) -> Entry:
         triggered_event=event["type"] if event["type"] != "track" else f"track {event['event']}"[:255],
         # ASCII escapes: a lone surrogate in a trait (valid JSON: "\\ud800") is stored, not refused by the store.
         event=json.dumps(stored, separators=(",", ":")),
-        message_count=len(to_refiner(stored, rules)),
+        message_count=CALLS_PER_EVENT,
         occurred_at=None,
         destination=REFINER,
         contact=storable_contact(contact_key(stored)),

@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 
 IDENTIFY_USER = "/identify-user"
 TRACK_EVENT = "/track-event"
 FORWARDED_TYPES = ("identify", "group", "track", "page")
 AUDIENCE_EVENTS = {"Audience Entered": True, "Audience Exited": False}
+CALLS_PER_EVENT = 1  # what to_refiner makes of an event it does not ignore: one call, whatever its type
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from refiner_source.entry import Entry
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.entry import Entry
+from refiner_source.directions.mapping_file import MappingRules
+from refiner_source.directions.validation import Refused, error_fields
 from refiner_source.to_segment.events import WebhookSchema, check_limits, well_formed_event_name
 from refiner_source.to_segment.intake import prepare
 from refiner_source.to_segment.mapping import event_name
-from refiner_source.validation import Refused, error_fields
 
 _webhook = WebhookSchema()
 

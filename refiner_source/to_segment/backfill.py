@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from refiner_source.directions import SEGMENT
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
+from refiner_source.privacy import Suppressed
 from refiner_source.refiner_rest import BackfillError, Interrupted, Page, RefinerClient
 from refiner_source.store import BackfillState, Store
 from refiner_source.to_segment.events import event_from_json
@@ -106,7 +107,7 @@ def run_backfill(
     should_stop: Callable[[], bool] = lambda: False,
     sample_size: int = 3,
     workers: int = 0,
-    forgotten: Callable[[frozenset[tuple[str, str]]], bool] = lambda people: False,
+    suppressed: Suppressed | None = None,
 ) -> Progress:
     """Read every completed response of `query`, map it as a webhook would, store what is new.
 
@@ -117,8 +118,8 @@ def run_backfill(
 
     With `workers`, pages are mapped in that many processes while this one fetches the next
     pages and stores the mapped ones, in order; at most 2 pages per worker are in flight, so
-    memory stays flat. A response of a person on the suppression list (`forgotten` of its
-    identifiers) is counted, never stored.
+    memory stays flat. A response of a person on the suppression list (`suppressed`, checked
+    as the webhooks check it) is counted, never stored.
     """
     run_key = json.dumps(query, sort_keys=True)
     state = None if dry_run else outbox.backfill_state(run_key)
@@ -163,9 +164,9 @@ def run_backfill(
                 mapped = future.result()
             except BrokenProcessPool:  # a mapping process died (killed, out of memory): map here
                 mapped = map_api_page(result.items, rules)
-            kept = [e for e in mapped.entries if not forgotten(e.people)]
-            progress.forgotten += len(mapped.entries) - len(kept)
-            mapped.entries = kept
+            if suppressed is not None:
+                mapped.entries, forgotten = suppressed.set_aside(mapped.entries)
+                progress.forgotten += len(forgotten)
             _store_page(outbox, run_key, result, mapped, progress, dry_run, sample_size, rules)
             report(progress)
     finally:

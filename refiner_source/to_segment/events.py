@@ -10,7 +10,7 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
-from refiner_source.validation import storable
+from refiner_source.directions.validation import storable
 
 MAX_ID_LENGTH = 255
 MAX_DEPTH = 32  # JSON nesting; Refiner's bodies are 4 deep, answers rarely more than 2

@@ -13,12 +13,12 @@ from typing import Any
 from marshmallow import ValidationError
 
 from refiner_source.directions import SEGMENT
-from refiner_source.entry import Entry
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.entry import Entry
+from refiner_source.directions.mapping_file import MappingRules
+from refiner_source.directions.validation import error_fields
 from refiner_source.to_segment.events import ApiResponseSchema, SurveyEvent, event_to_json
 from refiner_source.to_segment.mapping import calls
 from refiner_source.to_segment.people import people_of
-from refiner_source.validation import error_fields
 
 _api_item = ApiResponseSchema()
 

@@ -14,7 +14,7 @@ from segment.analytics.client import Client
 from segment.analytics.consumer import MAX_MSG_SIZE
 from slugify import slugify
 
-from refiner_source.mapping_file import RESERVED_PROPERTIES, MappingRules
+from refiner_source.directions.mapping_file import RESERVED_PROPERTIES, MappingRules
 from refiner_source.to_segment.answers import nps_category, typed_answers
 from refiner_source.to_segment.events import COMPLETED, SurveyEvent
 

@@ -10,8 +10,8 @@ from flask import Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from refiner_source.directions import LARGEST_BODY_BYTES, by_path
-from refiner_source.validation import Refused
-from refiner_source.validation import too_large as body_too_large
+from refiner_source.directions.validation import Refused
+from refiner_source.directions.validation import too_large as body_too_large
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """POST /webhooks/refiner: the target of Refiner's webhook. The token, then the size, then the body,
-validated in one pass and stored as one event before the answer. (The token comes first, before
-the body is read: unlike Segment's signature, it does not need the body.)"""
+validated in one pass and stored as one event before the answer (web.webhook builds the route).
+(The token comes first, before the body is read: unlike Segment's signature, it does not need the body.)"""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import logging
 
 from flask import Blueprint, g, jsonify, request
 
+from refiner_source.config import Settings
 from refiner_source.directions import DIRECTIONS, SEGMENT
+from refiner_source.directions.validation import Refused, strict_json
 from refiner_source.privacy import FORGOTTEN
-from refiner_source.store import StoreUnavailable
 from refiner_source.to_segment.admission import Ignored, admit
 from refiner_source.to_segment.events import shape_of
-from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import presented_token, token_ok
 from refiner_source.web.body import read_body, refusal, too_large
-from refiner_source.web.state import error, forgotten, state
+from refiner_source.web.state import error
+from refiner_source.web.webhook import take, webhook
 
 log = logging.getLogger(__name__)
 
-PATH = DIRECTIONS[SEGMENT].path
 MAX_BODY_BYTES = DIRECTIONS[SEGMENT].body_limit
 bp = Blueprint("refiner_to_segment", __name__)
 
@@ -35,12 +35,8 @@ def _authenticate(secrets: tuple[str, ...]):
     return None
 
 
-@bp.post(PATH)
-def receive_webhook():
-    app_state = state()
-    settings = app_state.settings
-    if not settings.to_segment_on:
-        return error(404, "not_enabled", "Refiner to Segment is off: set SEGMENT_WRITE_KEY and REFINER_WEBHOOK_SECRET to turn it on.")
+@webhook(bp, SEGMENT)
+def receive_webhook(settings: Settings):
     refused = _authenticate(settings.webhook_secrets)
     if refused is not None:
         return refused
@@ -58,22 +54,21 @@ def receive_webhook():
         return refusal(exc, **({"shape": shape_of(body)} if exc.code == "invalid_payload" else {}))
     if isinstance(admitted, Ignored):
         log.info("ignored", extra={"triggered_event": admitted.triggered_event[:100], "outcome": "ignored"})
-        g.webhook_counts = {"ignored": 1}
-        return jsonify({"status": "ignored", "reason": admitted.reason}), 200
+        return _ignored(admitted.reason)
     entry = admitted
-    try:
-        if forgotten(entry.people):  # erased by `refiner-source forget`: never stored again
-            log.info("ignored", extra={"response_id": entry.source_id, "reason": FORGOTTEN, "outcome": "ignored"})
-            g.webhook_counts = {"ignored": 1}
-            return jsonify({"status": "ignored", "reason": FORGOTTEN}), 200
-        stored = app_state.outbox.store_grouped(entry)
-    except StoreUnavailable as exc:
-        log.error("store unavailable", extra={"response_id": entry.source_id, "error": str(exc), "outcome": "unavailable"})
-        return error(503, "store_unavailable", "The store is not answering; please retry.")
-    if not stored:
+    new, forgotten = take([entry])
+    if forgotten:  # erased by `refiner-source forget`: never stored again
+        log.info("ignored", extra={"response_id": entry.source_id, "reason": FORGOTTEN, "outcome": "ignored"})
+        return _ignored(FORGOTTEN)
+    if not new:
         log.info("duplicate", extra={"response_id": entry.source_id, "outcome": "duplicate"})
         g.webhook_counts = {"duplicate": 1}
         return jsonify({"status": "duplicate", "response_id": entry.source_id, "messages": 0}), 200
     log.info("accepted", extra={"response_id": entry.source_id, "messages": entry.message_count, "outcome": "accepted"})
     g.webhook_counts = {"accepted": 1}
     return jsonify({"status": "accepted", "response_id": entry.source_id, "messages": entry.message_count}), 202
+
+
+def _ignored(reason: str):
+    g.webhook_counts = {"ignored": 1}
+    return jsonify({"status": "ignored", "reason": reason}), 200

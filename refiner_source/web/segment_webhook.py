@@ -20,19 +20,20 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from refiner_source.config import Settings
 from refiner_source.directions import DIRECTIONS, REFINER
+from refiner_source.directions.validation import Refused, strict_json
 from refiner_source.store import StoreUnavailable
 from refiner_source.to_refiner.admission import Admitted, admit, admit_batch, not_a_body
 from refiner_source.to_refiner.events import MAX_EVENT_BYTES
-from refiner_source.validation import Refused, strict_json
 from refiner_source.web.auth import digest_ok, presented_token, signature_ok, token_ok
 from refiner_source.web.body import refusal, too_large
-from refiner_source.web.state import error, forgotten, state
+from refiner_source.web.state import error
 from refiner_source.web.stream import Body, Element
+from refiner_source.web.webhook import take, webhook
 
 log = logging.getLogger(__name__)
 
-PATH = DIRECTIONS[REFINER].path
 MAX_SEGMENT_BODY_BYTES = DIRECTIONS[REFINER].body_limit
 # A batch is validated and stored this many events (or characters of their text) at a time.
 GROUP_EVENTS = 500
@@ -44,11 +45,6 @@ def _invalid_signature():
     return error(401, "invalid_signature", "The signature or token does not match SEGMENT_SHARED_SECRET.")
 
 
-def _unavailable(exc: StoreUnavailable):
-    log.error("store unavailable", extra={"error": str(exc), "outcome": "unavailable", "source": "segment"})
-    return error(503, "store_unavailable", "The store is not answering; please retry.")
-
-
 def _read_request(size: int) -> bytes:
     try:
         return request.stream.read(size)
@@ -56,16 +52,8 @@ def _read_request(size: int) -> bytes:
         raise too_large(MAX_SEGMENT_BODY_BYTES) from None
 
 
-@bp.post(PATH)
-def receive_segment():
-    app_state = state()
-    settings = app_state.settings
-    if not settings.to_refiner_on:
-        return error(
-            404,
-            "not_enabled",
-            "Segment to Refiner is off: set SEGMENT_SHARED_SECRET (the Webhooks destination's shared secret) and REFINER_API_KEY.",
-        )
+@webhook(bp, REFINER)
+def receive_segment(settings: Settings):
     if request.content_length is not None and request.content_length > MAX_SEGMENT_BODY_BYTES:
         return too_large(MAX_SEGMENT_BODY_BYTES)
     secret = settings.segment_shared_secret
@@ -87,21 +75,25 @@ def receive_segment():
     try:
         if body.first_byte() == ord("["):
             check = None if by_token else lambda first: _signed(body, first, whole, signature, secret)
-            return _receive_batch(body, check)
+            return _receive_batch(body, check, settings)
         raw = body.whole(MAX_EVENT_BYTES)
         if not by_token and not signature_ok(raw, signature, secret):
             return _invalid_signature()
-        admitted = admit(strict_json(raw, "a Segment event (a JSON object) or an array of them"), settings.rules, forgotten=forgotten)
+        admitted = admit(strict_json(raw, "a Segment event (a JSON object) or an array of them"), settings.rules)
     except Refused as exc:
         return refusal(exc, **({"source": "segment"} if exc.code == "invalid_event" else {}))
-    except StoreUnavailable as exc:  # the suppression list could not be read: nothing is stored unchecked
-        return _unavailable(exc)
+    new = _store(admitted)
     taken = _Taken()
-    try:
-        taken.add(admitted, int(app_state.outbox.store_grouped(admitted.entries[0])) if admitted.entries else 0)
-    except StoreUnavailable as exc:
-        return _unavailable(exc)
+    taken.add(admitted, new)
     return _answer(taken)
+
+
+def _store(admitted: Admitted) -> int:
+    """Stores `admitted`'s entries, but for those of people on the suppression list, which become
+    ignored ("forgotten"); how many were new."""
+    new, forgotten = take(admitted.entries)
+    admitted.set_aside(forgotten)
+    return new
 
 
 def _signed(body: Body, first: Element | None, whole: hmac.HMAC, signature: str, secret: str) -> bool:
@@ -113,11 +105,10 @@ def _signed(body: Body, first: Element | None, whole: hmac.HMAC, signature: str,
     return digest_ok(whole, signature)
 
 
-def _receive_batch(body: Body, check: Callable[[Element | None], bool] | None):
+def _receive_batch(body: Body, check: Callable[[Element | None], bool] | None, settings: Settings):
     """Read, validate and store a batch a group at a time. `check`: None when a token authenticated
     the request, else the signature's check, given the first element (None for an empty array or
     one that is not JSON), made before anything is stored."""
-    app_state = state()
     elements = body.elements(MAX_EVENT_BYTES)
     try:
         first = next(elements, None)
@@ -133,17 +124,18 @@ def _receive_batch(body: Body, check: Callable[[Element | None], bool] | None):
     taken = _Taken()
     try:
         for group in _groups(chain([first], elements)):
-            part = admit_batch(((e.index, e.value) for e in group), app_state.settings.rules, forgotten=forgotten)
-            taken.add(part, app_state.outbox.store_many(part.entries) if part.entries else 0)
+            part = admit_batch(((e.index, e.value) for e in group), settings.rules)
+            new = _store(part)
+            taken.add(part, new)
     except Refused as exc:  # the body stops being JSON (or grows too large) part-way: say what was taken before
         body.drain()
         counts = {k: _log(taken)[k] for k in ("accepted", "duplicate")}
         before = f" The events before it were taken: {counts['accepted']} accepted, {counts['duplicate']} duplicate."
         return jsonify({**exc.answer(), "message": exc.message + (before if taken.entries else ""), **counts}), exc.status
-    except StoreUnavailable as exc:  # Segment retries a 503: what was stored of this batch is then a duplicate
+    except StoreUnavailable:  # Segment retries the 503: what was stored of this batch is then a duplicate
         body.drain()
         _log(taken)
-        return _unavailable(exc)
+        raise
     return _answer(taken)
 
 

@@ -26,11 +26,5 @@ def state() -> AppState:
     return current_app.extensions["refiner_source"]
 
 
-def forgotten(people) -> bool:
-    """Whether a webhook's event concerns a person on the suppression list."""
-    suppressed = state().suppressed
-    return suppressed is not None and bool(people) and suppressed.forgotten(people)
-
-
 def error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": code, "message": message, **extra}), status

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from refiner_source.validation import Refused, strict_decoder, too_large
+from refiner_source.directions.validation import Refused, strict_decoder, too_large
 
 # Large reads: gunicorn's body reader copies what it holds ahead at each read, so 64 KiB reads of a
 # 125 MiB batch spent a seventh of the request's time in that copy (py-spy; figures in bench/README.md).

@@ -17,7 +17,6 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from refiner_source.mapping_file import MappingRules
 from refiner_source.store import REFINER, SEGMENT, DeadLetter, Store
 from refiner_source.to_refiner.events import load
 from refiner_source.to_refiner.intake import prepare
@@ -168,7 +167,7 @@ def test_neither_pair_or_half_a_pair_is_refused_in_one_line_naming_what_is_missi
 
 
 def settle_refiner_event(outbox: Store, message_id: str, *, dead: bool = False, email: str = "ada@example.com") -> None:
-    outbox.store_many([prepare(load(identify(message_id, email)), MappingRules())])
+    outbox.store_many([prepare(load(identify(message_id, email)))])
     (claimed,) = outbox.claim(REFINER, 1, 60, "prep")
     if dead:
         outbox.settle("prep", dead=[DeadLetter(claimed.id, message_id, "identify-user", "HTTP 422: invalid")], destination=REFINER)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import update
 
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.store import REFINER, events
 from refiner_source.to_refiner.events import load
 from refiner_source.to_refiner.intake import prepare
@@ -26,7 +26,7 @@ def stored(i: int, **answers) -> object:
 
 def test_questions_lists_every_question_of_the_stored_events_with_counts_names_types_and_collisions(outbox, store_url, tmp_path):
     outbox.store_many([stored(1, **{"Job role": "PM"}), stored(2, **{"Job role": None}), stored(3)])
-    outbox.store_many([prepare(load({"type": "identify", "messageId": "seg-1", "userId": "u", "traits": {"x": 1}}), MappingRules())])
+    outbox.store_many([prepare(load({"type": "identify", "messageId": "seg-1", "userId": "u", "traits": {"x": 1}}))])
     mapping = tmp_path / "mapping.toml"
     mapping.write_text('[traits]\nemployee_count = "company_size"\n[types]\n"How likely are you to recommend us?" = "number"\n')
     done = run(["questions", "--json"], {"DATABASE_URL": store_url, "REFINER_MAPPING_FILE": str(mapping)})

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from refiner_source.delivery.backoff import Backoff
 from refiner_source.delivery.loop import Loop
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.store import PENDING, REFINER, Store
 from refiner_source.store import events as events_table
 from refiner_source.to_refiner import events as segment_events
@@ -55,7 +55,7 @@ def audience(user: str, key: str, entered: bool = True, mid: str | None = None) 
 
 def store(outbox: Store, *events: dict[str, Any]) -> list[str]:
     """Store the events as the webhook does; their messageIds."""
-    entries = [prepare(segment_events.load(e), RULES) for e in events]
+    entries = [prepare(segment_events.load(e)) for e in events]
     assert outbox.store_many(entries) == len(entries)
     return [e["messageId"] for e in events]
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from refiner_source.mapping_file import MappingRules, ToRefinerRules
+from refiner_source.directions.mapping_file import MappingRules, ToRefinerRules
 from refiner_source.to_refiner import events as segment_events
 from refiner_source.to_refiner.mapping import (
     IDENTIFY_USER,
@@ -429,3 +429,29 @@ def test_group_calls_of_two_accounts_are_not_merged():
     assert mergeable(first, RefinerCall(IDENTIFY_USER, {"id": "u1", "account": {"id": "A", "plan": "pro"}}))
     assert mergeable(first, RefinerCall(IDENTIFY_USER, {"id": "u1", "order_completed_last_30days": True}))
     assert not mergeable(first, RefinerCall(TRACK_EVENT, {"id": "u1", "event": "Signed Up"}))
+
+
+# --- what the webhook answers as "messages" ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        identify(traits={"plan": "pro", "address": {"city": "Oslo"}}),
+        {"type": "group", "messageId": "m-3", "userId": "u-1", "groupId": "acme", "traits": {"name": "Acme"}},
+        track(),
+        audience("Audience Entered"),
+        audience("Audience Exited"),
+        {"type": "page", "messageId": "m-4", "anonymousId": "a", "context": {"traits": {"email": "ada@example.com"}}},
+    ],
+    ids=["identify", "group", "track", "audience entered", "audience exited", "page by email"],
+)
+def test_a_forwarded_event_is_one_call_as_the_webhook_counts_it_without_mapping(event):
+    """The webhook counts an event's messages without running the mapping (CALLS_PER_EVENT): true
+    only while every event that is not ignored becomes exactly that many calls."""
+    from refiner_source.to_refiner.intake import prepare
+    from refiner_source.to_refiner.mapping import CALLS_PER_EVENT
+
+    loaded = segment_events.load(event)
+    assert ignored_reason(loaded, RULES) is None
+    assert len(to_refiner(segment_events.normalise(loaded), RULES)) == CALLS_PER_EVENT == prepare(loaded).message_count == 1

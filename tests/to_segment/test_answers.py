@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from refiner_source.directions.mapping_file import MappingRules, load_mapping_file
 from refiner_source.errors import ConfigError
-from refiner_source.mapping_file import MappingRules, load_mapping_file
 from refiner_source.to_segment.answers import NotConverted, convert, nps_category
 from refiner_source.to_segment.events import ApiResponseSchema, WebhookSchema
 from refiner_source.to_segment.intake import prepare

@@ -10,7 +10,7 @@ import pytest
 import responses
 
 from refiner_source.config import normalize_database_url
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.refiner_rest import RefinerClient
 from refiner_source.store import SEGMENT, Store
 from refiner_source.to_segment.backfill import BackfillError, filters, run_backfill

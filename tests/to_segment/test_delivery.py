@@ -13,7 +13,7 @@ import responses
 from sqlalchemy import update
 
 from refiner_source.delivery.backoff import Backoff
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.ops.upkeep import Upkeep
 from refiner_source.store import SEGMENT, events
 from refiner_source.to_segment.delivery import Item, pack, segment_loop

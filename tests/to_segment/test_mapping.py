@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refiner_source.mapping_file import MappingRules
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.to_segment.events import WebhookSchema
 from refiner_source.to_segment.mapping import (
     OMITTED,

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from refiner_source import create_app
 from refiner_source.config import load_settings
+from refiner_source.directions.mapping_file import MappingRules
 from refiner_source.errors import ConfigError
-from refiner_source.mapping_file import MappingRules
 from refiner_source.store import SEGMENT
 from refiner_source.to_segment.events import MAX_ANSWERS, MAX_ATTRIBUTES, MAX_DEPTH, MAX_ID_LENGTH, event_from_json
 from refiner_source.to_segment.mapping import map_event

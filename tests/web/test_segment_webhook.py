@@ -473,7 +473,7 @@ def test_single_event_of_the_wrong_shape_answers_invalid_event_saying_so(post):
 
 
 def test_a_batchs_invalid_event_is_named_by_index_with_every_failing_path():
-    from refiner_source.mapping_file import MappingRules
+    from refiner_source.directions.mapping_file import MappingRules
     from refiner_source.to_refiner.admission import admit
 
     admitted = admit([event(1), event(2, messageId=5, traits="x")], MappingRules())
@@ -592,12 +592,23 @@ def test_single_ignored_event_answers_200_ignored_1(post, outbox):
 
 
 def test_a_batchs_forgotten_events_are_ignored_each_named_by_index_and_message_id():
-    from refiner_source.mapping_file import MappingRules
+    from refiner_source.directions.mapping_file import MappingRules
     from refiner_source.to_refiner.admission import admit
 
-    admitted = admit([event(1), event(2), event(3)], MappingRules(), forgotten=lambda people: ("user", "user-2") in people)
+    admitted = admit([event(1), event(2), event(3)], MappingRules())
+    admitted.set_aside([entry for entry in admitted.entries if ("user", "user-2") in entry.people])
     assert admitted.ignored == [{"index": 1, "message_id": "msg-2", "reason": "forgotten"}]
     assert [entry.receipt_key for entry in admitted.entries] == ["msg-1", "msg-3"] and admitted.invalid == []
+
+
+def test_a_batchs_ignored_events_are_listed_in_its_order_whatever_the_reason():
+    from refiner_source.directions.mapping_file import MappingRules
+    from refiner_source.to_refiner.admission import admit
+
+    admitted = admit([event(1), event(2, integrations={"Refiner": False}), event(3), event(4)], MappingRules())
+    admitted.set_aside([entry for entry in admitted.entries if ("user", "user-3") in entry.people])
+    assert [(ignored["index"], ignored["reason"] == "forgotten") for ignored in admitted.ignored] == [(1, False), (2, True)]
+    assert admitted.indices == [0, 3] and [entry.receipt_key for entry in admitted.entries] == ["msg-1", "msg-4"]
 
 
 def test_no_ignored_reasons_when_nothing_was_ignored(post):
@@ -605,7 +616,7 @@ def test_no_ignored_reasons_when_nothing_was_ignored(post):
 
 
 def test_track_outside_the_mapping_files_allowlist_is_ignored(segment_settings, outbox):
-    from refiner_source.mapping_file import ToRefinerRules
+    from refiner_source.directions.mapping_file import ToRefinerRules
 
     rules = replace(segment_settings.rules, to_refiner=ToRefinerRules(frozenset({"Signed Up"}), "pageview"))
     app = create_app(replace(segment_settings, rules=rules))
@@ -627,7 +638,7 @@ def test_track_outside_the_mapping_files_allowlist_is_ignored(segment_settings, 
 def test_refiner_sources_own_messages_posted_back_are_ignored(post, outbox):
     from datetime import UTC, datetime
 
-    from refiner_source.mapping_file import MappingRules
+    from refiner_source.directions.mapping_file import MappingRules
     from refiner_source.to_segment.events import WebhookSchema
     from refiner_source.to_segment.mapping import map_event
     from tests.conftest import survey_body
@@ -724,7 +735,7 @@ def test_no_input_gives_a_500_single(post):
 
 def test_lone_surrogate_in_a_trait_is_stored_and_maps_back(post, outbox):
     """Valid JSON ("\\ud800"), which no database can encode as it is: stored escaped, never a 500."""
-    from refiner_source.mapping_file import MappingRules
+    from refiner_source.directions.mapping_file import MappingRules
     from refiner_source.to_refiner.mapping import to_refiner
 
     raw = b'{"type": "identify", "messageId": "m-s", "userId": "u-s", "traits": {"name": "\\ud800 Ada", "\\udfff": 1}}'

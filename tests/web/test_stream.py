@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refiner_source.validation import Refused
+from refiner_source.directions.validation import Refused
 from refiner_source.web.stream import CHUNK_BYTES, Body
 
 

@@ -190,7 +190,7 @@ def test_json_nested_beyond_the_parser_answers_422_too_deep_at_the_root(post_web
 def test_field_paths_of_an_error_flatten_nesting_and_name_the_root_schema():
     from marshmallow import ValidationError
 
-    from refiner_source.validation import error_fields
+    from refiner_source.directions.validation import error_fields
 
     assert error_fields(ValidationError("Not an event.")) == {"_schema": ["Not an event."]}
     assert error_fields(ValidationError([{"a": ["No."]}, "Bad."])) == {"0.a": ["No."], "1": ["Bad."]}
@@ -237,7 +237,7 @@ def test_a_body_that_is_not_utf8_answers_400_saying_so(post_webhook):
 
 
 def test_a_refusal_says_its_message_and_answers_fields_only_when_it_has_them():
-    from refiner_source.validation import Refused, too_large
+    from refiner_source.directions.validation import Refused, too_large
 
     refused = too_large(1024)
     assert str(refused) == refused.message == "The body is larger than 1024 bytes."

@@ -1,8 +1,11 @@
-"""The one registry of the directions, keyed by the destination their events are stored under:
-each one's titles, its webhook (path and body limit), the pair of settings that turns it on, and the
-package that holds its schemas, admission, mapping, people and delivery. Nothing is added to it at
-import time. No imports: the settings, the store, the mapping processes of a backfill and the web
-app all read it."""
+"""What every direction shares, below them all: here, the one registry of the directions, keyed by
+the destination their events are stored under (each one's titles, its webhook's path and body
+limit, the pair of settings that turns it on, and the package that holds its schemas, admission,
+mapping, people and delivery); beside it, the row an admission hands the store (`entry`), how a
+body is refused (`validation`) and the mapping file's rules (`mapping_file`). Nothing is added to
+the registry at import time, and nothing here imports another part of refiner_source but its
+errors: the settings, the store, a backfill's mapping processes and the web app all read it.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The row type of the store: one accepted event, as either direction hands it over to be kept.
 
-Outside the store package, and importing nothing heavy, because a backfill's mapping processes build
-entries and must not load the database (importing any module of the store package loads it all).
-The store re-exports it: `from refiner_source.store import Entry`.
+Here rather than in the store package, and importing nothing heavy, because a backfill's mapping
+processes build entries and must not load the database (importing any module of the store package
+loads it all). The store re-exports it: `from refiner_source.store import Entry`.
 """
 
 from __future__ import annotations
