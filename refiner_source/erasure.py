@@ -24,9 +24,15 @@ class NoKey(RefinerSourceError):
     """No secret to make the suppression list's key from; str() is the operator's one line."""
 
 
+def _people(destination: str):
+    """Its direction's <package>.people: whom a stored event concerns (people_of_stored), and the
+    contact keys the store keeps of a person's events (contact_keys)."""
+    return importlib.import_module(DIRECTIONS[destination].package + ".people")
+
+
 def people_of_stored(destination: str):
-    """What says whom a stored event of `destination` concerns: its direction's <package>.people."""
-    return importlib.import_module(DIRECTIONS[destination].package + ".people").people_of_stored
+    """What says whom a stored event of `destination` concerns."""
+    return _people(destination).people_of_stored
 
 
 def like_patterns(person: frozenset[tuple[str, str]]) -> list[str]:
@@ -55,7 +61,6 @@ def erase(
     unless `suppress` is off, add their hashes to the suppression list, in one transaction.
     destination -> what was erased (every direction present). Raises NoKey when suppressing without a key."""
     from refiner_source.store import Erased
-    from refiner_source.to_refiner.intake import contact_keys
 
     key = key_of(settings)
     if suppress and key is None and not dry_run:
@@ -81,7 +86,7 @@ def erase(
 
     erased = outbox.erase_person(
         like_patterns(person),
-        set(contact_keys(person)),
+        {key for d in DIRECTIONS for key in _people(d).contact_keys(person)},
         concerns,
         hashes=digests(key, person) if suppress and key else (),
         key_id=fingerprint(key) if key else None,

@@ -25,7 +25,7 @@ class Direction:
     variables: tuple[str, str]  # the pair of settings that turns it on
     arrow: str  # the title as start-up errors write it
     body_limit: int  # the largest body its webhook takes, in bytes
-    package: str  # its package: <package>.delivery (build_loop, preview) and <package>.people (people_of_stored)
+    package: str  # its package: <package>.delivery (build_loop, preview) and <package>.people (people_of_stored, contact_keys)
     on: Callable[[Any], bool]  # of the Settings: whether it is on (its pair of settings both set)
 
     @property

@@ -169,7 +169,7 @@ def event_by_key(key: str):
     for e in named:
         if all(e["id"] != m["id"] for m, _ in matches):
             how = "response id" if e["destination"] == "segment" else "Segment messageId"
-            matches.append((e, how if e["response_id"] == key else "a dead letter's messageId"))
+            matches.append((e, how if e["source_id"] == key else "a dead letter's messageId"))
     if not matches:
         _stop(404, "not_found", f"No event is named {key[:255]!r}: not a response id, a Segment messageId or an internal id.")
     if len(matches) == 1:

@@ -13,7 +13,7 @@ from refiner_source.store.claims import Claimed, Claims, DeadLetter
 from refiner_source.store.contents import Contents
 from refiner_source.store.counts import Counts
 from refiner_source.store.cursors import BackfillState
-from refiner_source.store.database import StoreMisconfigured, StoreUnavailable
+from refiner_source.store.errors import StoreMisconfigured, StoreUnavailable
 from refiner_source.store.operations import Operations, Stats
 from refiner_source.store.receipts import Receipts
 from refiner_source.store.schema import Schema, head_revision

@@ -1,12 +1,11 @@
-"""The store's connection to its database: the engine, the SQLite writer lock, and driver errors
-turned into "the store cannot serve now"; the base class every part of the store builds on."""
+"""The store's connection to its database: the engine, its two ways in (a write transaction, under
+the writer lock of store/writing.py; a guarded read), and driver errors turned into "the store
+cannot serve now"; the base class every part of the store builds on."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -18,7 +17,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
-from refiner_source.errors import RefinerSourceError
+from refiner_source.store.errors import StoreMisconfigured, StoreUnavailable, sqlite_file_problem
+from refiner_source.store.writing import HeldWriter, writer_lock
 
 UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a table that does not exist (init-db not run)
 BUSY_TIMEOUT_MS = 30000  # how long SQLite waits for a lock before the store "is not answering"
@@ -29,15 +29,6 @@ CHECKPOINT_BUSY_MS = 1000
 CHECKPOINT_PAUSE = 0.2
 
 log = logging.getLogger(__name__)
-
-
-class StoreUnavailable(Exception):
-    """The database did not answer (down, locked too long, connection cut): callers answer 503."""
-
-
-class StoreMisconfigured(StoreUnavailable, RefinerSourceError):
-    """The database answers but cannot serve: no schema yet, a SQLite folder missing or not writable.
-    str() is the whole line for the operator, with the resolved path."""
 
 
 def make_engine(url: str) -> Engine:
@@ -93,41 +84,14 @@ class Database:
         self.url = url
         self.engine = engine or make_engine(url)
         self._writer = self.engine.execution_options(refiner_write=True)
-        self._write_lock = _writer_lock(self.engine) if self.engine.dialect.name == "sqlite" else nullcontext()
-        self._held: Connection | None = None  # see _write_held()
-        self._held_pid = 0
-        self._held_at = 0.0
+        self._write_lock = writer_lock(self.engine) if self.engine.dialect.name == "sqlite" else nullcontext()
+        self._held = HeldWriter(self._writer, self._guard, self._write_lock)  # the webhooks' group commit writes on it
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         """A write transaction (BEGIN IMMEDIATE on SQLite); reads use plain connect()."""
         with self._guard(), self._write_lock, self._writer.begin() as conn:
             yield conn
-
-    @contextmanager
-    def _write_held(self) -> Iterator[Connection]:
-        """A write transaction on a connection kept between calls while they come often: for the
-        webhooks' group commit (one leader at a time per process), so that each group under load skips
-        the pool's checkout, its pre-ping and its reset on return (bench/README.md has what it saves).
-        Idle for a second, or failed, it goes back to the
-        pool, and the next call checks out one that is pinged (PostgreSQL restarted meanwhile, say)."""
-        with self._guard(), self._write_lock:
-            now = time.monotonic()
-            if self._held is not None and (self._held_pid != os.getpid() or now - self._held_at > 1.0):
-                if self._held_pid == os.getpid():
-                    self._held.close()
-                self._held = None  # a forked child leaves its parent's connection alone
-            if self._held is None:
-                self._held, self._held_pid = self._writer.connect(), os.getpid()
-            conn = self._held
-            try:
-                with conn.begin():
-                    yield conn
-            except BaseException:
-                self._held = None
-                conn.close()  # SQLAlchemy has invalidated it if the error was a lost connection
-                raise
-            self._held_at = time.monotonic()
 
     def _guard(self):
         return _translate_errors(self.engine)
@@ -182,66 +146,8 @@ class Database:
         )
 
     def dispose(self) -> None:
-        if self._held is not None and self._held_pid == os.getpid():
-            self._held.close()
-        self._held = None
+        self._held.close()
         self.engine.dispose()
-
-
-class _SqliteWriterLock:
-    """Writers of one SQLite file take turns here, in this process (threads) and across processes
-    (flock on a file beside the database), before BEGIN IMMEDIATE.
-
-    SQLite admits one writer at a time and makes the others wait in its busy handler, which
-    sleeps 1, 2, 5, 10 ... 100 ms between tries: with gunicorn's workers and the delivery worker
-    all writing, they would sleep while the database was free. A lock the kernel hands to the
-    next waiter at once keeps the file busy instead.
-    """
-
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
-        self.path = path
-        self.timeout = timeout  # as SQLite's own busy timeout: then the store "is not answering"
-        self._reset()
-
-    def _reset(self) -> None:
-        self.pid = os.getpid()
-        self.threads = threading.Lock()
-        self.fd: int | None = None  # opened on first use, in the process that uses it
-
-    def __enter__(self) -> None:
-        if self.pid != os.getpid():  # forked: the parent's descriptor would share its lock
-            self._reset()
-        if not self.threads.acquire(timeout=self.timeout):
-            raise StoreUnavailable(f"no turn to write to the database within {self.timeout:g} s")
-        try:
-            if self.fd is None:
-                try:
-                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                except OSError as exc:  # the database's folder is missing or not writable
-                    raise StoreMisconfigured(_sqlite_file_problem(self.path, exc.strerror, "writer lock file")) from exc
-            deadline, pause = time.monotonic() + self.timeout, 0.00005
-            while True:  # a writer stopped mid-commit (SIGSTOP) must give 503s, not a hang
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreUnavailable(f"another process held {self.path} for {self.timeout:g} s") from None
-                    time.sleep(pause)  # short steps (SQLite's own go up to 100 ms)
-                    pause = min(pause * 2, 0.0005)
-        except BaseException:
-            self.threads.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            self.threads.release()
-
-
-def _writer_lock(engine: Engine) -> _SqliteWriterLock:
-    return _SqliteWriterLock(os.path.abspath(engine.url.database) + "-writer.lock")
 
 
 def chunks(items: Sequence[Any], size: int):
@@ -283,25 +189,7 @@ class _translate_errors:
                 "or check that DATABASE_URL names the right database"
             ) from exc
         if sqlite and "unable to open database file" in reason:
-            raise StoreMisconfigured(_sqlite_file_problem(os.path.abspath(self.engine.url.database), reason)) from exc
+            raise StoreMisconfigured(sqlite_file_problem(os.path.abspath(self.engine.url.database), reason)) from exc
         if isinstance(exc, ProgrammingError):
             return False
         raise StoreUnavailable(reason) from exc
-
-
-def _sqlite_file_problem(path: str, reason: str, what: str = "SQLite database") -> str:
-    """Why the file at `path` (the database, or its writer lock beside it) cannot be opened, as one line
-    naming the folder or file at fault."""
-    folder = os.path.dirname(path) or "."
-    if not os.path.exists(folder):
-        return f"the folder {folder} does not exist, so the {what} {path} cannot be created (check DATABASE_URL, or create it)"
-    if not os.path.isdir(folder):
-        return f"{folder} is not a folder, so the {what} {path} cannot be created there (check DATABASE_URL)"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return (
-            f"the folder {folder} is not writable by this user, so the {what} {path} cannot be written "
-            "(SQLite writes its database, -wal, -shm and writer lock files there)"
-        )
-    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-        return f"the {what} {path} is not readable and writable by this user"
-    return f"cannot open the {what} {path}: {reason}"

@@ -133,7 +133,8 @@ class Operations(DeadLetters):
     def _find(self, condition, limit: int) -> list[dict[str, Any]]:
         columns = [c for c in events.c if c.name not in ("event", "messages")]  # no content: states only
         with self._guard(), self.engine.connect() as conn:
-            rows = conn.execute(select(*columns).where(condition).order_by(events.c.id.desc()).limit(limit)).all()
+            # Labelled by the code's names (source_id, not the column's name of version 1), as Claimed is.
+            rows = conn.execute(select(*(c.label(c.key) for c in columns)).where(condition).order_by(events.c.id.desc()).limit(limit)).all()
             letters = conn.execute(
                 select(dead_letters).where(dead_letters.c.event_id.in_([r.id for r in rows])).order_by(dead_letters.c.id)
             ).all()

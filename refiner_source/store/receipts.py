@@ -4,10 +4,9 @@ meanwhile (group commit)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
@@ -17,6 +16,7 @@ from refiner_source.directions.entry import Entry
 from refiner_source.store.cursors import BackfillState, Cursors
 from refiner_source.store.database import chunks, insert_ignoring_conflict
 from refiner_source.store.tables import PENDING, events
+from refiner_source.store.writing import GroupCommit, first_of_each
 
 
 class Receipts(Cursors):
@@ -24,10 +24,9 @@ class Receipts(Cursors):
 
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         super().__init__(url, engine)
-        self._leader_lock = threading.Lock()
-        self._waiting_lock = threading.Lock()
-        self._waiting: list[_Waiting] = []
         self._insert = insert_ignoring_conflict(self.engine.dialect.name, events).returning(events.c.destination, events.c.receipt_key)
+        # Called through self, so that what it writes and inserts with can be replaced on the instance.
+        self._group = GroupCommit(lambda: self._held(), lambda conn, rows: self._insert_rows(conn, rows), _key)
 
     def store_many(self, entries: Sequence[Entry], backfill: tuple[str, BackfillState] | None = None) -> int:
         """Commit the entries not seen before, and where a backfill stands, in one transaction.
@@ -48,43 +47,10 @@ class Receipts(Cursors):
 
     def store_grouped(self, entry: Entry) -> bool:
         """Store one entry (True: new), committed together with whatever other threads of this
-        process store meanwhile: one transaction and one fsync for all (group commit).
-
-        The webhook's path: with SQLite's synchronous=FULL, each commit's fsync is what limits
-        ingest. The group is taken only once the write lock is held, so that everything that
-        arrived while the previous commit was syncing goes into this one. Each caller still
-        gets its own answer, or the error.
-        """
-        waiting = _Waiting(entry, _row(entry, time.time()))
-        with self._waiting_lock:
-            self._waiting.append(waiting)
-        with self._leader_lock:  # one leader per process at a time; the others queue here
-            if not waiting.done:  # nobody has committed this entry yet: lead the next group
-                group: list[_Waiting] = []
-                try:
-                    with self._write_held() as conn:
-                        with self._waiting_lock:
-                            group, self._waiting = self._waiting, []
-                        # The same receipt twice in one group (a webhook resent at once): only the
-                        # first one's row is written, and only it can be new.
-                        first = _first_of_each(group, lambda w: _key(w.row))
-                        new_keys = self._insert_rows(conn, [w.row for w in first.values()])
-                    for w in group:
-                        w.result = w is first.get(_key(w.row)) and _key(w.row) in new_keys
-                except BaseException as exc:
-                    if not group:  # failed before taking the group: this entry alone fails, and
-                        with self._waiting_lock:  # must not be committed later by another leader
-                            if waiting in self._waiting:
-                                self._waiting.remove(waiting)
-                        group = [waiting]
-                    for w in group:
-                        w.error = exc
-                finally:
-                    for w in group:
-                        w.done = True
-        if waiting.error is not None:
-            raise waiting.error
-        return waiting.result
+        process store meanwhile: one transaction and one fsync for all (store/writing.py's group
+        commit). The webhook's path: with SQLite's synchronous=FULL, each commit's fsync is what
+        limits ingest. Each caller still gets its own answer, or the error."""
+        return self._group.commit(_row(entry, time.time()))
 
     def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
         """Insert the rows whose receipt is new; their (destination, receipt key)."""
@@ -102,17 +68,6 @@ class Receipts(Cursors):
                 stmt = select(events.c.receipt_key).where(events.c.destination == destination, events.c.receipt_key.in_(chunk))
                 found.update(conn.execute(stmt).scalars())
         return found
-
-
-@dataclass
-class _Waiting:
-    """One thread's entry in store_grouped(): filled in by whichever thread commits its group."""
-
-    entry: Entry
-    row: dict[str, Any]
-    done: bool = False
-    result: bool = False
-    error: BaseException | None = None
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str]:
@@ -144,12 +99,4 @@ def _row(entry: Entry, now: float) -> dict[str, Any]:
 
 def _rows(entries: Sequence[Entry], now: float) -> list[dict[str, Any]]:
     """Rows of the entries, ready to insert; an entry whose receipt comes twice is written once."""
-    return list(_first_of_each([_row(e, now) for e in entries], _key).values())
-
-
-def _first_of_each(items: Sequence[Any], key) -> dict[Any, Any]:
-    """key -> the first item with that key, in the order the keys first appear."""
-    first: dict[Any, Any] = {}
-    for item in items:
-        first.setdefault(key(item), item)
-    return first
+    return list(first_of_each([_row(e, now) for e in entries], _key).values())

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 
-from refiner_source.store.database import Database, StoreMisconfigured
+from refiner_source.store.database import Database
+from refiner_source.store.errors import StoreMisconfigured
 from refiner_source.store.tables import events, schema_info
 
 if TYPE_CHECKING:

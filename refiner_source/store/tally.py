@@ -17,7 +17,7 @@ import weakref
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from refiner_source.store.database import StoreUnavailable
+from refiner_source.store.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from refiner_source.store import Store

@@ -3,17 +3,14 @@ receipt, its contact, the event as stored). Pure: no database, no web framework.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from refiner_source.directions import REFINER
 from refiner_source.directions.entry import Entry
-from refiner_source.directions.validation import storable
-from refiner_source.privacy import EMAIL, USER
 from refiner_source.to_refiner.events import normalise
 from refiner_source.to_refiner.mapping import CALLS_PER_EVENT, contact_key
-from refiner_source.to_refiner.people import people_of
+from refiner_source.to_refiner.people import people_of, storable_contact
 
 
 def prepare(event: dict[str, Any]) -> Entry:
@@ -33,22 +30,3 @@ def prepare(event: dict[str, Any]) -> Entry:
         contact=storable_contact(contact_key(stored)),
         people=people_of(stored),
     )
-
-
-MAX_CONTACT_LENGTH = 255  # the store's contact column
-
-
-def storable_contact(key: str | None) -> str | None:
-    """The contact key as the store can keep it: a digest of it when it is too long for the column
-    ("id:" + a 255-character userId, a long email) or not encodable (a lone surrogate in an email).
-    The key is only compared for equality, so a digest keeps one contact's events together."""
-    if key is None or (len(key) <= MAX_CONTACT_LENGTH and storable(key)):
-        return key
-    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def contact_keys(person: frozenset[tuple[str, str]]) -> list[str]:
-    """What the store's contact column holds for this person's events (it is kept past retention)."""
-    keys = [storable_contact(f"id:{value}") for kind, value in person if kind == USER]
-    keys += [storable_contact(f"email:{value}") for kind, value in person if kind == EMAIL]
-    return [key for key in keys if key is not None]

@@ -310,7 +310,7 @@ def test_store_grouped_commits_concurrent_entries_and_answers_each_thread(outbox
 
 
 def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch):
-    real_write = outbox._write_held
+    real_write = outbox._group.write
     leader_writing = threading.Event()
 
     @contextmanager
@@ -319,13 +319,13 @@ def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch)
         with real_write() as conn:
             leader_writing.set()
             deadline = time.monotonic() + 10
-            while len(outbox._waiting) < 2:
+            while len(outbox._group.waiting) < 2:
                 assert time.monotonic() < deadline, "the second caller never joined the group"
                 time.sleep(0.005)
             yield conn
             raise StoreUnavailable("the commit was lost")
 
-    monkeypatch.setattr(outbox, "_write_held", failing_commit)
+    monkeypatch.setattr(outbox._group, "write", failing_commit)
     answers: dict[str, object] = {}
 
     def call(name: str, entry: Entry) -> None:
@@ -344,20 +344,20 @@ def test_store_grouped_gives_every_waiting_thread_the_error(outbox, monkeypatch)
         assert not thread.is_alive(), "a caller of store_grouped() never got its answer"
     assert isinstance(answers["leader"], StoreUnavailable), answers
     assert isinstance(answers["follower"], StoreUnavailable), answers  # its webhook answers 503, not 200 "duplicate"
-    monkeypatch.setattr(outbox, "_write_held", real_write)
+    monkeypatch.setattr(outbox._group, "write", real_write)
     keys = [entry_for(i).receipt_key for i in ("lead", "follow")]
     assert outbox.known_receipts(keys, destination=SEGMENT) == set() and outbox.stats(SEGMENT).pending == 0
-    assert outbox._waiting == []
+    assert outbox._group.waiting == []
 
 
 def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monkeypatch):
-    real_write = outbox._write_held
+    real_write = outbox._group.write
 
     def failing_once():
-        monkeypatch.setattr(outbox, "_write_held", real_write)
+        monkeypatch.setattr(outbox._group, "write", real_write)
         raise StoreUnavailable("down")
 
-    monkeypatch.setattr(outbox, "_write_held", failing_once)
+    monkeypatch.setattr(outbox._group, "write", failing_once)
     with pytest.raises(StoreUnavailable):
         outbox.store_grouped(entry_for("failed"))
     assert outbox.store_grouped(entry_for("next")) is True
@@ -368,18 +368,18 @@ def test_store_grouped_entry_answered_503_is_never_committed_later(outbox, monke
 
 def test_the_grouped_writer_keeps_its_connection_only_while_webhooks_keep_coming(outbox):
     outbox.store_grouped(entry_for("a"))
-    held = outbox._held
+    held = outbox._held.connection
     outbox.store_grouped(entry_for("b"))
-    assert outbox._held is held  # under load: no checkout per group
-    outbox._held_at -= 2  # idle for two seconds
+    assert outbox._held.connection is held  # under load: no checkout per group
+    outbox._held.used_at -= 2  # idle for two seconds
     outbox.store_grouped(entry_for("c"))
-    assert outbox._held is not held and held.closed  # back to the pool; the next one is checked out (and pinged)
+    assert outbox._held.connection is not held and held.closed  # back to the pool; the next one is checked out (and pinged)
     assert outbox.stats(SEGMENT).pending == 3
 
 
 def test_a_failed_group_gives_back_its_connection_and_the_next_one_is_stored(outbox, monkeypatch):
     outbox.store_grouped(entry_for("before"))
-    held = outbox._held
+    held = outbox._held.connection
 
     def lost(conn, rows):
         raise StoreUnavailable("connection lost")
@@ -388,7 +388,7 @@ def test_a_failed_group_gives_back_its_connection_and_the_next_one_is_stored(out
         patch.setattr(outbox, "_insert_rows", lost)
         with pytest.raises(StoreUnavailable):
             outbox.store_grouped(entry_for("during"))
-    assert outbox._held is None and held.closed
+    assert outbox._held.connection is None and held.closed
     assert outbox.store_grouped(entry_for("after")) is True
     assert outbox.known_receipts([entry_for(k).receipt_key for k in ("before", "during", "after")], destination=SEGMENT) == {
         entry_for("before").receipt_key,
@@ -397,11 +397,12 @@ def test_a_failed_group_gives_back_its_connection_and_the_next_one_is_stored(out
 
 
 def test_same_receipt_twice_in_one_group_is_stored_once(outbox):
-    from refiner_source.store.receipts import _row, _Waiting
+    from refiner_source.store.receipts import _row
+    from refiner_source.store.writing import Waiting
 
     entry = entry_for(1)
-    queued = _Waiting(entry, _row(entry, time.time()))
-    outbox._waiting.append(queued)  # another thread's copy, waiting for a leader
+    queued = Waiting(_row(entry, time.time()))
+    outbox._group.waiting.append(queued)  # another thread's copy, waiting for a leader
     answer = outbox.store_grouped(entry)
     assert sorted([answer, queued.result]) == [False, True] and queued.done
     assert outbox.stats(SEGMENT).pending == 1
@@ -418,12 +419,12 @@ def test_sqlite_writer_lock_held_by_a_stopped_process_gives_store_unavailable(tm
     import fcntl
     import os
 
-    from refiner_source.store.database import _SqliteWriterLock
+    from refiner_source.store.writing import SqliteWriterLock
 
     path = str(tmp_path / "x.db-writer.lock")
     other = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_EX)  # another process, stopped while writing
-    lock = _SqliteWriterLock(path, timeout=0.3)
+    lock = SqliteWriterLock(path, timeout=0.3)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="held"):
         with lock:
@@ -610,9 +611,10 @@ def test_find_events_by_response_id_or_by_a_dead_letters_message_id(outbox):
     store(outbox, 1, 2)
     a, b = outbox.claim(SEGMENT, 2, 60, "w")
     outbox.settle("w", delivered=[a.id], dead=[DeadLetter(b.id, "refiner-x-track", "track", "HTTP 400")], destination=SEGMENT)
-    assert [e["response_id"] for e in outbox.find_events("r1")] == ["r1"]
+    assert [e["source_id"] for e in outbox.find_events("r1")] == ["r1"]  # one name, as Claimed has it
     (found,) = outbox.find_events("refiner-x-track")
-    assert found["response_id"] == "r2" and found["status"] == "dead" and found["dead_letters"][0]["error"] == "HTTP 400"
+    assert found["source_id"] == "r2" and "response_id" not in found
+    assert found["status"] == "dead" and found["dead_letters"][0]["error"] == "HTTP 400"
     assert "event" not in found and outbox.find_events("nothing") == []
 
 
