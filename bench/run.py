@@ -12,8 +12,8 @@
 3. latency   webhook to Segment, p50/p99, at a steady 100 webhooks/s;
 4. backfill  responses/s from a Refiner API stand-in into the outbox, and peak memory;
 5. to_refiner Segment events in per second (POST /webhooks/segment), and Refiner calls delivered per
-             second against a Refiner API stand-in answering in 50 ms, against the bound
-             REFINER_API_CONCURRENCY / latency.
+             second against a Refiner API stand-in answering in 50 ms; in 200 ms; and in 50 ms
+             with a limit of 300 calls/s (429 beyond), with the share of calls answered 429.
 
 Prints a table, then one JSON line. Asserts nothing about speed: the numbers go in bench/README.md.
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.refiner_stub import RefinerStub  # noqa: E402
+from tests.refiner_stub import RateLimit, RefinerStub  # noqa: E402
 from tests.segment_stub import SegmentStub  # noqa: E402
 
 SECRET = "bench-secret-0123456789"
@@ -465,14 +465,16 @@ def segment_event(i: int, run: str) -> bytes:
     return json.dumps(event).encode()
 
 
-def to_refiner(workdir: Path, events: int, concurrency: int = 4) -> dict:
-    with SegmentStub() as segment, RefinerStub(delay=REFINER_LATENCY) as refiner:
-        extra = {
-            "SEGMENT_SHARED_SECRET": SEGMENT_SECRET,
-            "REFINER_API_KEY": refiner.api_key,
-            "REFINER_API_URL": refiner.url,
-            "REFINER_API_CONCURRENCY": str(concurrency),
-        }
+def to_refiner(workdir: Path, events: int, *, latency: float = REFINER_LATENCY, rate: float | None = None, batch: int = 1) -> dict:
+    """Segment events posted `batch` to a request from 16 connections, then delivered by `serve`'s
+    worker (REFINER_API_CONCURRENCY left at its default, the window's ceiling) to a Refiner stand-in
+    answering after `latency` s; with `rate`, the stand-in answers 429 (Retry-After: 1) to the calls
+    beyond that many a second. Calls/s counts the calls Refiner took (200), first arrival to last
+    answer; "steady" counts those of the run's second half alone, after the window has found its size."""
+    with SegmentStub() as segment, RefinerStub(delay=latency) as refiner:
+        if rate is not None:
+            refiner.respond = RateLimit(rate)
+        extra = {"SEGMENT_SHARED_SECRET": SEGMENT_SECRET, "REFINER_API_KEY": refiner.api_key, "REFINER_API_URL": refiner.url}
         app = App("refiner-source", workdir, segment.url, extra)
         try:
             run = f"s{int(time.time())}"
@@ -480,40 +482,57 @@ def to_refiner(workdir: Path, events: int, concurrency: int = 4) -> dict:
             lock = threading.Lock()
 
             def sender(chunk: list[int]) -> None:
-                conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+                conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
                 headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SEGMENT_SECRET}"}
-                for i in chunk:
-                    conn.request("POST", "/webhooks/segment", body=segment_event(i, run), headers=headers)
+                for start in range(0, len(chunk), batch):
+                    part = chunk[start : start + batch]
+                    body = segment_event(part[0], run) if batch == 1 else b"[" + b",".join(segment_event(i, run) for i in part) + b"]"
+                    conn.request("POST", "/webhooks/segment", body=body, headers=headers)
                     answer = conn.getresponse()
-                    if answer.status == 200 and json.loads(answer.read())["accepted"] == 1:
+                    if answer.status == 200:
+                        taken = json.loads(answer.read())["accepted"]
                         with lock:
-                            accepted.append(i)
+                            accepted.extend(part[:taken])
 
             started = time.monotonic()
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(sender, [list(range(events))[k::16] for k in range(16)]))
             posted = time.monotonic() - started
-            deadline = time.monotonic() + 120 + events / 50
-            while len(refiner.calls) < len(accepted) and time.monotonic() < deadline:
+            deadline = time.monotonic() + 120 + events / 20
+            while len(refiner.posted()) < len(accepted) and time.monotonic() < deadline:
                 time.sleep(0.2)
             with refiner.lock:
                 calls = list(refiner.calls)
-            first, last = min(c["at"] for c in calls), max(c["done"] for c in calls)
-            delivered_per_s = len(calls) / max(last - first, 1e-9)
-            bound = concurrency / REFINER_LATENCY
+            taken = [c for c in calls if c["status"] == 200]
+            first, last = min(c["at"] for c in calls), max(c["done"] for c in taken)
+            middle = first + (last - first) / 2
             return {
                 "events": events,
                 "accepted": len(accepted),
                 "events_in_per_s": round(len(accepted) / posted, 1),
+                "latency_ms": round(latency * 1000),
+                "rate_limit_per_s": rate,
                 "refiner_calls": len(calls),
-                "distinct_delivered": len({c["body"].get("id") for c in calls}),
-                "calls_per_s": round(delivered_per_s, 1),
-                "concurrency": concurrency,
-                "bound_per_s": bound,
-                "to_bound": round(delivered_per_s / bound, 2),
+                "taken": len(taken),
+                "distinct_delivered": len({c["body"].get("id") for c in taken}),
+                "lost": len(accepted) - len({c["body"].get("id") for c in taken}),
+                "calls_per_s": round(len(taken) / max(last - first, 1e-9), 1),
+                "steady_calls_per_s": round(sum(c["done"] >= middle for c in taken) / max(last - middle, 1e-9), 1),
+                "throttled_share": round(sum(c["status"] == 429 for c in calls) / len(calls), 4),
+                "max_in_flight": max_in_flight(calls),
             }
         finally:
             app.stop()
+
+
+def max_in_flight(calls: list[dict]) -> int:
+    """The most calls the stand-in held at once (each from its arrival to its answer)."""
+    edges = sorted([(c["at"], 1) for c in calls] + [(c["done"], -1) for c in calls])
+    most = current = 0
+    for _, step in edges:
+        current += step
+        most = max(most, current)
+    return most
 
 
 def tree_rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -595,7 +614,10 @@ def main() -> None:
             if not args.quick:
                 results["backfill_one_process"] = backfill(workdir, backfill_total // 5, workers=0)
         if "to_refiner" in sections:
-            results["to_refiner"] = to_refiner(workdir, 300 if args.quick else 5_000)
+            quick = args.quick
+            results["to_refiner"] = to_refiner(workdir, 300 if quick else 5_000)
+            results["to_refiner_200ms"] = to_refiner(workdir, 300 if quick else 4_000, latency=0.2, batch=100)
+            results["to_refiner_limited"] = to_refiner(workdir, 300 if quick else 6_000, rate=300, batch=100)
 
     print_table(results)
     print(json.dumps(results))
@@ -639,14 +661,20 @@ def print_table(r: dict) -> None:
                 f"\n4. backfill ({x['workers']} mapping workers): {x['responses']} responses, {x['responses_per_s']:.0f}/s, "
                 f"peak {x['peak_rss_mb']:.0f} MB (process tree), ok={x['ok']}"
             )
-    if "to_refiner" in r:
-        x = r["to_refiner"]
-        print(
-            f"\n5. Segment to Refiner: {x['accepted']}/{x['events']} events accepted, {x['events_in_per_s']:.0f}/s in; "
-            f"{x['refiner_calls']} Refiner calls ({x['distinct_delivered']} distinct) at {x['calls_per_s']:.1f}/s, "
-            f"{x['to_bound']} of concurrency / latency = {x['bound_per_s']:.0f}/s "
-            f"(concurrency {x['concurrency']}, {REFINER_LATENCY * 1000:.0f} ms)"
-        )
+    for name, what in (
+        ("to_refiner", "Segment to Refiner"),
+        ("to_refiner_200ms", "Segment to Refiner, Refiner slow"),
+        ("to_refiner_limited", "Segment to Refiner, Refiner rate-limited"),
+    ):
+        if name in r:
+            x = r[name]
+            limit = f", limit {x['rate_limit_per_s']:.0f}/s" if x["rate_limit_per_s"] else ""
+            print(
+                f"\n5. {what} ({x['latency_ms']} ms{limit}): {x['accepted']}/{x['events']} events accepted, "
+                f"{x['events_in_per_s']:.0f}/s in; {x['taken']} calls taken ({x['distinct_delivered']} distinct, lost {x['lost']}) "
+                f"at {x['calls_per_s']:.1f}/s, steady {x['steady_calls_per_s']:.1f}/s; "
+                f"{x['throttled_share']:.1%} answered 429; at most {x['max_in_flight']} in flight"
+            )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class Settings:
     log_level: str = "INFO"
     retention_days: int = 7
     segment_shared_secret: str | None = None  # with refiner_api_key: Segment to Refiner is on
-    refiner_api_concurrency: int = 4
+    refiner_api_concurrency: int = 32
     admin_password: str | None = None  # set: /status and /metrics answer, behind HTTP Basic auth
     alert_webhook_url: str | None = None  # set: alerts go there (Slack-compatible incoming webhook)
     alert_pending_seconds: int = 900
@@ -152,7 +152,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, require: tuple[st
         log_level=log_level,
         retention_days=_int(get, "REFINER_RETENTION_DAYS", 7, 1, 3650),
         segment_shared_secret=shared_secret,
-        refiner_api_concurrency=_int(get, "REFINER_API_CONCURRENCY", 4, 1, 64),
+        refiner_api_concurrency=_int(get, "REFINER_API_CONCURRENCY", 32, 1, 64),
         admin_password=admin_password,
         alert_webhook_url=alert_url,
         alert_pending_seconds=_int(get, "ALERT_PENDING_SECONDS", 900, 1, 7 * 86400),

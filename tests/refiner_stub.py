@@ -217,3 +217,28 @@ class RefinerStub(LoopbackServer):
                 base64.urlsafe_b64encode(json.dumps({"page": number + 1}).encode()).decode() if has_next else None
             )
         return {"items": items, "pagination": pagination}
+
+
+class RateLimit:
+    """A rate limit for RefinerStub.respond, as an API gateway keeps one: a bucket of `burst` calls
+    that refills at `per_second`; a call that finds it empty is answered 429 with Retry-After (whole
+    seconds, as HTTP has it). Refiner documents no limit: this is the one a delivery must live with
+    when there is one."""
+
+    def __init__(self, per_second: float, burst: float | None = None, retry_after: int = 1) -> None:
+        self.per_second = per_second
+        self.burst = burst if burst is not None else max(1.0, per_second / 10)
+        self.retry_after = retry_after
+        self.tokens = self.burst
+        self.at = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, path: str, body: Any) -> Answer | None:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return None
+        return (429, {"Retry-After": str(self.retry_after)}, {"message": "Too Many Attempts."})

@@ -123,7 +123,7 @@ SEGMENT_ON = {**BASE, "SEGMENT_SHARED_SECRET": "segment-shared-secret-0123", "RE
 def test_segment_to_refiner_is_off_by_default():
     s = load_settings(BASE)
     assert s.segment_shared_secret is None
-    assert s.refiner_api_concurrency == 4
+    assert s.refiner_api_concurrency == 32
     assert s.rules.to_refiner.track_events is None and s.rules.to_refiner.page_event == "pageview"
 
 

@@ -29,7 +29,7 @@ class Destination(Protocol):
     id_name: str  # what the id its source gave an event is called in the log ("response_id", "message_id")
     key_hint: str  # what to check when it refuses a setting (the credentials, the address)
     contact_order: bool  # claim one contact's events in order, never past an earlier one waiting
-    concurrency: int  # lanes sent at once
+    concurrency: int  # the most lanes sent at once (the window's ceiling, delivery/window.py)
 
     def plan(self, claimed: Sequence[Claimed]) -> tuple[list[list[Call]], list[DeadLetter]]:
         """The calls of the claimed events, in lanes (each lane in order; lanes independent), and

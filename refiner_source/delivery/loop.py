@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from refiner_source.delivery.answers import Rejected, RetryLater
 from refiner_source.delivery.backoff import Backoff
 from refiner_source.delivery.destination import Call, Destination
+from refiner_source.delivery.window import Window
 from refiner_source.privacy import Suppressed
 from refiner_source.store import Claimed, DeadLetter, Store, StoreUnavailable
 from refiner_source.store.tally import DELIVERY, Tally
@@ -71,6 +72,8 @@ class Loop:
         self._failures = 0  # consecutive failed rounds (the store, a bug, or a one-lane destination): the loop's backoff
         self.tally = Tally(outbox, background=False)  # what it delivered, added to the store after each round
         self.suppressed: Suppressed | None = None  # set: events of people on the suppression list are dropped, not sent
+        # The calls in flight at once: as many as the destination takes quickly, up to its concurrency.
+        self.window = Window(destination.concurrency)
         self.pool = (
             ThreadPoolExecutor(destination.concurrency, thread_name_prefix=f"to-{self.destination}")
             if destination.concurrency > 1
@@ -156,7 +159,7 @@ class Loop:
                 break
             call = queue[0]
             try:
-                self.to.send(call)
+                self.window.run(self.to.send, call)
             except RetryLater as exc:
                 result.retry = exc
                 result.attempts = min(claim.attempts for claim in call.events)

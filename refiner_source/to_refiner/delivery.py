@@ -1,6 +1,7 @@
 """Delivery to Refiner: the claimed Segment events mapped into Refiner REST calls, one lane per
 contact (its calls in order, also across rounds), identify calls of a contact waiting together
-merged into one, `REFINER_API_CONCURRENCY` contacts at once. The loop is the shared one."""
+merged into one, as many contacts at once as Refiner takes quickly, up to `REFINER_API_CONCURRENCY`
+(delivery/window.py). The loop is the shared one."""
 
 from __future__ import annotations
 

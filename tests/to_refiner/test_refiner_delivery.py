@@ -449,7 +449,27 @@ def test_a_merged_call_refused_is_resent_call_by_call_and_only_the_culprit_is_de
     assert {mid: r.status for mid, r in rows(outbox).items()} == {**dict.fromkeys(ids, "delivered"), ids[1]: "dead"}
 
 
-# --- REFINER_API_CONCURRENCY requests in flight --------------------------------------------------
+# --- REFINER_API_CONCURRENCY: the most requests in flight ------------------------------------------
+
+
+def test_more_requests_are_in_flight_while_refiner_answers_quickly_up_to_the_ceiling(outbox, refiner, make_worker):
+    refiner.delay = 0.05
+    store(outbox, *[track(f"u{i}", "Signed Up") for i in range(60)])
+    worker = make_worker(concurrency=12)
+    worker.run_once()
+    calls = refiner.posted()
+    assert len(calls) == 60
+    assert 4 < max_in_flight(calls) <= 12 and worker.window.limit > 4  # it started at 4, and grew
+
+
+def test_fewer_requests_are_in_flight_once_refiner_answers_429(outbox, refiner, make_worker):
+    refiner.delay = 0.2  # the three calls in flight at once
+    refiner.post_script.extend([(429, {"Retry-After": "0"}, {"message": "Too Many Attempts."})] * 3)
+    store(outbox, *[track(f"u{i}", "Signed Up") for i in range(3)])
+    worker = make_worker(concurrency=32)
+    worker.run_once()
+    assert worker.window.halved == 1 and worker.window.limit == 2  # once: the three were in flight together
+    assert outbox.stats(REFINER).pending == 3  # each to be retried
 
 
 @pytest.mark.parametrize("concurrency", [2, 4])
