@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.refiner_stub import RateLimit, RefinerStub  # noqa: E402
+from tests.refiner_stub import RateLimit, RefinerStub, max_in_flight  # noqa: E402
 from tests.segment_stub import SegmentStub  # noqa: E402
 
 SECRET = "bench-secret-0123456789"
@@ -523,16 +523,6 @@ def to_refiner(workdir: Path, events: int, *, latency: float = REFINER_LATENCY, 
             }
         finally:
             app.stop()
-
-
-def max_in_flight(calls: list[dict]) -> int:
-    """The most calls the stand-in held at once (each from its arrival to its answer)."""
-    edges = sorted([(c["at"], 1) for c in calls] + [(c["done"], -1) for c in calls])
-    most = current = 0
-    for _, step in edges:
-        current += step
-        most = max(most, current)
-    return most
 
 
 def tree_rss_mb(pid: int, field: str = "VmRSS") -> float:

@@ -242,3 +242,13 @@ class RateLimit:
                 self.tokens -= 1
                 return None
         return (429, {"Retry-After": str(self.retry_after)}, {"message": "Too Many Attempts."})
+
+
+def max_in_flight(calls: list[dict[str, Any]]) -> int:
+    """The most calls the stub held at once: each is in flight from arrival to answer."""
+    edges = sorted([(c["at"], 1) for c in calls] + [(c["done"], -1) for c in calls], key=lambda e: (e[0], e[1]))
+    most = current = 0
+    for _, step in edges:
+        current += step
+        most = max(most, current)
+    return most

@@ -37,7 +37,7 @@ class Window:
         self.limit = float(min(max(1, start), self.ceiling))
         self.in_flight = 0
         self.usual: float | None = None  # seconds
-        self.halved = 0  # times halved, for the log and the bench
+        self.halved = 0  # times halved so far
         self._halved_at = float("-inf")
         self._clock = clock
         self._turn = threading.Condition()

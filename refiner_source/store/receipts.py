@@ -25,8 +25,8 @@ class Receipts(Cursors):
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         super().__init__(url, engine)
         self._insert = insert_ignoring_conflict(self.engine.dialect.name, events).returning(events.c.destination, events.c.receipt_key)
-        # Called through self, so that what it writes and inserts with can be replaced on the instance.
-        self._group = GroupCommit(lambda: self._held(), lambda conn, rows: self._insert_rows(conn, rows), _key)
+        # _insert_rows called through self, so that it can be replaced on the instance.
+        self._group = GroupCommit(self._held, lambda conn, rows: self._insert_rows(conn, rows), _key)
 
     def store_many(self, entries: Sequence[Entry], backfill: tuple[str, BackfillState] | None = None) -> int:
         """Commit the entries not seen before, and where a backfill stands, in one transaction.

@@ -22,7 +22,7 @@ from refiner_source.to_refiner import events as segment_events
 from refiner_source.to_refiner.api import RefinerApi
 from refiner_source.to_refiner.delivery import refiner_loop
 from refiner_source.to_refiner.intake import prepare
-from tests.refiner_stub import RefinerStub
+from tests.refiner_stub import RefinerStub, max_in_flight
 from tests.service import free_port
 
 KEY = "refiner-key"
@@ -89,16 +89,6 @@ def by_contact(calls: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for call in sorted(calls, key=lambda c: c["at"]):
         contacts[call["body"].get("id") or call["body"].get("email")].append(call)
     return contacts
-
-
-def max_in_flight(calls: list[dict[str, Any]]) -> int:
-    """The most calls the stub held at once: each is in flight from arrival to answer."""
-    edges = sorted([(c["at"], 1) for c in calls] + [(c["done"], -1) for c in calls], key=lambda e: (e[0], e[1]))
-    most = current = 0
-    for _, step in edges:
-        current += step
-        most = max(most, current)
-    return most
 
 
 # --- fixtures --------------------------------------------------------------------------------------
