@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 
 from refiner_source.store.errors import StoreMisconfigured, StoreUnavailable, sqlite_file_problem
 from refiner_source.store.writing import HeldWriter, writer_lock
@@ -58,7 +58,11 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("refiner_write") else "BEGIN")
+            statement = "BEGIN IMMEDIATE" if conn.get_execution_options().get("refiner_write") else "BEGIN"
+            # On the driver's connection: through exec_driver_sql it cost a tenth of a webhook's store
+            # (bench/README.md). Its error goes up as SQLAlchemy's, as exec_driver_sql's would.
+            with driver_errors(conn, statement):
+                conn.connection.driver_connection.execute(statement)
 
         return engine
     # One gunicorn worker runs 4 threads: 4 connections each, a few more for bursts. With the
@@ -153,6 +157,72 @@ class Database:
 def chunks(items: Sequence[Any], size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+@contextmanager
+def driver_errors(conn: Connection, statement: str) -> Iterator[None]:
+    """Around a call on the driver's own connection: its error goes up as SQLAlchemy's would (the
+    store's guard reads those), without the statement's values, and a connection the error shows
+    lost is invalidated, so that the pool never hands it out again."""
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield
+    except dbapi.Error as exc:
+        lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, dbapi.Error, hide_parameters=True, dialect=conn.dialect, connection_invalidated=lost
+        ) from exc
+
+
+class InsertMany:
+    """INSERT of many rows in one statement (VALUES (...), (...) ... ON CONFLICT DO NOTHING RETURNING),
+    run on the driver's cursor: the webhooks' group commit and a backfill's page. Through SQLAlchemy's
+    execute, a group's insert cost as much CPU as the rest of the store's work for it (bench/README.md).
+    The statement is made from the table's columns, once per number of rows; rows are dicts keyed
+    by column key, all with the keys of the first."""
+
+    ROWS_PER_STATEMENT = 500  # SQLite allows 32,766 values a statement, PostgreSQL 65,535
+
+    def __init__(self, dialect: Dialect, table: Table, returning: Sequence[str]) -> None:
+        self.dialect = dialect
+        self.table = table
+        self.returning = returning
+        self.placeholder = "?" if dialect.name == "sqlite" else "%s"
+        self._statements: dict[tuple[tuple[str, ...], int], str] = {}
+
+    def __call__(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """The `returning` columns of the rows inserted (not those whose key existed)."""
+        if not rows:
+            return []
+        keys = tuple(rows[0])
+        inserted: list[tuple[Any, ...]] = []
+        for chunk in chunks(rows, self.ROWS_PER_STATEMENT):
+            statement = self._statement(keys, len(chunk))
+            values = [row[key] for row in chunk for key in keys]
+            with driver_errors(conn, statement):
+                cursor = conn.connection.driver_connection.cursor()
+                try:
+                    cursor.execute(statement, values)
+                    inserted.extend(tuple(found) for found in cursor.fetchall())
+                finally:
+                    cursor.close()
+        return inserted
+
+    def _statement(self, keys: tuple[str, ...], count: int) -> str:
+        statement = self._statements.get((keys, count))
+        if statement is None:
+            quote = self.dialect.identifier_preparer.quote
+            columns = ", ".join(quote(self.table.c[key].name) for key in keys)
+            one = "(" + ", ".join([self.placeholder] * len(keys)) + ")"
+            returning = ", ".join(quote(self.table.c[key].name) for key in self.returning)
+            statement = (
+                f"INSERT INTO {self.dialect.identifier_preparer.format_table(self.table)} ({columns}) "
+                f"VALUES {', '.join([one] * count)} ON CONFLICT DO NOTHING RETURNING {returning}"
+            )
+            self._statements[(keys, count)] = statement
+        return statement
 
 
 def insert_ignoring_conflict(dialect: str, table: Table):

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from refiner_source.directions.entry import Entry
 from refiner_source.store.cursors import BackfillState, Cursors
-from refiner_source.store.database import chunks, insert_ignoring_conflict
+from refiner_source.store.database import InsertMany, chunks, insert_ignoring_conflict
 from refiner_source.store.tables import PENDING, events
 from refiner_source.store.writing import GroupCommit, first_of_each
 
@@ -25,6 +25,9 @@ class Receipts(Cursors):
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         super().__init__(url, engine)
         self._insert = insert_ignoring_conflict(self.engine.dialect.name, events).returning(events.c.destination, events.c.receipt_key)
+        # One statement of many rows on the driver's cursor, where the database has RETURNING (SQLite 3.35+).
+        returning = self.engine.dialect.insert_returning
+        self._insert_many = InsertMany(self.engine.dialect, events, ("destination", "receipt_key")) if returning else None
         # _insert_rows called through self, so that it can be replaced on the instance.
         self._group = GroupCommit(self._held, lambda conn, rows: self._insert_rows(conn, rows), _key)
 
@@ -56,8 +59,8 @@ class Receipts(Cursors):
         """Insert the rows whose receipt is new; their (destination, receipt key)."""
         if not rows:
             return set()
-        # executemany with RETURNING: SQLAlchemy batches it into multi-row statements from one cached
-        # compilation ("insertmanyvalues"). A row back means inserted (rowcount is -1 on psycopg here).
+        if self._insert_many is not None:  # a row back means inserted (rowcount is -1 on psycopg)
+            return set(self._insert_many(conn, rows))
         return {(r.destination, r.receipt_key) for r in conn.execute(self._insert, rows)}
 
     def known_receipts(self, keys: Sequence[str], *, destination: str) -> set[str]:

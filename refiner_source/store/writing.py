@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
@@ -40,6 +41,11 @@ class SqliteWriterLock:
     sleeps 1, 2, 5, 10 ... 100 ms between tries: with gunicorn's workers and the delivery worker
     all writing, they would sleep while the database was free. A lock the kernel hands to the
     next waiter at once keeps the file busy instead.
+
+    flock has no timeout, and a writer stopped mid-commit (SIGSTOP) must cost 503s, not a hang. So
+    a busy file is waited for by a thread of this lock's (`_Waiter`), blocked in flock on a
+    descriptor of its own, while the caller sleeps on an event with the timeout: nobody polls. A
+    caller that gives up leaves its turn to be released by that thread the moment it comes.
     """
 
     def __init__(self, path: str, timeout: float = 30.0) -> None:
@@ -51,6 +57,8 @@ class SqliteWriterLock:
         self.pid = os.getpid()
         self.threads = threading.Lock()
         self.fd: int | None = None  # opened on first use, in the process that uses it
+        self.held_fd: int | None = None  # the descriptor whose flock this process holds now
+        self.waiter: _Waiter | None = None
 
     def __enter__(self) -> None:
         if self.pid != os.getpid():  # forked: the parent's descriptor would share its lock
@@ -59,29 +67,76 @@ class SqliteWriterLock:
             raise StoreUnavailable(f"no turn to write to the database within {self.timeout:g} s")
         try:
             if self.fd is None:
-                try:
-                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                except OSError as exc:  # the database's folder is missing or not writable
-                    raise StoreMisconfigured(sqlite_file_problem(self.path, exc.strerror, "writer lock file")) from exc
-            deadline, pause = time.monotonic() + self.timeout, 0.00005
-            while True:  # a writer stopped mid-commit (SIGSTOP) must give 503s, not a hang
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreUnavailable(f"another process held {self.path} for {self.timeout:g} s") from None
-                    time.sleep(pause)  # short steps (SQLite's own go up to 100 ms)
-                    pause = min(pause * 2, 0.0005)
+                self.fd = self._open()
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the file is free: most turns
+                self.held_fd = self.fd
+            except BlockingIOError:
+                if self.waiter is None:
+                    self.waiter = _Waiter()
+                self.held_fd = self.waiter.turn(self._open(), self.timeout)
+                if self.held_fd is None:
+                    raise StoreUnavailable(f"another process held {self.path} for {self.timeout:g} s") from None
         except BaseException:
             self.threads.release()
             raise
 
     def __exit__(self, *exc: object) -> None:
+        fd, self.held_fd = self.held_fd, None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if fd != self.fd:  # a waited-for turn's own descriptor
+                os.close(fd)
         finally:
             self.threads.release()
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # the database's folder is missing or not writable
+            raise StoreMisconfigured(sqlite_file_problem(self.path, exc.strerror, "writer lock file")) from exc
+
+
+@dataclass
+class _Turn:
+    fd: int  # a descriptor of its own: flock's lock belongs to the open file, not to the thread
+    granted: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+
+
+class _Waiter:
+    """A thread that waits for a busy lock file blocked in flock, one turn after the other, and hands
+    each turn to its caller; a turn whose caller gave up is released as soon as it comes."""
+
+    def __init__(self) -> None:
+        self.turns: queue.SimpleQueue[_Turn] = queue.SimpleQueue()
+        self.decided = threading.Lock()  # a turn is either taken by its caller or abandoned, never both
+        threading.Thread(target=self._run, name="refiner-source writer lock", daemon=True).start()
+
+    def turn(self, fd: int, timeout: float) -> int | None:
+        """`fd` once it holds the lock, or None after `timeout` (then the thread releases it later)."""
+        turn = _Turn(fd)
+        self.turns.put(turn)
+        if turn.granted.wait(timeout):
+            return fd
+        with self.decided:
+            if turn.granted.is_set():  # it came just now
+                return fd
+            turn.abandoned = True
+        return None
+
+    def _run(self) -> None:
+        while True:
+            turn = self.turns.get()
+            try:
+                fcntl.flock(turn.fd, fcntl.LOCK_EX)  # sleeps in the kernel until the holder lets go
+            except OSError:
+                turn.abandoned = True
+            with self.decided:
+                if not turn.abandoned:
+                    turn.granted.set()
+                    continue
+            os.close(turn.fd)  # which lets the lock go: nobody waits for this turn any more
 
 
 def writer_lock(engine: Engine) -> SqliteWriterLock:
