@@ -1,13 +1,14 @@
 """How the store writes, and what it promises of it. Four promises, kept here and nowhere else:
 
 - One writer at a time per SQLite file: every write transaction first takes `SqliteWriterLock`
-  (a thread lock in this process, flock across processes), then BEGIN IMMEDIATE. Waiting longer
-  than the timeout (30 s, as SQLite's own) raises StoreUnavailable, so a writer stopped mid-commit
-  costs 503s, never a hang. PostgreSQL needs no such lock (nullcontext).
+  (a thread lock in this process, flock across processes), then BEGIN IMMEDIATE. A busy file is
+  waited for asleep in the kernel, never in polling steps; waiting longer than the timeout (30 s,
+  as SQLite's own) raises StoreUnavailable, so a writer stopped mid-commit costs 503s, never a
+  hang. PostgreSQL needs no such lock (nullcontext).
 - A webhook's row is durable before it is answered: `GroupCommit.commit` returns only once the
   transaction holding its row has committed (synchronous=FULL on SQLite; PostgreSQL's commit).
 - Rows that arrive while a commit syncs go into the next one, one leader per process at a time
-  (group commit): one transaction and one fsync for all. A caller whose group failed gets that
+  (group commit): one transaction, one INSERT statement and one fsync for all. A caller whose group failed gets that
   error, and its row is never committed later by another leader.
 - The leader writes on a connection kept between groups while they come (`HeldWriter`): a second
   idle, a failure, or a fork, and it goes back to the pool, so that the next group's connection is
