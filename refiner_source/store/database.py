@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from refiner_source.store.errors import StoreMisconfigured, StoreUnavailable, sqlite_file_problem
 from refiner_source.store.writing import HeldWriter, writer_lock
@@ -235,7 +236,8 @@ class _translate_errors:
     """Turn driver errors that mean "the store cannot serve now" into StoreUnavailable.
 
     Connection loss, a locked or missing SQLite file, a missing table: OperationalError and
-    InterfaceError, and PostgreSQL's undefined_table (SQLite says OperationalError for that).
+    InterfaceError, and PostgreSQL's undefined_table (SQLite says OperationalError for that); and
+    the pool's TimeoutError, every connection busy for pool_timeout (a burst of Segment batches).
     A missing schema and a SQLite file that cannot be opened are StoreMisconfigured, which says
     which, with the resolved path. A DataError or IntegrityError is about what was written, and
     retrying would not help; it propagates as the bug it is.
@@ -248,6 +250,8 @@ class _translate_errors:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, PoolTimeout):
+            raise StoreUnavailable(f"no database connection came free: {str(exc).splitlines()[0]}") from exc
         if not isinstance(exc, (OperationalError, InterfaceError, ProgrammingError)):
             return False
         reason = ((str(exc.orig) if exc.orig else str(exc)).strip().splitlines() or [repr(exc)])[0]

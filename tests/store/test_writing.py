@@ -155,3 +155,19 @@ def test_without_returning_the_rows_go_through_sqlalchemys_insert(outbox):
     assert outbox.store_many([entry_for(1), entry_for(2)]) == 2
     assert outbox.store_grouped(entry_for(2)) is False
     assert outbox.stats(SEGMENT).pending == 2
+
+
+def test_every_connection_busy_past_the_pools_timeout_is_store_unavailable_not_a_bug(outbox):
+    from sqlalchemy import create_engine
+
+    from refiner_source.store import Store
+
+    engine = create_engine(outbox.engine.url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    box = Store(outbox.url, engine=engine)
+    try:
+        with engine.connect():  # the only connection, busy (a long Segment batch, say)
+            with pytest.raises(StoreUnavailable, match="no database connection came free"):
+                box.store_many([entry_for(1)])
+        assert box.store_many([entry_for(1)]) == 1  # and once one is free, it is stored
+    finally:
+        box.dispose()
