@@ -185,6 +185,7 @@ class InsertMany:
     by column key, all with the keys of the first."""
 
     ROWS_PER_STATEMENT = 500  # SQLite allows 32,766 values a statement, PostgreSQL 65,535
+    STATEMENTS_KEPT = 32  # texts kept, the most recently made: the group sizes under load come back
 
     def __init__(self, dialect: Dialect, table: Table, returning: Sequence[str]) -> None:
         self.dialect = dialect
@@ -222,6 +223,8 @@ class InsertMany:
                 f"INSERT INTO {self.dialect.identifier_preparer.format_table(self.table)} ({columns}) "
                 f"VALUES {', '.join([one] * count)} ON CONFLICT DO NOTHING RETURNING {returning}"
             )
+            if len(self._statements) >= self.STATEMENTS_KEPT:  # up to 500 sizes of up to 28 KB each otherwise
+                del self._statements[next(iter(self._statements))]
             self._statements[(keys, count)] = statement
         return statement
 

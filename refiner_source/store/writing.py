@@ -101,8 +101,9 @@ class SqliteWriterLock:
 @dataclass
 class _Turn:
     fd: int  # a descriptor of its own: flock's lock belongs to the open file, not to the thread
-    granted: threading.Event = field(default_factory=threading.Event)
+    granted: threading.Event = field(default_factory=threading.Event)  # set once decided: held, or failed
     abandoned: bool = False
+    error: OSError | None = None  # flock itself failed
 
 
 class _Waiter:
@@ -115,29 +116,52 @@ class _Waiter:
         threading.Thread(target=self._run, name="refiner-source writer lock", daemon=True).start()
 
     def turn(self, fd: int, timeout: float) -> int | None:
-        """`fd` once it holds the lock, or None after `timeout` (then the thread releases it later)."""
+        """`fd` once it holds the lock, or None after `timeout` (then the thread releases it later).
+        Raises StoreUnavailable if flock failed; interrupted (Ctrl-C), the turn is given up too."""
         turn = _Turn(fd)
         self.turns.put(turn)
-        if turn.granted.wait(timeout):
-            return fd
+        try:
+            came = turn.granted.wait(timeout)
+        except BaseException:
+            if not self._give_up(turn) and turn.error is None:
+                _let_go(fd)  # it came just as the caller was interrupted
+            raise
+        if not came and self._give_up(turn):
+            return None
+        if turn.error is not None:
+            raise StoreUnavailable(f"cannot lock the database's writer lock file: {turn.error.strerror}") from turn.error
+        return fd
+
+    def _give_up(self, turn: _Turn) -> bool:
+        """Abandon `turn`; False if it came meanwhile (then the caller holds the lock after all)."""
         with self.decided:
-            if turn.granted.is_set():  # it came just now
-                return fd
+            if turn.granted.is_set():
+                return False
             turn.abandoned = True
-        return None
+            return True
 
     def _run(self) -> None:
         while True:
             turn = self.turns.get()
             try:
                 fcntl.flock(turn.fd, fcntl.LOCK_EX)  # sleeps in the kernel until the holder lets go
-            except OSError:
-                turn.abandoned = True
+            except OSError as exc:
+                turn.error = exc
             with self.decided:
                 if not turn.abandoned:
                     turn.granted.set()
-                    continue
-            os.close(turn.fd)  # which lets the lock go: nobody waits for this turn any more
+                    if turn.error is None:
+                        continue
+            _let_go(turn.fd)  # nobody waits for this turn any more, or it failed
+
+
+def _let_go(fd: int) -> None:
+    """Unlock and close (closing alone would not unlock if a forked child kept a copy of the file)."""
+    for step in (lambda: fcntl.flock(fd, fcntl.LOCK_UN), lambda: os.close(fd)):
+        try:
+            step()
+        except OSError:
+            pass
 
 
 def writer_lock(engine: Engine) -> SqliteWriterLock:

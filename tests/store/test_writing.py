@@ -25,12 +25,38 @@ def holder(path: str) -> int:
     return fd
 
 
+def wait_closed(fd: int, path: str) -> None:
+    """Until `fd` no longer is a descriptor of the lock file at `path` (closed; its number may be reused)."""
+    inode = os.stat(path).st_ino
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if os.fstat(fd).st_ino != inode:
+                return
+        except OSError:
+            return
+        assert time.monotonic() < deadline, "the abandoned turn was never let go"
+        time.sleep(0.01)
+
+
+def recording_opens(lock: SqliteWriterLock) -> list[int]:
+    opened: list[int] = []
+    real_open = lock._open
+    lock._open = lambda: opened.append(real_open()) or opened[-1]  # type: ignore[method-assign]
+    return opened
+
+
 def test_a_busy_writer_lock_is_waited_for_in_the_kernel_not_by_polling(tmp_path, monkeypatch):
     path = str(tmp_path / "x.db-writer.lock")
     other = holder(path)
 
-    def no_polling(_seconds: float) -> None:
-        raise AssertionError("the writer lock slept in a polling step")
+    real_sleep = time.sleep
+    slept: list[float] = []
+
+    def no_polling(seconds: float) -> None:  # the writer thread's sleeps are polling; others' are theirs
+        if threading.current_thread().name == "writer":
+            slept.append(seconds)
+        real_sleep(seconds)
 
     monkeypatch.setattr(writing.time, "sleep", no_polling)
     lock = SqliteWriterLock(path, timeout=30)
@@ -44,13 +70,13 @@ def test_a_busy_writer_lock_is_waited_for_in_the_kernel_not_by_polling(tmp_path,
         except BaseException as exc:  # noqa: BLE001 - asserted below
             failure.append(exc)
 
-    thread = threading.Thread(target=writer)
+    thread = threading.Thread(target=writer, name="writer")
     thread.start()
     assert not entered.wait(0.3)  # the file is busy: no turn yet
     fcntl.flock(other, fcntl.LOCK_UN)
     assert entered.wait(10), "the turn never came after the holder let go"
     thread.join(10)
-    assert failure == []
+    assert failure == [] and slept == []  # it slept in the kernel, not in steps
     os.close(other)
 
 
@@ -58,23 +84,14 @@ def test_a_writer_that_gave_up_waiting_leaves_the_lock_free_once_the_holder_lets
     path = str(tmp_path / "x.db-writer.lock")
     other = holder(path)
     lock = SqliteWriterLock(path, timeout=0.2)
-    opened: list[int] = []
-    real_open = lock._open
-    lock._open = lambda: opened.append(real_open()) or opened[-1]  # type: ignore[method-assign]
+    opened = recording_opens(lock)
     with pytest.raises(StoreUnavailable, match="held"):
         with lock:
             pass
     abandoned = opened[-1]  # the descriptor the waiting thread is blocked on
     fcntl.flock(other, fcntl.LOCK_UN)
     # The abandoned turn comes to the lock's waiting thread, which lets it go and closes it.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            os.fstat(abandoned)
-        except OSError:
-            break
-        assert time.monotonic() < deadline, "the abandoned turn was never let go"
-        time.sleep(0.01)
+    wait_closed(abandoned, path)
     third = os.open(path, os.O_RDWR)
     fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process gets the file
     fcntl.flock(third, fcntl.LOCK_UN)
@@ -88,24 +105,60 @@ def test_writers_of_one_file_in_two_stores_never_overlap(tmp_path):
     path = str(tmp_path / "x.db-writer.lock")
     locks = [SqliteWriterLock(path), SqliteWriterLock(path)]  # two processes' locks, as flock sees them
     inside = 0
+    turns = 0
     overlaps: list[int] = []
+    failures: list[BaseException] = []
 
     def write(lock: SqliteWriterLock) -> None:
-        nonlocal inside
-        for _ in range(200):
-            with lock:
-                inside += 1
-                if inside > 1:
-                    overlaps.append(inside)
-                time.sleep(0)  # let the other thread run while this one holds the file
-                inside -= 1
+        nonlocal inside, turns
+        try:
+            for _ in range(200):
+                with lock:
+                    inside += 1
+                    turns += 1
+                    if inside > 1:
+                        overlaps.append(inside)
+                    time.sleep(0)  # let the other threads run while this one holds the file
+                    inside -= 1
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failures.append(exc)
 
     threads = [threading.Thread(target=write, args=(lock,)) for lock in locks for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert overlaps == []
+    assert not any(thread.is_alive() for thread in threads), "a writer never got its turns"
+    assert failures == [] and overlaps == [] and turns == 800
+    assert any(lock.waiter is not None for lock in locks)  # some turns were waited for in the kernel
+
+
+def test_a_writer_interrupted_while_waiting_gives_its_turn_up(tmp_path):
+    import signal
+
+    path = str(tmp_path / "x.db-writer.lock")
+    other = holder(path)
+    lock = SqliteWriterLock(path, timeout=30)
+    opened = recording_opens(lock)
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt  # Ctrl-C during a backfill's store_many
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            with lock:
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    fcntl.flock(other, fcntl.LOCK_UN)
+    wait_closed(opened[-1], path)  # its turn came to the waiting thread, which let it go
+    third = os.open(path, os.O_RDWR)
+    fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for fd in (other, third):
+        os.close(fd)
 
 
 def test_a_group_of_rows_is_one_statement_and_reports_only_the_new(outbox):
@@ -171,3 +224,11 @@ def test_every_connection_busy_past_the_pools_timeout_is_store_unavailable_not_a
         assert box.store_many([entry_for(1)]) == 1  # and once one is free, it is stored
     finally:
         box.dispose()
+
+
+def test_the_statements_kept_are_bounded_whatever_the_group_sizes(outbox):
+    insert_many = outbox._insert_many
+    for size in range(1, InsertMany.STATEMENTS_KEPT + 9):
+        outbox.store_many([entry_for(f"{size}-{i}") for i in range(size)])
+    assert len(insert_many._statements) == InsertMany.STATEMENTS_KEPT
+    assert outbox.stats(SEGMENT).pending == sum(range(1, InsertMany.STATEMENTS_KEPT + 9))
