@@ -164,7 +164,8 @@ def chunks(items: Sequence[Any], size: int):
 def driver_errors(conn: Connection, statement: str) -> Iterator[None]:
     """Around a call on the driver's own connection: its error goes up as SQLAlchemy's would (the
     store's guard reads those), without the statement's values, and a connection the error shows
-    lost is invalidated, so that the pool never hands it out again."""
+    lost is invalidated, so that the pool never hands it out again. (SQLAlchemy's own handler would
+    also invalidate the rest of the pool; here PostgreSQL's pre-ping finds those at checkout.)"""
     dbapi = conn.dialect.loaded_dbapi
     try:
         yield
