@@ -176,7 +176,10 @@ def test_init_schema_run_concurrently_by_several_processes_is_safe(store_url):
         for process in processes:
             ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
             assert ready, "a process did not get ready in time"
-            assert process.stdout.readline().strip() == "ready", process.stderr.read() if process.poll() is not None else ""
+            line = process.stdout.readline().strip()
+            if line != "ready":  # it ended before it was ready: what it said
+                process.wait(10)
+                raise AssertionError(f"a process ended before it was ready ({process.returncode}): {process.stderr.read()}")
         for process in processes:  # the start signal, to all as nearly together as can be
             process.stdin.write("go\n")
             process.stdin.flush()
