@@ -15,7 +15,8 @@
              second against a Refiner API stand-in answering in 50 ms; in 200 ms; and in 50 ms
              with a limit of 300 calls/s (429 beyond), with the share of calls answered 429.
 
-Prints a table, then one JSON line. Asserts nothing about speed: the numbers go in bench/README.md.
+Prints a table, the targets of the write path and of delivery met or not, then one JSON line. Asserts
+nothing about speed: the numbers go in bench/README.md.
 """
 
 from __future__ import annotations
@@ -645,12 +646,75 @@ def main() -> None:
             results["to_refiner_200ms"] = to_refiner(workdir, 300 if quick else 4_000, latency=0.2, batch=100)
             results["to_refiner_limited"] = to_refiner(workdir, 300 if quick else 6_000, rate=300, batch=100)
 
+    results["targets"] = targets(results)
     print_table(results)
     print(json.dumps(results))
 
 
+ON_POSTGRESQL = "BENCH_DATABASE_URL" in os.environ
+
+
+def targets(r: dict) -> list[dict]:
+    """Issue 26's targets, each with what this run measured and whether it is met (the store's, per
+    this run's database; what stands in the way of those not met: bench/README.md)."""
+    found: list[dict] = []
+
+    def target(name: str, value: float, met: bool, unit: str = "") -> None:
+        found.append({"target": name, "measured": round(value, 2), "unit": unit, "met": met})
+
+    if "ingest" in r:
+        ceiling, ours = r["ingest"]["ceiling"], r["ingest"]["refiner-source"]
+        cpu = ours["cpu_ms_per_webhook"] + ours["database_cpu_ms_per_webhook"]
+        target(
+            "CPU per webhook of the tree (and database) / bare Flask's, at most 2",
+            cpu / ceiling["cpu_ms_per_webhook"],
+            cpu <= 2 * ceiling["cpu_ms_per_webhook"],
+            "x",
+        )
+        floor = 0.35 if ON_POSTGRESQL else 0.5
+        share = ours["acknowledged_per_s"] / ceiling["acknowledged_per_s"]
+        target(f"ingest / bare Flask's, at least {floor}", share, share >= floor)
+        target("p99 at 16 connections, under 50 ms", ours["p99_ms"], ours["p99_ms"] < 50, " ms")
+        peak = max(r["ingest"][k]["peak_rss_mb"] for k in ("refiner-source", "segment-webhook"))
+        target("the serve tree's peak, under 300 MB", peak, peak < 300, " MB")
+    if "delivery" in r:
+        drain = r["delivery"]["drain"]
+        target(
+            "drain / the naive bridge's delivery, at least 1.5, nothing lost",
+            r["delivery"]["drain_to_naive"],
+            r["delivery"]["drain_to_naive"] >= 1.5 and drain["lost"] == 0,
+            "x",
+        )
+    if "to_refiner_limited" in r:
+        x = r["to_refiner_limited"]
+        share = x["steady_calls_per_s"] / x["rate_limit_per_s"]
+        target(
+            "rate-limited Refiner: calls/s of the limit, at least 0.8, under 5 % answered 429",
+            share,
+            share >= 0.8 and x["throttled_share"] < 0.05,
+        )
+    if "to_refiner_200ms" in r:
+        x = r["to_refiner_200ms"]
+        before = 4 / 0.2  # four calls in flight, fixed, before the window: 20 calls/s at 200 ms
+        target(
+            "200 ms Refiner: calls/s / the fixed four in flight's 20, at least 4",
+            x["calls_per_s"] / before,
+            x["calls_per_s"] >= 4 * before,
+            "x",
+        )
+    return found
+
+
 def print_table(r: dict) -> None:
     print(f"machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}{' (quick run)' if r['quick'] else ''}")
+    print_sections(r)
+    if r.get("targets"):
+        print(f"\ntargets ({'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}; bench/README.md says what stands in the way of those not met)")
+        for t in r["targets"]:
+            print(f"   {'met    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']:g}{t['unit']}")
+
+
+def print_sections(r: dict) -> None:
     if "ingest" in r:
         print("\n1. ingest (wrk, 16 connections)          ack/s    p50 ms   p99 ms   non-2xx   CPU ms each (database)   tries, web CPU s")
         for kind in (*APPS, "segment-webhook"):
