@@ -8,8 +8,8 @@
 - A webhook's row is durable before it is answered: `GroupCommit.commit` returns only once the
   transaction holding its row has committed (synchronous=FULL on SQLite; PostgreSQL's commit).
 - Rows that arrive while a commit syncs go into the next one, one leader per process at a time
-  (group commit): one transaction, one INSERT statement and one fsync for all. A caller whose group failed gets that
-  error, and its row is never committed later by another leader.
+  (group commit): one transaction, one INSERT statement and one fsync for all. A caller whose
+  group failed gets that error, and its row is never committed later by another leader.
 - The leader writes on a connection kept between groups while they come (`HeldWriter`): a second
   idle, a failure, or a fork, and it goes back to the pool, so that the next group's connection is
   pinged (a PostgreSQL restarted meanwhile, say).
