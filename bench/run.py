@@ -709,7 +709,8 @@ def print_table(r: dict) -> None:
     print(f"machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}{' (quick run)' if r['quick'] else ''}")
     print_sections(r)
     if r.get("targets"):
-        print(f"\ntargets ({'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}; bench/README.md says what stands in the way of those not met)")
+        said = "a quick run is too short to judge them" if r["quick"] else "bench/README.md says what stands in the way of those not met"
+        print(f"\ntargets ({'PostgreSQL' if ON_POSTGRESQL else 'SQLite'}; {said})")
         for t in r["targets"]:
             print(f"   {'met    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']:g}{t['unit']}")
 
