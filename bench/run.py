@@ -217,8 +217,8 @@ def balanced_wrk(app: App, url: str, script: Path, seconds: int, tries: int = 4)
     used at least half the CPU of the busiest; each try opens new connections. The result says how
     many tries it took and the CPU split of the one kept (the last try's, if none was shared)."""
     result: dict = {}
+    settle(app.process.pid)  # what the warm-up left to deliver, delivered (each try ends settled)
     for attempt in range(1, tries + 1):
-        settle(app.process.pid)  # what the warm-up or the try before left to deliver, delivered
         workers = web_processes(app.process.pid)
         before = {pid: cpu_seconds(pid) for pid in workers}
         tree_before, database_before = tree_cpu_seconds(app.process.pid), database_cpu_seconds()

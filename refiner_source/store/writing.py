@@ -85,9 +85,10 @@ class SqliteWriterLock:
     def __exit__(self, *exc: object) -> None:
         fd, self.held_fd = self.held_fd, None
         try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            if fd != self.fd:  # a waited-for turn's own descriptor
-                os.close(fd)
+            if fd == self.fd:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:  # a waited-for turn's own descriptor
+                _let_go(fd)
         finally:
             self.threads.release()
 
